@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="t2i",
+    version="0.1.0",
+    description="Text-to-image serving: a scheduler and GPU workers in front of ComfyUI",
+    packages=find_packages(include=["t2i", "t2i.*"]),
+    package_data={"t2i": ["openapi.yaml", "workflows/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "tornado>=6.3",
+        "pyyaml>=6.0",
+        "prometheus-client>=0.17",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-tornado>=0.8.1",
+            # pytest-tornado imports pkg_resources, which setuptools 82 removed.
+            "setuptools<82",
+            "pytest-timeout>=2.2",
+            "playwright>=1.40",
+        ],
+        "curl": ["pycurl>=7.45"],
+    },
+    entry_points={
+        "console_scripts": [
+            "t2i-scheduler=t2i.scheduler.__main__:main",
+            "t2i-worker=t2i.worker.__main__:main",
+            "t2i-demo=t2i.demo:main",
+        ]
+    },
+)

@@ -1,0 +1,50 @@
+"""Command-line plumbing both servers share: flags, logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from t2i import __version__
+from t2i.config import ConfigError
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def build_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    if default_config is not None:
+        parser.add_argument("--config", type=Path, default=Path(default_config),
+                            help=f"YAML config file (default: {default_config})")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info); per-request poll and health logs are debug")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    # Tornado's own access log is replaced by t2i.web.log_request.
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def load_or_exit(loader: Callable, path: Path):
+    """Load a config file; a mistake is one line on stderr and exit code 2."""
+    try:
+        return loader(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def install_shutdown_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``; the caller's main() does the orderly shutdown."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

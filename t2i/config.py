@@ -1,0 +1,340 @@
+"""The three YAML files of t2i, read into typed objects with defaults.
+
+``config/worker.yaml``, ``config/scheduler.yaml`` and ``config/workers.yaml``;
+their keys are documented in README.md and ``../shared/design.md``. Every
+mistake raises :class:`ConfigError` naming file, line and key.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from t2i.yamlfile import ConfigError, Section, load_yaml
+
+__all__ = [
+    "ConfigError", "ParamSpec", "WorkflowConfig", "ComfyUIConfig", "RetentionConfig",
+    "WorkerConfig", "SchedulerConfig", "WorkerEntry", "load_worker_config",
+    "load_scheduler_config", "load_workers_file", "parse_listen", "PARAM_KINDS",
+]
+
+PACKAGE_WORKFLOWS = Path(__file__).parent / "workflows"
+
+# The request fields a workflow may map, and their JSON types.
+PARAM_KINDS: dict[str, type] = {
+    "prompt": str,
+    "negative_prompt": str,
+    "seed": int,
+    "steps": int,
+    "width": int,
+    "height": int,
+}
+SEED_MAX = 2**53 - 1  # what a browser can hold exactly; ComfyUI accepts up to 2**64-1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where a request field goes in a workflow, and what values it may take."""
+
+    name: str
+    node: str
+    input: str
+    default: Any = None
+    min: int | None = None
+    max: int | None = None
+    max_length: int | None = None
+
+    @property
+    def kind(self) -> type:
+        return PARAM_KINDS[self.name]
+
+    def to_json(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"type": "string" if self.kind is str else "integer"}
+        if self.name == "prompt":
+            spec["required"] = True
+        for key in ("default", "min", "max", "max_length"):
+            value = getattr(self, key)
+            if value is not None:
+                spec[key] = value
+        return spec
+
+
+@dataclass(frozen=True)
+class WorkflowConfig:
+    name: str
+    file: Path
+    params: dict[str, ParamSpec]
+    template: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ComfyUIConfig:
+    url: str = "http://127.0.0.1:8188"
+    output_dir: Path | None = None
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    interval: float = 60.0
+    task_ttl: float = 3600.0
+    image_max_age: float = 86400.0
+    image_max_count: int = 1000
+    image_max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    file: Path
+    name: str
+    listen_host: str
+    listen_port: int
+    public_url: str
+    auth_token: str | None
+    job_timeout: float
+    allow_raw_workflows: bool
+    max_body_bytes: int
+    comfyui: ComfyUIConfig
+    images_dir: Path
+    retention: RetentionConfig
+    default_workflow: str
+    workflows: dict[str, WorkflowConfig]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    file: Path
+    listen_host: str
+    listen_port: int
+    workers_file: Path
+    reload_interval: float
+    health_interval: float
+    auth_token: str | None
+    static_dir: Path
+    max_body_bytes: int
+    poll_interval: float
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    """One worker as ops listed it in workers.yaml."""
+
+    name: str
+    url: str
+    public_url: str
+    enabled: bool = True
+    max_queue: int = 8
+
+
+def parse_listen(value: str, file: Path, key: str = "listen", line: int | None = None) -> tuple[str, int]:
+    """``"0.0.0.0:8001"`` or ``"[::1]:8001"`` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(file, f"must be host:port, got {value!r}", key=key, line=line)
+    return host or "0.0.0.0", int(port)
+
+
+def check_url(value: str, section: Section, key: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise section.error(key, f"must be an http:// or https:// URL, got {value!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise section.error(key, f"has a bad port: {value!r}") from None
+    return value.rstrip("/")
+
+
+def _listen_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+# --- worker.yaml -------------------------------------------------------------
+
+def load_worker_config(path: Path | str) -> WorkerConfig:
+    path = Path(path).resolve()
+    root = Section(path, load_yaml(path))
+    host, port = parse_listen(root.get("listen", str, "0.0.0.0:8001"), path, line=root.line("listen"))
+    public_url = root.get("public_url", str)
+    public_url = check_url(public_url, root, "public_url") if public_url else _listen_url(host, port)
+    auth_token = root.get("auth_token", str)
+
+    comfy = root.section("comfyui")
+    comfyui = ComfyUIConfig(
+        url=check_url(comfy.get("url", str, "http://127.0.0.1:8188"), comfy, "url"),
+        output_dir=comfy.path("output_dir"),
+        connect_timeout=comfy.get("connect_timeout", float, 5.0, minimum=0.1),
+        request_timeout=comfy.get("request_timeout", float, 30.0, minimum=0.1),
+    )
+    comfy.finish()
+
+    images = root.section("images")
+    images_dir = images.path("dir", "images")
+    images.finish()
+
+    ret = root.section("retention")
+    retention = RetentionConfig(
+        interval=ret.get("interval", float, 60.0, minimum=0.1),
+        task_ttl=ret.get("task_ttl", float, 3600.0, minimum=0),
+        image_max_age=ret.get("image_max_age", float, 86400.0, minimum=0),
+        image_max_count=ret.get("image_max_count", int, 1000, minimum=0),
+        image_max_bytes=ret.get("image_max_bytes", int, None, minimum=0),
+    )
+    ret.finish()
+
+    workflows = _load_workflows(root)
+    default_workflow = root.get("default_workflow", str, "txt2img")
+    if default_workflow not in workflows:
+        raise root.error("default_workflow", f"names no workflow in `workflows` ({', '.join(workflows)})")
+
+    config = WorkerConfig(
+        file=path,
+        name=root.get("name", str, socket.gethostname()),
+        listen_host=host,
+        listen_port=port,
+        public_url=public_url,
+        auth_token=auth_token,
+        job_timeout=root.get("job_timeout", float, 600.0, minimum=1),
+        allow_raw_workflows=root.get("allow_raw_workflows", bool, False),
+        max_body_bytes=root.get("max_body_bytes", int, 1_048_576, minimum=1024),
+        comfyui=comfyui,
+        images_dir=images_dir,
+        retention=retention,
+        default_workflow=default_workflow,
+        workflows=workflows,
+    )
+    root.finish()
+    return config
+
+
+def _default_params() -> dict[str, dict[str, Any]]:
+    return {
+        "prompt": {"node": "6", "input": "text", "max_length": 2000},
+        "negative_prompt": {"node": "7", "input": "text", "default": "", "max_length": 2000},
+        "seed": {"node": "3", "input": "seed"},
+        "steps": {"node": "3", "input": "steps", "default": 20, "min": 1, "max": 150},
+        "width": {"node": "5", "input": "width", "default": 512, "min": 64, "max": 2048},
+        "height": {"node": "5", "input": "height", "default": 512, "min": 64, "max": 2048},
+    }
+
+
+def _load_workflows(root: Section) -> dict[str, WorkflowConfig]:
+    if root.data.get("workflows") is None:
+        root.get("workflows", dict)
+        template = _read_template(PACKAGE_WORKFLOWS / "txt2img.json", root, "workflows")
+        params = {name: ParamSpec(name=name, **spec) for name, spec in _default_params().items()}
+        return {"txt2img": WorkflowConfig("txt2img", PACKAGE_WORKFLOWS / "txt2img.json", params, template)}
+    section = root.section("workflows")
+    if not section.data:
+        raise root.error("workflows", "must list at least one workflow")
+    workflows = {}
+    for name in list(section.data):
+        wf = section.section(str(name))
+        file = wf.path("file")
+        if file is None:
+            raise wf.error("file", "is required")
+        template = _read_template(file, wf, "file")
+        params_section = wf.section("params")
+        params = {}
+        for pname in list(params_section.data):
+            if pname not in PARAM_KINDS:
+                raise params_section.error(str(pname), f"is not a parameter t2i knows ({', '.join(PARAM_KINDS)})")
+            params[pname] = _load_param(params_section.section(pname), pname, template)
+        params_section.finish()
+        wf.finish()
+        workflows[str(name)] = WorkflowConfig(str(name), file, params, template)
+    section.finish()
+    return workflows
+
+
+def _load_param(sec: Section, name: str, template: dict[str, Any]) -> ParamSpec:
+    kind = PARAM_KINDS[name]
+    node = sec.get("node", (str, int), required=True)
+    node = str(node)
+    inp = sec.get("input", str, required=True)
+    if node not in template:
+        raise sec.error("node", f"node {node!r} is not in the workflow file")
+    if inp not in template[node].get("inputs", {}):
+        raise sec.error("input", f"node {node!r} has no input {inp!r}")
+    if kind is int:
+        spec = ParamSpec(name, node, inp, default=sec.get("default", int), min=sec.get("min", int),
+                         max=sec.get("max", int))
+    else:
+        spec = ParamSpec(name, node, inp, default=sec.get("default", str),
+                         max_length=sec.get("max_length", int, 2000, minimum=1))
+    sec.finish()
+    if spec.min is not None and spec.max is not None and spec.min > spec.max:
+        raise sec.error("min", "is greater than max")
+    return spec
+
+
+def _read_template(file: Path, section: Section, key: str) -> dict[str, Any]:
+    try:
+        template = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise section.error(key, f"workflow file {file} not found") from None
+    except (OSError, ValueError) as exc:
+        raise section.error(key, f"workflow file {file} is not readable JSON: {exc}") from None
+    if not isinstance(template, dict) or not all(
+            isinstance(node, dict) and "class_type" in node for node in template.values()):
+        raise section.error(key, f"workflow file {file} is not a ComfyUI API-format workflow")
+    return template
+
+
+# --- scheduler.yaml and workers.yaml -----------------------------------------
+
+def load_scheduler_config(path: Path | str) -> SchedulerConfig:
+    path = Path(path).resolve()
+    root = Section(path, load_yaml(path))
+    host, port = parse_listen(root.get("listen", str, "0.0.0.0:8000"), path, line=root.line("listen"))
+    config = SchedulerConfig(
+        file=path,
+        listen_host=host,
+        listen_port=port,
+        workers_file=root.path("workers_file", "workers.yaml"),
+        reload_interval=root.get("reload_interval", float, 2.0, minimum=0.1),
+        health_interval=root.get("health_interval", float, 5.0, minimum=0.1),
+        auth_token=root.get("auth_token", str),
+        static_dir=root.path("static_dir") or Path(__file__).resolve().parent.parent / "static",
+        max_body_bytes=root.get("max_body_bytes", int, 1_048_576, minimum=1024),
+        poll_interval=root.get("poll_interval", float, 1.5, minimum=0.1),
+    )
+    root.finish()
+    return config
+
+
+def load_workers_file(path: Path | str) -> list[WorkerEntry]:
+    """Read workers.yaml; a bad entry fails the whole file (the caller keeps the last good list)."""
+    path = Path(path)
+    root = Section(path, load_yaml(path))
+    raw = root.get("workers", list, [])
+    root.finish()
+    entries: list[WorkerEntry] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        sec = Section(path, item, f"workers[{index}]")
+        name = sec.get("name", str, required=True)
+        if name in seen:
+            raise sec.error("name", f"duplicate worker name {name!r}")
+        seen.add(name)
+        url = check_url(sec.get("url", str, required=True), sec, "url")
+        public_url = sec.get("public_url", str)
+        entries.append(WorkerEntry(
+            name=name,
+            url=url,
+            public_url=check_url(public_url, sec, "public_url") if public_url else url,
+            enabled=sec.get("enabled", bool, True),
+            max_queue=sec.get("max_queue", int, 8, minimum=1),
+        ))
+        sec.finish()
+    return entries

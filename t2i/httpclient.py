@@ -1,0 +1,76 @@
+"""The one outbound HTTP client of a process, and JSON calls with explicit timeouts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENTS = 64
+
+
+def configure_http_client(prefer_curl: bool = True) -> str:
+    """Pick the process-wide AsyncHTTPClient implementation; returns its name.
+
+    pycurl keeps connections alive between requests (the simple client opens a
+    new one per request), which matters for the scheduler's polling hops. It is
+    optional: without it the simple client is used.
+    """
+    if prefer_curl:
+        try:
+            import pycurl  # noqa: F401
+
+            AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=MAX_CLIENTS)
+            return "curl"
+        except ImportError:
+            pass
+    AsyncHTTPClient.configure(None, max_clients=MAX_CLIENTS)
+    return "simple"
+
+
+@dataclass
+class JSONResponse:
+    status: int
+    body: Any  # parsed JSON, or None when the body was empty or not JSON
+    headers: dict[str, str]
+
+
+class UpstreamUnavailable(Exception):
+    """The peer could not be reached (refused, timed out, reset)."""
+
+
+async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: str | None = None,
+                     connect_timeout: float = 3.0, request_timeout: float = 10.0,
+                     client: AsyncHTTPClient | None = None) -> JSONResponse:
+    """Call a JSON API; any HTTP status is returned, transport failures raise UpstreamUnavailable."""
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body)
+        headers["Content-Type"] = "application/json"
+    elif method == "POST":
+        data = b""
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = HTTPRequest(url, method=method, body=data, headers=headers,
+                          connect_timeout=connect_timeout, request_timeout=request_timeout)
+    try:
+        response = await (client or AsyncHTTPClient()).fetch(request, raise_error=False)
+    except HTTPClientError as exc:  # raised for 599 by some clients even with raise_error=False
+        raise UpstreamUnavailable(str(exc)) from None
+    except OSError as exc:
+        raise UpstreamUnavailable(str(exc) or type(exc).__name__) from None
+    if response.code == 599:
+        raise UpstreamUnavailable(str(response.error or "connection failed"))
+    parsed = None
+    if response.body:
+        try:
+            parsed = json.loads(response.body)
+        except ValueError:
+            parsed = None
+    return JSONResponse(response.code, parsed, dict(response.headers))

@@ -1,0 +1,136 @@
+"""Checking ``POST /generate`` bodies: one validator for the worker and the scheduler.
+
+Both servers hold a *workflow catalogue*: the JSON form of each workflow's
+parameter specs (``ParamSpec.to_json``), as a worker serves it at
+``GET /workflows``. The worker checks against its own; the scheduler checks
+against the catalogue its workers reported, so a bad request is refused before
+it costs a hop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from t2i.config import PARAM_KINDS, SEED_MAX, WorkerConfig
+
+GENERATE_FIELDS = frozenset(PARAM_KINDS) | {"workflow"}
+
+
+class ValidationError(ValueError):
+    """A bad request field; ``field`` names it (None for the body as a whole)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class GenerateRequest:
+    """A checked request: every mapped parameter has a value (defaults filled in)."""
+
+    workflow: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    raw_workflow: dict[str, Any] | None = None
+
+
+def catalogue_of(config: WorkerConfig) -> dict[str, Any]:
+    """The worker's workflow catalogue, as served at ``GET /workflows``."""
+    return {
+        "default_workflow": config.default_workflow,
+        "allow_raw_workflows": config.allow_raw_workflows,
+        "workflows": {
+            name: {"params": {p: spec.to_json() for p, spec in wf.params.items()}}
+            for name, wf in config.workflows.items()
+        },
+    }
+
+
+def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> GenerateRequest:
+    """Check a request body against a catalogue; raise :class:`ValidationError`.
+
+    With no catalogue (the scheduler before any worker answered) only the
+    shape and types are checked; the worker checks the rest.
+    """
+    if not isinstance(body, dict):
+        raise ValidationError("The request body must be a JSON object.")
+    for name in body:
+        if name not in GENERATE_FIELDS:
+            raise ValidationError(f"Unknown field {name!r}; allowed: {', '.join(sorted(GENERATE_FIELDS))}.",
+                                  name)
+    workflows = (catalogue or {}).get("workflows")
+    workflow = body.get("workflow")
+    if isinstance(workflow, dict):
+        if catalogue is not None and not catalogue.get("allow_raw_workflows"):
+            raise ValidationError("Raw workflows are not allowed here; name a configured workflow.",
+                                  "workflow")
+        if not workflow or not all(isinstance(n, dict) for n in workflow.values()):
+            raise ValidationError("A raw workflow must be a ComfyUI API-format object of nodes.", "workflow")
+        extra = [n for n in body if n != "workflow"]
+        if extra:
+            raise ValidationError(f"Field {extra[0]!r} cannot be used with a raw workflow.", extra[0])
+        return GenerateRequest(workflow=None, raw_workflow=workflow)
+    if workflow is None:
+        workflow = (catalogue or {}).get("default_workflow")
+    elif not isinstance(workflow, str):
+        raise ValidationError("`workflow` must be the name of a configured workflow.", "workflow")
+    if workflows is None:
+        return GenerateRequest(workflow=workflow, params=_check_types_only(body))
+    if workflow not in workflows:
+        raise ValidationError(f"Unknown workflow {workflow!r}; available: {', '.join(sorted(workflows))}.",
+                              "workflow")
+    specs = workflows[workflow]["params"]
+    params: dict[str, Any] = {}
+    for name in PARAM_KINDS:
+        if name in body and name not in specs:
+            raise ValidationError(f"Workflow {workflow!r} has no parameter {name!r}.", name)
+    for name, spec in specs.items():
+        value = body.get(name)
+        if value is None:
+            if spec.get("required"):
+                raise ValidationError(f"`{name}` is required.", name)
+            if name == "seed":
+                value = random.randint(0, 2**32 - 1)
+            elif "default" in spec:
+                value = spec["default"]
+            else:
+                continue
+        else:
+            _check_value(name, value, spec)
+        params[name] = value
+    return GenerateRequest(workflow=workflow, params=params)
+
+
+def _check_types_only(body: Mapping[str, Any]) -> dict[str, Any]:
+    params = {}
+    for name, kind in PARAM_KINDS.items():
+        if body.get(name) is not None:
+            spec = {"type": "string" if kind is str else "integer"}
+            _check_value(name, body[name], spec)
+            params[name] = body[name]
+    return params
+
+
+def _check_value(name: str, value: Any, spec: Mapping[str, Any]) -> None:
+    if spec["type"] == "string":
+        if not isinstance(value, str):
+            raise ValidationError(f"`{name}` must be a string.", name)
+        if name == "prompt" and not value.strip():
+            raise ValidationError("`prompt` must not be empty.", name)
+        if "\x00" in value:
+            raise ValidationError(f"`{name}` must not contain NUL characters.", name)
+        limit = spec.get("max_length")
+        if limit is not None and len(value) > limit:
+            raise ValidationError(f"`{name}` is longer than {limit} characters.", name)
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            raise ValidationError(f"`{name}` must be a whole number without a decimal point.", name)
+        raise ValidationError(f"`{name}` must be an integer.", name)
+    low = spec.get("min", 0)
+    high = spec.get("max", SEED_MAX if name == "seed" else None)
+    if value < low:
+        raise ValidationError(f"`{name}` must be at least {low}.", name)
+    if high is not None and value > high:
+        raise ValidationError(f"`{name}` must be at most {high}.", name)

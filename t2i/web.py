@@ -1,0 +1,147 @@
+"""What both servers' handlers share: JSON bodies, JSON errors, request logs."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from typing import Any
+
+from tornado import web
+from tornado.httputil import responses
+
+log = logging.getLogger("t2i.access")
+
+# Routes that browsers, balancers and scrapers hit every second or so:
+# logged at debug so the info log shows what people did.
+QUIET_ROUTES = re.compile(r"^/(status|jobs|health|metrics|previews|images)(/|$|\?)")
+
+
+class APIError(web.HTTPError):
+    """An error answered as ``{"error": message, **details}``."""
+
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None,
+                 **details: Any):
+        super().__init__(status_code, reason=responses.get(status_code, "Error"))
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+
+class JSONHandler(web.RequestHandler):
+    """Base of every API handler: JSON in, JSON out, JSON errors, never a trace."""
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(obj, separators=(",", ":")))
+
+    def get_json_body(self) -> Any:
+        """The request body as JSON; 400 when it is not JSON."""
+        body = self.request.body
+        if not body:
+            raise APIError(400, "The request body is empty; send a JSON object.")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        body: dict[str, Any] = {}
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            body = {"error": exc.message, **exc.details}
+        elif isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
+            body = {"error": exc.log_message % exc.args if exc.args else exc.log_message}
+        else:
+            # Unexpected failures are logged with their trace by Tornado; the client gets a sentence.
+            reason = responses.get(status_code, "Error")
+            body = {"error": "Internal server error." if status_code == 500 else f"{reason}."}
+        self.finish(json.dumps(body))
+
+
+class JSONBodyHandler(JSONHandler):
+    """A handler whose POST body is capped: over the cap is 413, before it is read.
+
+    Tornado's own cap answers with a bare 400 and a dropped connection, so the
+    body is streamed and counted here instead.
+    """
+
+    max_body_bytes = 1_048_576
+
+    def initialize(self, max_body_bytes: int | None = None, **kwargs: Any) -> None:
+        if max_body_bytes:
+            self.max_body_bytes = max_body_bytes
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def prepare(self) -> None:
+        if self.request.method not in ("POST", "PUT", "PATCH"):
+            return
+        length = self.request.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_body_bytes:
+            raise APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.")
+        # Room for the streamed body plus a little, so chunked bodies reach data_received.
+        self.request.connection.set_max_body_size(self.max_body_bytes + 65536)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.max_body_bytes:
+            self._chunks.append(chunk)
+
+    def get_json_body(self) -> Any:
+        if self._size > self.max_body_bytes:
+            raise APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.")
+        self.request.body = b"".join(self._chunks)
+        return super().get_json_body()
+
+
+web.stream_request_body(JSONBodyHandler)
+
+
+class NotFoundHandler(JSONHandler):
+    """JSON 404 for every path no route claims."""
+
+    def prepare(self) -> None:
+        raise APIError(404, f"No such resource: {self.request.path}")
+
+
+def bearer_token(handler: web.RequestHandler) -> str | None:
+    header = handler.request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def require_token(handler: web.RequestHandler, expected: str | None) -> None:
+    """401 unless the request carries ``Authorization: Bearer <expected>`` (when one is set)."""
+    if expected is None:
+        return
+    token = bearer_token(handler)
+    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise APIError(401, "This route needs `Authorization: Bearer <token>` with the configured token.",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """One line per request; polls and health checks at debug. Never logs headers (tokens)."""
+    status = handler.get_status()
+    request = handler.request
+    if status >= 500:
+        level = logging.ERROR
+    elif status >= 400 and status != 404:
+        level = logging.WARNING
+    elif QUIET_ROUTES.match(request.path) or status == 404 and request.path.startswith("/images/"):
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    if log.isEnabledFor(level):
+        # request.uri has no credentials: tokens only travel in headers.
+        log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.uri,
+                request.remote_ip, 1000.0 * request.request_time())

@@ -1,0 +1,115 @@
+"""The worker's ``images/`` folder: atomic writes, an index, and serving.
+
+File names are ``<prompt_id>_<n>.<ext>``: the job's random id makes them
+unguessable, and nothing in them comes from user input. The index (name ->
+size, mtime) lets retention pick victims without rescanning the folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tornado import web
+
+from t2i.web import APIError
+
+IMAGE_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}_\d+\.(png|jpg|jpeg|webp|gif)$")
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+
+
+class ImageStore:
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.time):
+        self.directory = Path(directory)
+        self.clock = clock
+        # name -> (size in bytes, mtime); insertion order is roughly age order.
+        self.index: dict[str, tuple[int, float]] = {}
+
+    @staticmethod
+    def filename_for(prompt_id: str, number: int, content_type: str = "image/png") -> str:
+        return f"{prompt_id}_{number}.{EXTENSIONS.get(content_type, 'png')}"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.index.values())
+
+    def ensure_directory(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    async def take_stock(self) -> int:
+        """Index the files already in the folder (left from before a restart)."""
+        found = await asyncio.get_running_loop().run_in_executor(None, self._scan)
+        self.index = dict(sorted(found.items(), key=lambda item: item[1][1]))
+        return len(self.index)
+
+    def _scan(self) -> dict[str, tuple[int, float]]:
+        found = {}
+        try:
+            entries = os.scandir(self.directory)
+        except FileNotFoundError:
+            return found
+        with entries:
+            for entry in entries:
+                if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    stat = entry.stat(follow_symlinks=False)
+                    found[entry.name] = (stat.st_size, stat.st_mtime)
+        return found
+
+    async def save(self, name: str, data: bytes) -> str:
+        """Write ``data`` as ``name`` atomically (temp file, fsync, rename), off the event loop."""
+        if not IMAGE_NAME.match(name):
+            raise ValueError(f"not an image name: {name!r}")
+        await asyncio.get_running_loop().run_in_executor(None, self._write, name, data)
+        self.index[name] = (len(data), self.clock())
+        return name
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.ensure_directory()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def forget(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.index.pop(name, None)
+
+
+class ImageHandler(web.StaticFileHandler):
+    """``GET /images/{file}``: immutable, ETagged, JSON 404, nothing outside the folder."""
+
+    CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", self.CACHE_CONTROL)
+        # Browsers fetch these from another origin than the page (download button).
+        self.set_header("Access-Control-Allow-Origin", "*")
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        name = os.path.basename(absolute_path)
+        if not IMAGE_NAME.match(name) or os.path.dirname(absolute_path) != os.path.abspath(root):
+            raise APIError(404, "No such image.")
+        if not os.path.isfile(absolute_path):
+            raise APIError(404, "No such image (it may have expired).")
+        return super().validate_absolute_path(root, absolute_path)
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.clear_header("Cache-Control")
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        message = exc.message if isinstance(exc, APIError) else "No such image."
+        self.finish({"error": message})

@@ -1,0 +1,101 @@
+"""JobStore: versions, the change feed's contract, and long-poll waits."""
+
+import asyncio
+
+import pytest
+
+from t2i.worker.jobs import COMPLETED, RUNNING, Job, JobStore
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def make_store(n=0, **kwargs):
+    store = JobStore(clock=Clock(), **kwargs)
+    jobs = [store.add(Job(f"job-{i}", created_at=store.clock())) for i in range(n)]
+    return store, jobs
+
+
+def test_versions_grow_with_every_change_and_not_without_one():
+    store, (job,) = make_store(1)
+    first = job.version
+    assert store.update(job, status=RUNNING)
+    assert job.version > first
+    before = job.version
+    assert not store.update(job, status=RUNNING)  # no change, no new version
+    assert job.version == before
+
+
+def test_feed_lists_changes_after_a_cursor_and_removals():
+    store, jobs = make_store(3)
+    full, listed, removed = store.changes_since(0)
+    assert full and {j.prompt_id for j in listed} == {"job-0", "job-1", "job-2"} and removed == []
+    cursor = store.seq
+    store.update(jobs[1], status=RUNNING)
+    store.remove(["job-2"])
+    full, listed, removed = store.changes_since(cursor)
+    assert not full
+    assert [j.prompt_id for j in listed] == ["job-1"]
+    assert removed == ["job-2"]
+    assert store.changes_since(store.seq) == (False, [], [])
+
+
+def test_feed_falls_back_to_a_full_list_when_the_cursor_is_too_old_or_ahead():
+    store, jobs = make_store(5, tombstone_limit=2)
+    cursor = store.seq
+    store.remove(["job-0", "job-1", "job-2"])  # job-0's tombstone is forgotten
+    full, listed, _ = store.changes_since(cursor)
+    assert full and {j.prompt_id for j in listed} == {"job-3", "job-4"}
+    # A cursor from before a restart (ahead of this store) also gets the full list.
+    assert store.changes_since(store.seq + 100)[0] is True
+
+
+def test_finished_jobs_are_listed_in_finish_order_for_pruning():
+    store, jobs = make_store(3)
+    store.clock.now = 1010
+    store.update(jobs[2], status=COMPLETED)
+    store.clock.now = 1020
+    store.update(jobs[0], status=COMPLETED)
+    assert jobs[2].finished_at == 1010
+    assert list(store.finished_before(1015)) == ["job-2"]
+    assert list(store.finished_before(2000)) == ["job-2", "job-0"]
+
+
+def test_status_json_hides_the_image_once_expired():
+    store, (job,) = make_store(1)
+    store.update(job, status=COMPLETED, images=("job-0_0.png",))
+    state = job.to_json("http://w:1")
+    assert state["image_url"] == "http://w:1/images/job-0_0.png"
+    store.update(job, image_expired=True)
+    state = job.to_json("http://w:1")
+    assert state["image_url"] is None and state["image_expired"] is True
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_wait_job_returns_on_change_and_times_out_otherwise():
+    store, (job,) = make_store(1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await store.wait_job("job-0", job.version, 0.05)
+    assert loop.time() - started >= 0.04
+    waiter = asyncio.ensure_future(store.wait_job("job-0", job.version, 5))
+    await asyncio.sleep(0.01)
+    store.update(job, status=RUNNING)
+    await asyncio.wait_for(waiter, 1)
+    # An already newer version returns at once.
+    await asyncio.wait_for(store.wait_job("job-0", 0, 5), 0.1)
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_wait_feed_wakes_on_any_change():
+    store, (job,) = make_store(1)
+    waiter = asyncio.ensure_future(store.wait_feed(store.seq, 5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    store.remove(["job-0"])
+    await asyncio.wait_for(waiter, 1)

@@ -1,0 +1,123 @@
+"""The worker process: one ComfyUI, its jobs, its images, and the HTTP API in front."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Any, Callable
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from t2i import cli
+from t2i.config import WorkerConfig, load_worker_config
+from t2i.httpclient import configure_http_client
+from t2i.web import NotFoundHandler, log_request
+from t2i.worker.handlers import url_table
+from t2i.worker.images import ImageStore
+from t2i.worker.jobs import JobStore
+from t2i.worker.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+def make_app(config: WorkerConfig, store: JobStore, runner: Runner,
+             prune_report: Callable[[], Any] | None = None, **settings: Any) -> web.Application:
+    return web.Application(
+        url_table(config, store, runner, prune_report),
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        **settings,
+    )
+
+
+class Worker:
+    """A running worker: ``await start()``, ``url``, ``await stop()``."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.store = JobStore()
+        self.images = ImageStore(config.images_dir)
+        self.runner = Runner(config, self.store, self.images)
+        self.pruner: Any = None
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.listen_host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def prune_report(self) -> Any:
+        return getattr(self.pruner, "last_report", None)
+
+    async def start(self) -> None:
+        self.images.ensure_directory()
+        found = await self.images.take_stock()
+        app = make_app(self.config, self.store, self.runner, self.prune_report)
+        sockets = bind_sockets(self.config.listen_port, address=self.config.listen_host)
+        self.port = sockets[0].getsockname()[1]
+        self.server = HTTPServer(app)
+        self.server.add_sockets(sockets)
+        await self.runner.start()
+        self.pruner = await _start_pruner(self)
+        log.info("worker %s listening on %s (public %s), ComfyUI at %s, %d image(s) on disk",
+                 self.config.name, self.url, self.config.public_url, self.config.comfyui.url, found)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.pruner is not None:
+            await _maybe_await(self.pruner.stop())
+        await self.runner.stop()
+        if self.server is not None:
+            # Ends long-polls too: their on_connection_close cancels the waits.
+            try:
+                await asyncio.wait_for(self.server.close_all_connections(), 2.0)
+            except asyncio.TimeoutError:
+                log.warning("some HTTP connections did not close within 2 s")
+            self.server = None
+
+
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _start_pruner(worker: Worker) -> Any:
+    try:
+        from t2i.worker.retention import Pruner
+    except ImportError:
+        log.info("retention module not available: images and finished jobs are not pruned")
+        return None
+    pruner = Pruner(worker.store, worker.images, worker.config.retention, worker.config.comfyui.output_dir,
+                    worker.config.name)
+    await _maybe_await(pruner.start())
+    return pruner
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = cli.build_parser("t2i-worker", "Drive one ComfyUI: queue jobs, track them, serve their images.",
+                              "config/worker.yaml")
+    args = parser.parse_args(argv)
+    cli.setup_logging(args.log_level)
+    config = cli.load_or_exit(load_worker_config, args.config)
+    configure_http_client()
+    stop = asyncio.Event()
+    cli.install_shutdown_handlers(stop)
+    worker = Worker(config)
+    try:
+        await worker.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
+        return 1
+    await stop.wait()
+    log.info("shutting down")
+    await worker.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,221 @@
+"""The worker's HTTP API (design.md "Public HTTP API"): thin handlers over the Runner and JobStore."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from t2i.comfyui import ComfyUIUnavailable, PromptRejected
+from t2i.config import WorkerConfig
+from t2i.metrics import POLL_REQUESTS, MetricsHandler
+from t2i.validation import ValidationError, catalogue_of, validate_generate
+from t2i.web import APIError, JSONBodyHandler, JSONHandler, require_token
+from t2i.worker.images import ImageHandler
+from t2i.worker.jobs import COMPLETED, FINISHED, Job, JobStore
+from t2i.worker.runner import JobFinished, Runner
+
+MAX_WAIT = 60.0  # seconds a long-poll may hold a request
+RETRY_AFTER = "5"
+
+
+class WorkerHandler(JSONHandler):
+    """Base of the worker's JSON handlers: shared objects come in through ``initialize``."""
+
+    def initialize(self, config: WorkerConfig, store: JobStore, runner: Runner,
+                   prune_report: Callable[[], Any] | None = None, **kwargs: Any) -> None:
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.prune_report = prune_report or (lambda: None)
+        self._waiter: asyncio.Future | None = None
+        self._gone = False
+
+    def job_or_404(self, prompt_id: str) -> Job:
+        job = self.store.get(prompt_id)
+        if job is not None:
+            return job
+        if self.store.was_removed(prompt_id):
+            raise APIError(410, f"Job {prompt_id} is gone: this worker removed it after it ended "
+                                "(task_ttl) or when ComfyUI refused it.", prompt_id=prompt_id)
+        raise APIError(404, f"No job {prompt_id} on this worker.", prompt_id=prompt_id)
+
+    def job_json(self, job: Job) -> dict[str, Any]:
+        return job.to_json(self.config.public_url)
+
+    def number_argument(self, name: str, kind: type, default: Any) -> Any:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise APIError(400, f"`{name}` must be a number.", field=name) from None
+        if value != value or value < 0:  # NaN or negative
+            raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
+        return value
+
+    async def wait_for(self, awaitable) -> bool:
+        """Await a long-poll wait; False when the client went away meanwhile."""
+        self._waiter = asyncio.ensure_future(awaitable)
+        try:
+            await self._waiter
+        except asyncio.CancelledError:
+            return False
+        finally:
+            self._waiter = None
+        return not self._gone
+
+    def on_connection_close(self) -> None:
+        self._gone = True
+        if self._waiter is not None:
+            self._waiter.cancel()
+
+
+class GenerateHandler(JSONBodyHandler, WorkerHandler):
+    def initialize(self, **kwargs: Any) -> None:
+        WorkerHandler.initialize(self, **kwargs)
+        JSONBodyHandler.initialize(self, max_body_bytes=kwargs["config"].max_body_bytes)
+        self.catalogue = kwargs.get("catalogue") or catalogue_of(self.config)
+
+    async def post(self) -> None:
+        """Check a request, queue it in ComfyUI, answer with the job's id and URLs."""
+        require_token(self, self.config.auth_token)
+        try:
+            request = validate_generate(self.get_json_body(), self.catalogue)
+        except ValidationError as exc:
+            raise APIError(400, str(exc), field=exc.field) from None
+        try:
+            job = await self.runner.submit(request)
+        except ComfyUIUnavailable as exc:
+            raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+        except PromptRejected as exc:
+            raise APIError(502, exc.message, node_errors=exc.node_errors, comfyui_error=exc.comfyui_error) from None
+        self.write_json({
+            "prompt_id": job.prompt_id,
+            "worker": self.config.name,
+            "worker_url": self.config.public_url,
+            "status_url": f"/status/{job.prompt_id}",
+            "result_url": f"/result/{job.prompt_id}",
+            "seed": job.seed,
+        })
+
+
+class StatusHandler(WorkerHandler):
+    async def get(self, prompt_id: str) -> None:
+        """The job's state; with ``?wait=S&since=V`` held until its version passes V."""
+        POLL_REQUESTS.labels("worker").inc()
+        job = self.job_or_404(prompt_id)
+        wait = min(self.number_argument("wait", float, 0.0), MAX_WAIT)
+        since = self.number_argument("since", int, None)
+        if wait > 0 and since is not None and job.version <= since:
+            if not await self.wait_for(self.store.wait_job(prompt_id, since, wait)):
+                return
+            job = self.job_or_404(prompt_id)
+        self.write_json(self.job_json(job))
+
+
+class ResultHandler(WorkerHandler):
+    def get(self, prompt_id: str) -> None:
+        """200 with the image URLs (or the error) when finished, 202 with the status while not."""
+        job = self.job_or_404(prompt_id)
+        state = self.job_json(job)
+        if job.status == COMPLETED:
+            body = {"prompt_id": job.prompt_id, "status": job.status, "image_url": state["image_url"],
+                    "image_urls": state["image_urls"], "completed_at": state["completed_at"]}
+            if job.image_expired:
+                body.update(image_expired=True, error=state["error"] or "The image has expired.")
+            self.write_json(body)
+        elif job.status in FINISHED:
+            self.write_json({"prompt_id": job.prompt_id, "status": job.status, "error": job.error,
+                             "completed_at": state["completed_at"]})
+        else:
+            self.write_json(state, status=202)
+
+
+class CancelHandler(WorkerHandler):
+    async def post(self, prompt_id: str) -> None:
+        """Stop a pending or running job in ComfyUI; it ends ``cancelled``."""
+        require_token(self, self.config.auth_token)
+        self.job_or_404(prompt_id)
+        try:
+            job = await self.runner.cancel(prompt_id)
+        except KeyError:
+            raise APIError(404, f"No job {prompt_id} on this worker.", prompt_id=prompt_id) from None
+        except JobFinished as exc:
+            raise APIError(409, str(exc), prompt_id=prompt_id, status=exc.job.status) from None
+        except ComfyUIUnavailable as exc:
+            raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+        self.write_json(self.job_json(job))
+
+
+class JobsHandler(WorkerHandler):
+    async def get(self) -> None:
+        """The change feed: jobs changed after ``since`` (and removals), waiting up to ``wait`` s."""
+        require_token(self, self.config.auth_token)
+        since = self.number_argument("since", int, 0)
+        wait = min(self.number_argument("wait", float, 0.0), MAX_WAIT)
+        if wait > 0 and since > 0 and since == self.store.seq:
+            if not await self.wait_for(self.store.wait_feed(since, wait)):
+                return
+        full, jobs, removed = self.store.changes_since(since)
+        self.write_json({"epoch": self.store.epoch, "seq": self.store.seq, "full": full,
+                         "jobs": [self.job_json(job) for job in jobs], "removed": removed})
+
+
+class WorkflowsHandler(WorkerHandler):
+    def get(self) -> None:
+        """The workflow catalogue (what /generate accepts); the scheduler validates with it."""
+        self.write_json(catalogue_of(self.config))
+
+
+class HealthHandler(WorkerHandler):
+    async def get(self) -> None:
+        """200 when ComfyUI answers, else 503; with its queue and the jobs held."""
+        comfyui = await self.runner.comfyui_health()
+        ok = bool(comfyui["reachable"])
+        self.write_json({"ok": ok, "name": self.config.name, "comfyui": comfyui, "jobs": self.store.counts(),
+                         "prune": self.prune_report()}, status=200 if ok else 503)
+
+
+class PreviewHandler(WorkerHandler):
+    def get(self, prompt_id: str) -> None:
+        """The newest live preview of a running job (never cached)."""
+        preview = self.runner.preview(prompt_id)
+        if preview is None:
+            raise APIError(404, f"No preview of job {prompt_id} right now.", prompt_id=prompt_id)
+        image, content_type = preview
+        self.set_header("Content-Type", content_type)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(image)
+
+
+def url_table(config: WorkerConfig, store: JobStore, runner: Runner,
+              prune_report: Callable[[], Any] | None = None) -> list[tuple]:
+    """``default_handlers`` bound to one worker's objects."""
+    kwargs = {"config": config, "store": store, "runner": runner, "prune_report": prune_report}
+    table = []
+    for spec in default_handlers:
+        pattern, handler = spec[0], spec[1]
+        if handler is ImageHandler:
+            table.append((pattern, handler, {"path": str(config.images_dir)}))
+        elif handler is MetricsHandler:
+            table.append((pattern, handler))
+        else:
+            table.append((pattern, handler, kwargs))
+    return table
+
+
+_id = r"(?P<prompt_id>[^/]+)"
+
+default_handlers = [
+    (r"/generate", GenerateHandler),
+    (rf"/status/{_id}", StatusHandler),
+    (rf"/result/{_id}", ResultHandler),
+    (rf"/cancel/{_id}", CancelHandler),
+    (r"/jobs", JobsHandler),
+    (r"/workflows", WorkflowsHandler),
+    (r"/health", HealthHandler),
+    (rf"/previews/{_id}", PreviewHandler),
+    (r"/images/(.*)", ImageHandler),
+    (r"/metrics", MetricsHandler),
+]

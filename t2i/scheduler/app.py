@@ -1,0 +1,178 @@
+"""The scheduler process: wiring, start/stop, and ``main()``.
+
+``Scheduler(config)`` reads workers.yaml (a ConfigError propagates), and
+``start()`` checks the workers once, starts one feed follower per worker and
+the periodic health / reload callbacks, then listens. ``stop()`` undoes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Any
+
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+
+from t2i.cli import build_parser, install_shutdown_handlers, load_or_exit, setup_logging
+from t2i.config import SchedulerConfig, load_scheduler_config
+from t2i.httpclient import MAX_CLIENTS, configure_http_client
+from t2i.scheduler.forward import JobRouter
+from t2i.scheduler.handlers import MetricsHandler, NotFoundHandler, StaticHandler, default_handlers
+from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.registry import Registry, WorkerState
+from t2i.web import log_request
+
+log = logging.getLogger(__name__)
+
+STARTUP_FEED_WAIT = 3.0   # start() waits this long at most for the first listing of every feed
+SHUTDOWN_GRACE = 2.0
+
+
+def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router: JobRouter,
+             **settings: Any) -> web.Application:
+    """The API routes first, then the page from ``config.static_dir`` (``/`` is index.html)."""
+    deps = {"registry": registry, "mirror": mirror, "router": router, "max_body_bytes": config.max_body_bytes}
+    static = str(config.static_dir)
+    handlers: list[Any] = [(pattern, handler, deps) for pattern, handler in default_handlers]
+    handlers += [
+        (r"/metrics", MetricsHandler),
+        (r"/static/(.*)", StaticHandler, {"path": static}),
+        (r"/(.*)", StaticHandler, {"path": static, "default_filename": "index.html"}),
+    ]
+    settings.setdefault("log_function", log_request)
+    settings.setdefault("default_handler_class", NotFoundHandler)
+    return web.Application(handlers, **settings)
+
+
+class Scheduler:
+    """One scheduler: the pool registry, the job mirror, and the HTTP server."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.registry = Registry(config.workers_file, auth_token=config.auth_token)
+        self.registry.load_initial()
+        self.mirror = Mirror(auth_token=config.auth_token)
+        self.router = JobRouter(self.registry, self.mirror, auth_token=config.auth_token)
+        self.client: AsyncHTTPClient | None = None
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+        self._callbacks: list[PeriodicCallback] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        # One client for all outbound calls, owned (and closed) by this scheduler: the
+        # process-wide AsyncHTTPClient() would be shared with, and closed by, in-process workers.
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS)
+        self.registry.client = self.mirror.client = self.router.client = self.client
+        self._wire()
+        for state in self.registry.workers.values():
+            self._follow(state)
+        feeds = [self.mirror.feed(name) for name in self.registry.workers]
+        await asyncio.gather(
+            self.registry.check_all(),
+            asyncio.wait_for(asyncio.gather(*(f.tried.wait() for f in feeds if f)), STARTUP_FEED_WAIT),
+            return_exceptions=True)
+        self._periodic(self.registry.check_all, self.config.health_interval)
+        self._periodic(self.reload, self.config.reload_interval)
+        app = make_app(self.config, self.registry, self.mirror, self.router)
+        self.server = HTTPServer(app)
+        sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
+                               family=socket.AF_INET if ":" not in self.config.listen_host else socket.AF_UNSPEC)
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        log.info("scheduler listening on %s:%d with %d workers", self.config.listen_host, self.port,
+                 len(self.registry.workers))
+
+    def _wire(self) -> None:
+        registry, mirror = self.registry, self.mirror
+
+        def load_of(state: WorkerState) -> tuple[int, int]:
+            pending, running = mirror.counts(state.name) if mirror.feed_up(state.name) else state.health_jobs()
+            return pending + mirror.recent_unseen(state.name), running
+
+        def added(state: WorkerState) -> None:
+            self._follow(state)
+            self._spawn(registry.check(state))
+
+        registry.load_of = load_of
+        registry.unfinished_of = mirror.unfinished
+        registry.on_added = added
+        registry.on_dropped = lambda state: self._spawn(mirror.unfollow(state.name))
+        registry.on_reachable = lambda state: mirror.poke(state.name)
+        registry.on_unreachable = lambda state, error: mirror.suspect(state.name, error)
+
+    def _follow(self, state: WorkerState) -> None:
+        self.mirror.follow(state.name, lambda: state.url)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _periodic(self, fn, interval: float) -> None:
+        callback = PeriodicCallback(fn, interval * 1000, jitter=0.1)
+        callback.start()
+        self._callbacks.append(callback)
+
+    def reload(self) -> None:
+        """Apply an edited workers.yaml (every reload_interval, and on SIGHUP)."""
+        try:
+            self.registry.reload_if_changed()
+            self.registry.drop_drained()
+        except Exception:
+            log.exception("reloading %s failed", self.registry.workers_file)
+
+    async def stop(self) -> None:
+        """Stop listening, stop the periodic work and the followers, close the client."""
+        self.router.closing = True
+        if self.server is not None:
+            self.server.stop()
+        for callback in self._callbacks:
+            callback.stop()
+        self._callbacks.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.mirror.stop()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.close_all_connections(), SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close within %.0fs", SHUTDOWN_GRACE)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("t2i-scheduler", "Route text-to-image jobs to a pool of t2i workers.",
+                          "config/scheduler.yaml")
+    parser.add_argument("--http-client", choices=["simple", "curl"], default="simple",
+                        help="outbound HTTP client (curl needs pycurl; falls back to simple)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    config = load_or_exit(load_scheduler_config, args.config)
+    scheduler = load_or_exit(lambda _: Scheduler(config), config.workers_file)
+    impl = configure_http_client(prefer_curl=args.http_client == "curl")
+    log.debug("outbound HTTP client: %s", impl)
+    stop = asyncio.Event()
+    install_shutdown_handlers(stop)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, scheduler.reload)
+    try:
+        await scheduler.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port, exc)
+        await scheduler.stop()
+        raise SystemExit(1) from None
+    await stop.wait()
+    log.info("shutting down")
+    await scheduler.stop()

@@ -1,0 +1,207 @@
+"""Placing jobs on workers and asking a job's owner when the mirror cannot answer.
+
+:class:`JobRouter` is what the handlers call: ``generate`` picks a worker
+(retrying the next one when a worker refuses), the others forward a job
+request to the worker that holds the job, or to every known worker when the
+owner is unknown. Errors are :class:`t2i.web.APIError`, answered as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from t2i.httpclient import JSONResponse, UpstreamUnavailable, fetch_json
+from t2i.metrics import SCHEDULER_ROUTED
+from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.registry import NoWorkerAvailable, Registry, WorkerState
+from t2i.validation import ValidationError, validate_generate
+from t2i.web import APIError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+GENERATE_TIMEOUT = 15.0     # the worker submits to its ComfyUI before answering
+JOB_TIMEOUT = 5.0           # status / result / cancel, plus the long-poll wait
+RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
+RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again
+
+# What a worker may answer per route; anything else means the worker misbehaved (502).
+PASS_THROUGH = {
+    "status": {200, 404, 410},
+    "result": {200, 202, 404, 410},
+    "cancel": {200, 404, 409, 410},
+}
+FINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass
+class Reply:
+    """An answer to pass on as it is: status code and JSON body."""
+
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def result_of(status: dict[str, Any]) -> Reply:
+    """``GET /result`` from a status object: 200 when finished, 202 while not."""
+    state = status.get("status")
+    body: dict[str, Any] = {"prompt_id": status.get("prompt_id"), "status": state}
+    if state == "completed":
+        body.update(image_url=status.get("image_url"), image_urls=status.get("image_urls") or [],
+                    completed_at=status.get("completed_at"))
+        if status.get("image_expired"):
+            body["image_expired"] = True
+        return Reply(200, body)
+    if state in FINAL:
+        body.update(error=status.get("error"), completed_at=status.get("completed_at"))
+        return Reply(200, body)
+    body.update(version=status.get("version"), progress=status.get("progress"),
+                queue_position=status.get("queue_position"))
+    return Reply(202, body)
+
+
+class JobRouter:
+    """generate / status / result / cancel across the pool."""
+
+    def __init__(self, registry: Registry, mirror: Mirror, *, client=None, auth_token: str | None = None):
+        self.registry = registry
+        self.mirror = mirror
+        self.client = client
+        self.auth_token = auth_token
+        self.closing = False
+
+    # --- POST /generate -----------------------------------------------------
+
+    async def generate(self, body: Any) -> Reply:
+        try:
+            request = validate_generate(body, self.registry.catalogue())
+        except ValidationError as exc:
+            raise APIError(400, str(exc), field=exc.field) from None
+        tried: list[str] = []
+        refusals: list[str] = []
+        while True:
+            try:
+                state = self.registry.choose(exclude=tried, workflow=request.workflow)
+            except NoWorkerAvailable as exc:
+                message = str(exc)
+                if refusals:
+                    message = "No worker could take the job: " + "; ".join(refusals) + "."
+                raise APIError(503, message, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+            tried.append(state.name)
+            reply = await self._submit(state, body)
+            if isinstance(reply, Reply):
+                return reply
+            refusals.append(f"{state.name} {reply}")
+            log.warning("worker %s refused a job (%s); trying the next one", state.name, reply)
+
+    async def _submit(self, state: WorkerState, body: Any) -> Reply | str:
+        """The worker's answer to pass on, or why it refused (it is then marked down)."""
+        state.in_flight += 1
+        try:
+            response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
+                                        client=self.client, connect_timeout=CONNECT_TIMEOUT,
+                                        request_timeout=GENERATE_TIMEOUT)
+        except UpstreamUnavailable as exc:
+            reason = f"is unreachable ({exc})"
+            state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
+            self.mirror.suspect(state.name, reason)
+            return reason
+        finally:
+            state.in_flight -= 1
+        answer = response.body
+        if response.status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
+            self.mirror.note_submitted(answer["prompt_id"], state.name)
+            SCHEDULER_ROUTED.labels(worker=state.name).inc()
+            return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
+        if response.status in (400, 413, 502) and isinstance(answer, dict) and "error" in answer:
+            return Reply(response.status, answer)
+        detail = answer.get("error") if isinstance(answer, dict) else None
+        reason = f"answered {response.status}" + (f": {detail}" if detail else "")
+        state.mark_down(f"POST /generate {reason}")
+        return reason
+
+    # --- status, result, cancel ---------------------------------------------
+
+    async def status(self, prompt_id: str, wait: float = 0, since: int | None = None) -> Reply:
+        query = {"wait": f"{wait:g}", "since": since} if wait > 0 and since is not None else None
+        return await self.ask_owner("status", prompt_id, query=query, wait=wait)
+
+    async def result(self, prompt_id: str) -> Reply:
+        entry = self.mirror.fresh(prompt_id)
+        if entry is not None:
+            return result_of(entry.status)
+        return await self.ask_owner("result", prompt_id)
+
+    async def cancel(self, prompt_id: str) -> Reply:
+        try:
+            return await self.ask_owner("cancel", prompt_id, method="POST")
+        except APIError:
+            entry = self.mirror.get(prompt_id)
+            if entry is not None and entry.final:
+                return Reply(409, {"error": f"Job {prompt_id} has already ended ({entry.status['status']}).",
+                                   "status": entry.status["status"]})
+            raise
+
+    async def ask_owner(self, route: str, prompt_id: str, *, method: str = "GET",
+                        query: dict[str, Any] | None = None, wait: float = 0) -> Reply:
+        """Forward a job request to the job's worker, or to every known worker when none is known."""
+        path = f"/{route}/{quote(prompt_id, safe='')}"
+        if query:
+            path += "?" + urlencode(query)
+        owner = self.mirror.owner(prompt_id)
+        state = self.registry.workers.get(owner) if owner else None
+        if state is not None:
+            outcome = await self._ask(state, route, path, method, wait)
+            if isinstance(outcome, Reply):
+                return outcome
+            raise APIError(outcome[0], outcome[1], headers={"Retry-After": RETRY_AFTER_OWNER},
+                           worker=state.name)
+        return await self._ask_all(route, prompt_id, path, method, wait)
+
+    async def _ask(self, state: WorkerState, route: str, path: str, method: str,
+                   wait: float) -> Reply | tuple[int, str]:
+        """The worker's answer, or (503|502, why) when it cannot give one."""
+        try:
+            response: JSONResponse = await fetch_json(
+                state.url + path, method, token=self.auth_token if method == "POST" else None,
+                client=self.client, connect_timeout=CONNECT_TIMEOUT, request_timeout=JOB_TIMEOUT + wait)
+        except UpstreamUnavailable as exc:
+            return 503, (f"Worker {state.name}, which holds this job, cannot be reached now ({exc}); "
+                         "the job is not lost, ask again shortly.")
+        if response.status in PASS_THROUGH[route] and isinstance(response.body, dict):
+            return Reply(response.status, response.body)
+        return 502, f"Worker {state.name} gave an unexpected answer to {method} /{route} ({response.status})."
+
+    async def _ask_all(self, route: str, prompt_id: str, path: str, method: str, wait: float) -> Reply:
+        """Every known worker at once; the first that knows the job wins."""
+        states = list(self.registry.workers.values())
+        if not states:
+            raise APIError(404, f"No job {prompt_id} is known here.")
+        tasks = [asyncio.ensure_future(self._ask(state, route, path, method, wait)) for state in states]
+        gone = None
+        failures: list[tuple[int, str]] = []
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                outcome = await next_done
+                if not isinstance(outcome, Reply):
+                    failures.append(outcome)
+                elif outcome.status == 410:
+                    gone = outcome
+                elif outcome.status != 404:
+                    return outcome
+        finally:
+            for task in tasks:
+                task.cancel()
+        if gone is not None:
+            return gone
+        if failures:
+            status = 503 if any(code == 503 for code, _ in failures) else 502
+            raise APIError(status, f"Job {prompt_id} is not on any reachable worker, and "
+                           f"{len(failures)} worker(s) could not be asked; ask again shortly.",
+                           headers={"Retry-After": RETRY_AFTER_OWNER})
+        raise APIError(404, f"No job {prompt_id} is known to any worker.")

@@ -1,0 +1,149 @@
+"""The scheduler's HTTP API (design.md): thin handlers over JobRouter, Mirror and Registry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tornado import web
+
+from t2i.metrics import POLL_REQUESTS, MetricsHandler
+from t2i.scheduler.forward import JobRouter, Reply
+from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.registry import Registry
+from t2i.web import APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
+
+MAX_WAIT = 60.0
+
+
+class SchedulerHandler(JSONHandler):
+    """Base: the shared objects come in through the URL spec."""
+
+    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter, **kwargs: Any) -> None:
+        self.registry = registry
+        self.mirror = mirror
+        self.router = router
+
+    def write_reply(self, reply: Reply) -> None:
+        for name, value in reply.headers.items():
+            self.set_header(name, value)
+        self.write_json(reply.body, reply.status)
+
+
+class GenerateHandler(JSONBodyHandler, SchedulerHandler):
+    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter,
+                   max_body_bytes: int | None = None, **kwargs: Any) -> None:
+        JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
+        SchedulerHandler.initialize(self, registry, mirror, router)
+
+    async def post(self) -> None:
+        """Validate the request and place it on the least-loaded healthy worker."""
+        self.write_reply(await self.router.generate(self.get_json_body()))
+
+
+class StatusHandler(SchedulerHandler):
+    _abandon: asyncio.Future | None = None
+
+    async def get(self, prompt_id: str) -> None:
+        """The job's state: from the mirror when fresh (no await), else from its worker; long-poll."""
+        POLL_REQUESTS.labels(server="scheduler").inc()
+        entry = self.mirror.fresh(prompt_id)
+        wait, since = self._wait_args()
+        if entry is not None and (wait <= 0 or since is None or entry.version > since):
+            self.finish(entry.encoded())
+            return
+        if entry is not None:
+            self._abandon = asyncio.get_running_loop().create_future()
+            await self.mirror.wait(prompt_id, since, wait, self._abandon)
+            if self.request.connection.stream.closed():
+                return
+            if self.router.closing:
+                raise APIError(503, "The scheduler is shutting down; ask again.", headers={"Retry-After": "1"})
+            entry = self.mirror.fresh(prompt_id)
+            if entry is not None:
+                self.finish(entry.encoded())
+                return
+            wait = 0  # the copy went stale while waiting: ask the worker for the state now
+        self.write_reply(await self.router.status(prompt_id, wait, since))
+
+    def _wait_args(self) -> tuple[float, int | None]:
+        wait = self._number("wait", float, 0.0)
+        since = self._number("since", int, None)
+        return min(max(wait, 0.0), MAX_WAIT), since
+
+    def _number(self, name: str, kind: type, default: Any) -> Any:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            raise APIError(400, f"`{name}` must be a number.", field=name) from None
+
+    def on_connection_close(self) -> None:
+        if self._abandon is not None and not self._abandon.done():
+            self._abandon.set_result(None)
+
+
+class ResultHandler(SchedulerHandler):
+    async def get(self, prompt_id: str) -> None:
+        """200 with the image URLs (or the error) when finished, 202 while not."""
+        self.write_reply(await self.router.result(prompt_id))
+
+
+class CancelHandler(JSONBodyHandler, SchedulerHandler):
+    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter,
+                   max_body_bytes: int | None = None, **kwargs: Any) -> None:
+        JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
+        SchedulerHandler.initialize(self, registry, mirror, router)
+
+    async def post(self, prompt_id: str) -> None:
+        """Cancel the job on its worker (409 when it already ended)."""
+        self.write_reply(await self.router.cancel(prompt_id))
+
+
+class WorkersHandler(SchedulerHandler):
+    def get(self) -> None:
+        """The pool as last loaded: health, load, feed, and the last reload error."""
+        self.write_json({"workers": self.registry.describe(self.mirror), "config": self.registry.config.to_json()})
+
+
+class HealthHandler(SchedulerHandler):
+    def get(self) -> None:
+        """200 when at least one worker can take jobs, else 503; each worker in short."""
+        workers = [{"name": w["name"], "ok": w["routable"], "reachable": w["reachable"],
+                    "comfyui_reachable": w["comfyui_reachable"], "enabled": w["enabled"],
+                    "pending": w["pending"], "running": w["running"]}
+                   for w in self.registry.describe(self.mirror) if w["listed"]]
+        ok = any(w["ok"] for w in workers)
+        self.write_json({"ok": ok, "workers": workers}, 200 if ok else 503)
+
+
+class WorkflowsHandler(SchedulerHandler):
+    def get(self) -> None:
+        """The workflows the pool serves (the workers' catalogues merged), for the page's form."""
+        catalogue = self.registry.catalogue()
+        if catalogue is None:
+            raise APIError(503, "No worker has reported its workflows yet.", headers={"Retry-After": "2"})
+        self.write_json(catalogue)
+
+
+class StaticHandler(web.StaticFileHandler):
+    """The page; its errors are JSON like every other answer."""
+
+    write_error = JSONHandler.write_error
+
+
+_ID = r"(?P<prompt_id>[^/]+)"
+
+default_handlers = [
+    (r"/generate", GenerateHandler),
+    (rf"/status/{_ID}", StatusHandler),
+    (rf"/result/{_ID}", ResultHandler),
+    (rf"/cancel/{_ID}", CancelHandler),
+    (r"/workers", WorkersHandler),
+    (r"/health", HealthHandler),
+    (r"/workflows", WorkflowsHandler),
+]
+
+__all__ = ["default_handlers", "MetricsHandler", "NotFoundHandler", "StaticHandler"]

@@ -1,0 +1,352 @@
+"""A live copy of every worker's jobs, fed by the workers' ``GET /jobs`` change feeds.
+
+One follower coroutine per worker lists its jobs (``since=0``), then long-polls
+for changes (``since=<seq>&wait=25``). The mirror answers ``/status`` from
+memory while a job's feed is up (or the job is finished), wakes long-polls of
+``/status?wait=`` when a job changes, and counts each worker's unfinished jobs
+for routing. Nothing here is the truth: it is rebuilt from the workers after a
+restart, and a second scheduler builds the same copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+from urllib.parse import urlencode
+
+from t2i.httpclient import UpstreamUnavailable, fetch_json
+
+log = logging.getLogger(__name__)
+
+FINAL = frozenset({"completed", "failed", "cancelled"})
+UNFINISHED = frozenset({"pending", "running"})
+
+FEED_WAIT = 25.0            # seconds a feed request waits for changes on the worker
+FEED_CONNECT_TIMEOUT = 2.0
+FEED_SLACK = 10.0           # request_timeout = wait + slack
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
+RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
+
+
+class Entry:
+    """One mirrored job: its worker, its status object and that object's JSON, encoded once."""
+
+    __slots__ = ("worker", "status", "_encoded")
+
+    def __init__(self, worker: str, status: dict[str, Any]):
+        self.worker = worker
+        self.status = status
+        self._encoded: bytes | None = None
+
+    @property
+    def version(self) -> int:
+        version = self.status.get("version")
+        return version if isinstance(version, int) else 0
+
+    @property
+    def final(self) -> bool:
+        return self.status.get("status") in FINAL
+
+    def encoded(self) -> bytes:
+        if self._encoded is None:
+            self._encoded = json.dumps(self.status, separators=(",", ":")).encode()
+        return self._encoded
+
+
+class Feed:
+    """The follower of one worker's ``GET /jobs`` feed."""
+
+    def __init__(self, name: str, url: Callable[[], str]):
+        self.name = name
+        self.url = url
+        self.up = False
+        self.epoch: str | None = None
+        self.seq = 0
+        self.last_error: str | None = None
+        self.last_ok: float | None = None
+        self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self.tried = asyncio.Event()    # set once the first listing was tried (start-up waits on it)
+
+    def to_json(self) -> dict[str, Any]:
+        state = "up" if self.up else ("stopped" if self.task is None or self.task.done() else "down")
+        return {"state": state, "epoch": self.epoch, "seq": self.seq, "last_error": self.last_error,
+                "last_ok": self.last_ok}
+
+
+class Mirror:
+    """prompt_id -> (worker, status object), per-worker feeds, and long-poll waits."""
+
+    def __init__(self, *, client=None, auth_token: str | None = None, feed_wait: float = FEED_WAIT,
+                 clock: Callable[[], float] = time.time):
+        self.client = client
+        self.auth_token = auth_token
+        self.feed_wait = feed_wait
+        self.clock = clock
+        self._jobs: dict[str, Entry] = {}
+        self._ids: dict[str, set[str]] = {}                 # worker -> its job ids
+        self._unfinished: dict[str, dict[str, str]] = {}    # worker -> id -> pending|running
+        self._feeds: dict[str, Feed] = {}
+        self._waiters: dict[str, set[asyncio.Future]] = {}
+        # Jobs this scheduler submitted that no feed has shown yet: id -> worker, and per worker
+        # id -> submit time (for load counting, which forgets them after RECENT_LOAD_TTL).
+        self._recent: OrderedDict[str, str] = OrderedDict()
+        self._recent_by_worker: dict[str, OrderedDict[str, float]] = {}
+
+    # --- reading (no awaits: the /status fast path) ---------------------------
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, prompt_id: str) -> Entry | None:
+        return self._jobs.get(prompt_id)
+
+    def fresh(self, prompt_id: str) -> Entry | None:
+        """The mirrored job when it can be answered from memory: its feed is up, or it is finished."""
+        entry = self._jobs.get(prompt_id)
+        if entry is None:
+            return None
+        if entry.final:
+            return entry
+        feed = self._feeds.get(entry.worker)
+        return entry if feed is not None and feed.up else None
+
+    def owner(self, prompt_id: str) -> str | None:
+        """The worker holding a job: the mirror's, or the one this scheduler just sent it to."""
+        entry = self._jobs.get(prompt_id)
+        return entry.worker if entry is not None else self._recent.get(prompt_id)
+
+    def counts(self, worker: str) -> tuple[int, int]:
+        """(pending, running) of a worker's jobs in the mirror."""
+        pending = running = 0
+        for status in self._unfinished.get(worker, {}).values():
+            if status == "running":
+                running += 1
+            else:
+                pending += 1
+        return pending, running
+
+    def unfinished(self, worker: str) -> int:
+        return len(self._unfinished.get(worker, ()))
+
+    def recent_unseen(self, worker: str) -> int:
+        """Jobs this scheduler sent to ``worker`` lately that its feed has not shown yet."""
+        recent = self._recent_by_worker.get(worker)
+        if not recent:
+            return 0
+        cutoff = self.clock() - RECENT_LOAD_TTL
+        while recent and next(iter(recent.values())) < cutoff:
+            recent.popitem(last=False)
+        return len(recent)
+
+    def feed(self, worker: str) -> Feed | None:
+        return self._feeds.get(worker)
+
+    def feed_up(self, worker: str) -> bool:
+        feed = self._feeds.get(worker)
+        return feed is not None and feed.up
+
+    def jobs_of(self, worker: str) -> int:
+        return len(self._ids.get(worker, ()))
+
+    # --- changing -------------------------------------------------------------
+
+    def note_submitted(self, prompt_id: str, worker: str) -> None:
+        if prompt_id in self._jobs:
+            return
+        self._recent[prompt_id] = worker
+        self._recent_by_worker.setdefault(worker, OrderedDict())[prompt_id] = self.clock()
+        while len(self._recent) > RECENT_LIMIT:
+            old_id, old_worker = self._recent.popitem(last=False)
+            self._recent_by_worker.get(old_worker, {}).pop(old_id, None)
+
+    def _unrecent(self, prompt_id: str) -> None:
+        worker = self._recent.pop(prompt_id, None)
+        if worker is not None:
+            self._recent_by_worker.get(worker, {}).pop(prompt_id, None)
+
+    def apply(self, worker: str, page: dict[str, Any]) -> None:
+        """Apply one ``GET /jobs`` answer of ``worker``."""
+        jobs = [job for job in page.get("jobs") or () if isinstance(job, dict)
+                and isinstance(job.get("prompt_id"), str)]
+        if page.get("full"):
+            keep = {job["prompt_id"] for job in jobs}
+            self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
+        for job in jobs:
+            self._put(worker, job)
+        removed = page.get("removed") or ()
+        self._remove(worker, [pid for pid in removed if isinstance(pid, str)])
+
+    def _put(self, worker: str, status: dict[str, Any]) -> None:
+        prompt_id = status["prompt_id"]
+        old = self._jobs.get(prompt_id)
+        if old is not None and old.worker != worker:
+            self._forget(prompt_id, old.worker)
+        entry = Entry(worker, status)
+        if old is not None and old.worker == worker and old.version == entry.version \
+                and old.status == status:
+            return
+        self._jobs[prompt_id] = entry
+        self._ids.setdefault(worker, set()).add(prompt_id)
+        unfinished = self._unfinished.setdefault(worker, {})
+        if status.get("status") in UNFINISHED:
+            unfinished[prompt_id] = status["status"]
+        else:
+            unfinished.pop(prompt_id, None)
+        self._unrecent(prompt_id)
+        self._wake(prompt_id)
+
+    def _remove(self, worker: str, prompt_ids: Iterable[str]) -> None:
+        for prompt_id in prompt_ids:
+            entry = self._jobs.get(prompt_id)
+            if entry is not None and entry.worker == worker:
+                del self._jobs[prompt_id]
+                self._forget(prompt_id, worker)
+                self._wake(prompt_id)
+
+    def _forget(self, prompt_id: str, worker: str) -> None:
+        self._ids.get(worker, set()).discard(prompt_id)
+        self._unfinished.get(worker, {}).pop(prompt_id, None)
+
+    def drop_worker(self, worker: str) -> None:
+        """Forget a worker's jobs (it was removed and drained, or replaced)."""
+        self._remove(worker, list(self._ids.get(worker, ())))
+        self._ids.pop(worker, None)
+        self._unfinished.pop(worker, None)
+        for prompt_id in list(self._recent_by_worker.pop(worker, ())):
+            self._recent.pop(prompt_id, None)
+
+    # --- long-poll waits ----------------------------------------------------
+
+    async def wait(self, prompt_id: str, since: int, timeout: float,
+                   abandon: asyncio.Future | None = None) -> None:
+        """Return when the job's version passes ``since``, it leaves the mirror or goes stale,
+        ``abandon`` is done (the client went away), or after ``timeout``."""
+        entry = self.fresh(prompt_id)
+        if entry is None or entry.version > since or timeout <= 0:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(prompt_id, set()).add(future)
+        try:
+            waits = {future} if abandon is None else {future, abandon}
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiters = self._waiters.get(prompt_id)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[prompt_id]
+
+    def _wake(self, prompt_id: str) -> None:
+        for future in self._waiters.pop(prompt_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def wake_all(self, worker: str | None = None) -> None:
+        for prompt_id in list(self._waiters):
+            entry = self._jobs.get(prompt_id)
+            if worker is None or entry is None or entry.worker == worker:
+                self._wake(prompt_id)
+
+    # --- feed followers -----------------------------------------------------
+
+    def follow(self, worker: str, url: Callable[[], str]) -> Feed:
+        """Start following a worker's feed (no-op when already followed)."""
+        feed = self._feeds.get(worker)
+        if feed is None or feed.task is None or feed.task.done():
+            feed = Feed(worker, url)
+            self._feeds[worker] = feed
+            feed.task = asyncio.ensure_future(self._follow(feed))
+        return feed
+
+    async def unfollow(self, worker: str) -> None:
+        feed = self._feeds.pop(worker, None)
+        if feed is not None:
+            await self._cancel(feed)
+        self.drop_worker(worker)
+
+    async def stop(self) -> None:
+        feeds = list(self._feeds.values())
+        await asyncio.gather(*(self._cancel(feed) for feed in feeds))
+        for feed in feeds:
+            feed.up = False
+        self.wake_all()
+
+    @staticmethod
+    async def _cancel(feed: Feed) -> None:
+        feed.up = False
+        if feed.task is not None and not feed.task.done():
+            feed.task.cancel()
+            try:
+                await feed.task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the loop catches its own errors; anything else is a bug, logged
+                log.exception("feed follower of %s failed", feed.name)
+
+    def suspect(self, worker: str, error: str) -> None:
+        """The worker looks down (health check or a refused call): its entries are not fresh
+        until the feed answers again."""
+        feed = self._feeds.get(worker)
+        if feed is not None and feed.up:
+            feed.up = False
+            feed.last_error = error
+            self.wake_all(worker)
+
+    def poke(self, worker: str) -> None:
+        """The worker answers again: retry its feed now instead of after the backoff."""
+        feed = self._feeds.get(worker)
+        if feed is not None and not feed.up:
+            feed.wake.set()
+
+    async def _follow(self, feed: Feed) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            since = feed.seq if feed.epoch is not None else 0
+            wait = self.feed_wait if since and feed.up else 0
+            query = urlencode({"since": since, "wait": wait})
+            try:
+                response = await fetch_json(f"{feed.url()}/jobs?{query}", token=self.auth_token,
+                                            client=self.client, connect_timeout=FEED_CONNECT_TIMEOUT,
+                                            request_timeout=wait + FEED_SLACK)
+                page = response.body
+                if response.status != 200 or not isinstance(page, dict) \
+                        or not isinstance(page.get("seq"), int):
+                    raise UpstreamUnavailable(f"GET /jobs answered {response.status}"
+                                              + ("" if response.status != 200 else " without a feed page"))
+            except UpstreamUnavailable as exc:
+                self._feed_down(feed, str(exc))
+                feed.tried.set()
+            else:
+                epoch = page.get("epoch")
+                if feed.epoch is not None and epoch != feed.epoch and not page.get("full"):
+                    log.info("worker %s restarted (new feed epoch); listing its jobs again", feed.name)
+                    feed.epoch = None
+                    continue
+                self.apply(feed.name, page)
+                if not feed.up:
+                    log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
+                feed.epoch, feed.seq = epoch, page["seq"]
+                feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
+                feed.tried.set()
+                backoff = BACKOFF_MIN
+                continue
+            feed.wake.clear()
+            try:
+                await asyncio.wait_for(feed.wake.wait(), backoff * random.uniform(0.5, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _feed_down(self, feed: Feed, error: str) -> None:
+        if feed.up or feed.last_error is None:
+            log.warning("job feed of worker %s is down: %s", feed.name, error)
+        feed.up = False
+        feed.last_error = error
+        self.wake_all(feed.name)

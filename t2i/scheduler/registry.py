@@ -1,0 +1,362 @@
+"""The scheduler's worker pool: workers.yaml with live reload, health, load, routing choice.
+
+Plain classes, testable without HTTP servers of our own: :class:`Registry`
+owns one :class:`WorkerState` per worker (listed in workers.yaml, or removed
+from it but still draining its jobs), checks them, and picks the worker with
+the smallest expected wait for the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from t2i.config import ConfigError, WorkerEntry, load_workers_file
+from t2i.httpclient import UpstreamUnavailable, fetch_json
+from t2i.metrics import CONFIG_RELOADS
+
+log = logging.getLogger(__name__)
+
+HEALTH_CONNECT_TIMEOUT = 2.0
+HEALTH_REQUEST_TIMEOUT = 3.0
+HEALTH_CONCURRENCY = 16
+
+
+class NoWorkerAvailable(Exception):
+    """No worker can take a job now; the message says why (down, disabled or full)."""
+
+
+class WorkerState:
+    """What the scheduler knows about one worker."""
+
+    def __init__(self, entry: WorkerEntry):
+        self.entry = entry
+        self.listed = True              # False once removed from workers.yaml (draining)
+        self.removed_at: float | None = None
+        self.idle_since: float | None = None   # draining and nothing left to wait for, since
+        self.reachable: bool | None = None     # None: never checked yet
+        self.comfyui_reachable: bool | None = None
+        self.refused: str | None = None        # why the last POST /generate was refused; cleared by health
+        self.last_error: str | None = None
+        self.last_checked: float | None = None
+        self.health: dict[str, Any] = {}
+        self.catalogue: dict[str, Any] | None = None
+        self.in_flight = 0                     # POST /generate calls on their way to it
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def url(self) -> str:
+        return self.entry.url
+
+    @property
+    def routable(self) -> bool:
+        return (self.listed and self.entry.enabled and bool(self.reachable)
+                and self.comfyui_reachable is not False and self.refused is None)
+
+    def mark_down(self, error: str, *, unreachable: bool = False) -> None:
+        """A refusal seen by a caller; the next good health check brings the worker back."""
+        self.refused = error
+        self.last_error = error
+        if unreachable:
+            self.reachable = False
+
+    def serves(self, workflow: Any) -> bool:
+        """Whether this worker knows the named workflow (True when unknown or not named)."""
+        if not isinstance(workflow, str) or not self.catalogue:
+            return True
+        return workflow in self.catalogue.get("workflows", {})
+
+    def health_jobs(self) -> tuple[int, int]:
+        jobs = self.health.get("jobs") if isinstance(self.health, dict) else None
+        if not isinstance(jobs, dict):
+            return 0, 0
+        return int(jobs.get("pending") or 0), int(jobs.get("running") or 0)
+
+
+@dataclass
+class ConfigStatus:
+    file: str
+    loaded_at: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "loaded_at": self.loaded_at, "error": self.error}
+
+
+# Load: (pending, running) of a worker as the scheduler knows it now.
+LoadFn = Callable[[WorkerState], tuple[int, int]]
+
+
+class Registry:
+    """The worker pool, as last loaded from workers.yaml, with health and load."""
+
+    #: how long a worker removed from workers.yaml stays followed once it has no unfinished job
+    drain_linger = 30.0
+
+    def __init__(self, workers_file: Path, *, client=None, auth_token: str | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.workers_file = Path(workers_file)
+        self.client = client
+        self.auth_token = auth_token
+        self.clock = clock
+        self.workers: dict[str, WorkerState] = {}
+        self.config = ConfigStatus(str(self.workers_file))
+        self._signature: tuple[int, int] | None = None
+        self._digest: str | None = None
+        self._rr = 0
+        self._semaphore = asyncio.Semaphore(HEALTH_CONCURRENCY)
+        # Set by the scheduler: live load from the mirror, and reactions to pool changes.
+        self.load_of: LoadFn = WorkerState.health_jobs
+        self.on_added: Callable[[WorkerState], None] = lambda state: None
+        self.on_dropped: Callable[[WorkerState], None] = lambda state: None
+        self.on_reachable: Callable[[WorkerState], None] = lambda state: None
+        self.on_unreachable: Callable[[WorkerState, str], None] = lambda state, error: None
+        self.unfinished_of: Callable[[str], int] = lambda name: 0
+
+    # --- workers.yaml -------------------------------------------------------
+
+    def load_initial(self) -> None:
+        """Read workers.yaml at start-up; a ConfigError propagates (the caller exits 2)."""
+        entries = load_workers_file(self.workers_file)
+        text = self.workers_file.read_bytes()
+        st = os.stat(self.workers_file)
+        self._signature = (st.st_mtime_ns, st.st_size)
+        self._digest = hashlib.sha256(text).hexdigest()
+        self._apply(entries)
+
+    def reload_if_changed(self) -> bool | None:
+        """Check mtime, size and content; apply an edit. True: applied, False: refused, None: unchanged."""
+        try:
+            st = os.stat(self.workers_file)
+        except OSError:
+            return self._refuse(ConfigError(self.workers_file, "file not found"), digest="missing")
+        signature = (st.st_mtime_ns, st.st_size)
+        if signature == self._signature:
+            return None
+        try:
+            data = self.workers_file.read_bytes()
+        except OSError as exc:
+            return self._refuse(ConfigError(self.workers_file, f"cannot read: {exc}"), digest="unreadable")
+        self._signature = signature
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._digest:
+            return None
+        try:
+            entries = load_workers_file(self.workers_file)
+        except ConfigError as exc:
+            return self._refuse(exc, digest=digest)
+        self._digest = digest
+        self._apply(entries)
+        self.config.error = None
+        CONFIG_RELOADS.labels(result="ok").inc()
+        log.info("%s reloaded: %d workers (%s)", self.workers_file, len(entries),
+                 ", ".join(e.name for e in entries) or "none")
+        return True
+
+    def _refuse(self, exc: ConfigError, digest: str) -> bool | None:
+        if digest == self._digest:
+            return None  # this same broken content was reported already
+        self._digest = digest
+        if digest in ("missing", "unreadable"):
+            self._signature = None
+        self.config.error = str(exc)
+        CONFIG_RELOADS.labels(result="failed").inc()
+        log.error("workers file not reloaded, keeping the last good list: %s", exc)
+        return False
+
+    def _apply(self, entries: list[WorkerEntry]) -> None:
+        now = self.clock()
+        self.config.loaded_at = now
+        new = {entry.name: entry for entry in entries}
+        for name, state in list(self.workers.items()):
+            if name not in new and state.listed:
+                state.listed = False
+                state.removed_at = now
+                state.idle_since = None
+                log.info("worker %s removed from the pool; following it until its jobs end", name)
+        for entry in entries:
+            state = self.workers.get(entry.name)
+            if state is not None and state.url != entry.url:
+                # Another machine under the same name: forget the old one's jobs.
+                self._drop(state)
+                state = None
+            if state is None:
+                state = WorkerState(entry)
+                self.workers[entry.name] = state
+                log.info("worker %s added: %s", entry.name, entry.url)
+                self.on_added(state)
+            else:
+                if not state.listed:
+                    log.info("worker %s is back in the pool", entry.name)
+                state.entry = entry
+                state.listed = True
+                state.removed_at = state.idle_since = None
+        # Keep workers.yaml order (round-robin and listings follow it).
+        order = [e.name for e in entries] + [n for n in self.workers if n not in new]
+        self.workers = {name: self.workers[name] for name in order}
+
+    def drop_drained(self) -> None:
+        """Stop following removed workers that have nothing left in flight (after a linger)."""
+        now = self.clock()
+        for state in [s for s in self.workers.values() if not s.listed]:
+            if self.unfinished_of(state.name) and state.reachable is not False:
+                state.idle_since = None
+                continue
+            if state.idle_since is None:
+                state.idle_since = now
+            elif now - state.idle_since >= self.drain_linger:
+                log.info("worker %s drained; no longer followed", state.name)
+                self._drop(state)
+
+    def _drop(self, state: WorkerState) -> None:
+        self.workers.pop(state.name, None)
+        self.on_dropped(state)
+
+    # --- health -------------------------------------------------------------
+
+    async def check_all(self) -> None:
+        """Ask every worker's /health and /workflows, concurrently, bounded."""
+        await asyncio.gather(*(self.check(state) for state in list(self.workers.values())))
+
+    async def check(self, state: WorkerState) -> None:
+        async with self._semaphore:
+            try:
+                health, workflows = await asyncio.gather(
+                    self._get(state, "/health"), self._get(state, "/workflows"))
+            except UpstreamUnavailable as exc:
+                self._record(state, reachable=False, error=f"unreachable: {exc}")
+                return
+            except Exception as exc:  # never let one worker break the tick
+                log.exception("health check of %s failed", state.name)
+                self._record(state, reachable=False, error=f"health check failed: {exc}")
+                return
+        body = health.body if isinstance(health.body, dict) else None
+        if health.status not in (200, 503) or body is None or "ok" not in body:
+            self._record(state, reachable=False,
+                         error=f"GET /health answered {health.status} without a health object")
+            return
+        comfy = body.get("comfyui") if isinstance(body.get("comfyui"), dict) else {}
+        comfy_ok = bool(comfy.get("reachable", health.status == 200))
+        state.health = body
+        if workflows.status == 200 and isinstance(workflows.body, dict) \
+                and isinstance(workflows.body.get("workflows"), dict):
+            state.catalogue = workflows.body
+        error = None if comfy_ok and health.status == 200 else "its ComfyUI is unreachable"
+        self._record(state, reachable=True, comfyui=comfy_ok, error=error)
+
+    async def _get(self, state: WorkerState, path: str):
+        return await fetch_json(state.url + path, token=self.auth_token, client=self.client,
+                                connect_timeout=HEALTH_CONNECT_TIMEOUT,
+                                request_timeout=HEALTH_REQUEST_TIMEOUT)
+
+    def _record(self, state: WorkerState, *, reachable: bool, comfyui: bool | None = None,
+                error: str | None = None) -> None:
+        was = state.reachable
+        state.last_checked = self.clock()
+        state.reachable = reachable
+        state.comfyui_reachable = comfyui if reachable else None
+        state.last_error = error
+        if reachable:
+            state.refused = None
+        if was is not reachable:
+            if reachable:
+                log.info("worker %s is reachable%s", state.name, f" ({error})" if error else "")
+                self.on_reachable(state)
+            else:
+                log.warning("worker %s is down: %s", state.name, error)
+        if not reachable:
+            self.on_unreachable(state, error or "unreachable")
+
+    def describe(self, mirror: Any) -> list[dict[str, Any]]:
+        """Each worker for ``GET /workers``: config, health, load now, feed state."""
+        out = []
+        for state in self.workers.values():
+            pending, running = self.load_of(state)
+            feed = mirror.feed(state.name)
+            out.append({
+                "name": state.name, "url": state.url, "public_url": state.entry.public_url,
+                "enabled": state.entry.enabled, "max_queue": state.entry.max_queue,
+                "listed": state.listed, "routable": state.routable, "reachable": state.reachable,
+                "comfyui_reachable": state.comfyui_reachable, "pending": pending, "running": running,
+                "in_flight": state.in_flight, "jobs": mirror.jobs_of(state.name),
+                "last_error": state.last_error, "last_checked": state.last_checked,
+                "feed": feed.to_json() if feed is not None else {"state": "stopped"},
+            })
+        return out
+
+    # --- routing ------------------------------------------------------------
+
+    def catalogue(self) -> dict[str, Any] | None:
+        """The workflows the pool serves: union of the listed workers' catalogues (first wins)."""
+        merged: dict[str, Any] | None = None
+        for state in self.workers.values():
+            cat = state.catalogue
+            if not state.listed or not cat:
+                continue
+            if merged is None:
+                merged = {"default_workflow": cat.get("default_workflow"),
+                          "allow_raw_workflows": bool(cat.get("allow_raw_workflows")), "workflows": {}}
+            merged["allow_raw_workflows"] = merged["allow_raw_workflows"] or bool(cat.get("allow_raw_workflows"))
+            for name, spec in cat.get("workflows", {}).items():
+                merged["workflows"].setdefault(name, spec)
+        return merged
+
+    def load(self, state: WorkerState) -> int:
+        """Jobs ahead of a new one on this worker: pending + running now, plus submissions in flight."""
+        pending, running = self.load_of(state)
+        return pending + running + state.in_flight
+
+    def choose(self, exclude: Iterable[str] = (), workflow: Any = None) -> WorkerState:
+        """The routable worker with the smallest expected wait; ties go round-robin."""
+        exclude = set(exclude)
+        listed = [s for s in self.workers.values() if s.listed and s.name not in exclude]
+        best: list[WorkerState] = []
+        best_load = None
+        counts = {"disabled": 0, "down": 0, "full": 0, "other": 0}
+        for state in listed:
+            if not state.entry.enabled:
+                counts["disabled"] += 1
+                continue
+            if not state.routable:
+                counts["down"] += 1
+                continue
+            if not state.serves(workflow):
+                counts["other"] += 1
+                continue
+            load = self.load(state)
+            if load >= state.entry.max_queue:
+                counts["full"] += 1
+                continue
+            if best_load is None or load < best_load:
+                best, best_load = [state], load
+            elif load == best_load:
+                best.append(state)
+        if best:
+            self._rr += 1
+            return best[self._rr % len(best)]
+        raise NoWorkerAvailable(self._why_none(listed, counts, bool(exclude), workflow))
+
+    @staticmethod
+    def _why_none(listed: list[WorkerState], counts: dict[str, int], tried: bool, workflow: Any) -> str:
+        if tried and not listed:
+            return "every worker that could take the job refused it."
+        if not listed:
+            return "No worker is configured (workers.yaml lists none)."
+        total = len(listed)
+        if counts["disabled"] == total:
+            return "Every worker is disabled in workers.yaml."
+        if counts["down"] + counts["disabled"] == total:
+            return "Every enabled worker is down or unreachable."
+        if counts["full"] + counts["down"] + counts["disabled"] == total:
+            return "Every available worker's queue is full; try again shortly."
+        return (f"No available worker serves the workflow {workflow!r}." if counts["other"]
+                else "No worker can take the job now.")

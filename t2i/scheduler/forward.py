@@ -48,21 +48,19 @@ class Reply:
 
 
 def result_of(status: dict[str, Any]) -> Reply:
-    """``GET /result`` from a status object: 200 when finished, 202 while not."""
+    """``GET /result`` from a mirrored status object, shaped as the worker shapes it."""
     state = status.get("status")
+    if state not in FINAL:
+        return Reply(202, status)
     body: dict[str, Any] = {"prompt_id": status.get("prompt_id"), "status": state}
     if state == "completed":
         body.update(image_url=status.get("image_url"), image_urls=status.get("image_urls") or [],
                     completed_at=status.get("completed_at"))
         if status.get("image_expired"):
-            body["image_expired"] = True
-        return Reply(200, body)
-    if state in FINAL:
+            body.update(image_expired=True, error=status.get("error") or "The image has expired.")
+    else:
         body.update(error=status.get("error"), completed_at=status.get("completed_at"))
-        return Reply(200, body)
-    body.update(version=status.get("version"), progress=status.get("progress"),
-                queue_position=status.get("queue_position"))
-    return Reply(202, body)
+    return Reply(200, body)
 
 
 class JobRouter:

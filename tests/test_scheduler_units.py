@@ -1,0 +1,163 @@
+"""The scheduler's plain classes, without HTTP: registry (reload, routing choice) and mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from support.cluster import write_workers_yaml
+from t2i.config import ConfigError
+from t2i.scheduler.forward import result_of
+from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.registry import NoWorkerAvailable, Registry
+
+
+def entry(name, port, **kw):
+    return {"name": name, "url": f"http://127.0.0.1:{port}", **kw}
+
+
+def up(registry, *names):
+    for name in names:
+        state = registry.workers[name]
+        state.reachable = state.comfyui_reachable = True
+
+
+def make_registry(tmp_path, workers, loads=None):
+    path = write_workers_yaml(tmp_path / "workers.yaml", workers)
+    registry = Registry(path)
+    registry.load_initial()
+    loads = loads if loads is not None else {}
+    registry.load_of = lambda state: (loads.get(state.name, 0), 0)
+    return registry, path, loads
+
+
+def rewrite(path, workers):
+    write_workers_yaml(path, workers)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new mtime even on coarse clocks
+
+
+def test_choose_least_loaded_then_round_robin(tmp_path):
+    registry, _, loads = make_registry(tmp_path, [entry("a", 1), entry("b", 2), entry("c", 3)])
+    up(registry, "a", "b", "c")
+    loads.update(a=2, b=0, c=0)
+    picks = [registry.choose().name for _ in range(4)]
+    assert set(picks) == {"b", "c"} and picks[0] != picks[1]
+    loads.update(b=3, c=3)
+    assert registry.choose().name == "a"
+    registry.workers["a"].in_flight = 2  # submissions on their way count as load
+    assert registry.choose().name in {"b", "c"}
+
+
+def test_choose_skips_full_down_disabled_and_says_why(tmp_path):
+    registry, _, loads = make_registry(
+        tmp_path, [entry("a", 1, max_queue=2), entry("b", 2), entry("c", 3, enabled=False)])
+    up(registry, "a", "b", "c")
+    registry.workers["b"].mark_down("refused", unreachable=True)
+    loads["a"] = 1
+    assert registry.choose().name == "a"
+    loads["a"] = 2
+    with pytest.raises(NoWorkerAvailable, match="full"):
+        registry.choose()
+    loads["a"] = 0
+    registry.workers["a"].comfyui_reachable = False
+    with pytest.raises(NoWorkerAvailable, match="down"):
+        registry.choose()
+    registry2, _, _ = make_registry(tmp_path, [entry("x", 1, enabled=False)])
+    with pytest.raises(NoWorkerAvailable, match="disabled"):
+        registry2.choose()
+
+
+def test_reload_applies_edits_and_keeps_last_good(tmp_path):
+    added, dropped = [], []
+    registry, path, _ = make_registry(tmp_path, [entry("a", 1)])
+    registry.on_added = lambda s: added.append(s.name)
+    registry.on_dropped = lambda s: dropped.append(s.name)
+    assert registry.reload_if_changed() is None
+    rewrite(path, [entry("a", 1), entry("b", 2)])
+    assert registry.reload_if_changed() is True
+    assert list(registry.workers) == ["a", "b"] and added == ["b"]
+    path.write_text("workers:\n  - name: a\n    url: http://127.0.0.1:1\n  - name: a\n    url: http://x:2\n")
+    assert registry.reload_if_changed() is False
+    assert "duplicate worker name" in registry.config.error and ":4:" in registry.config.error
+    assert list(registry.workers) == ["a", "b"]
+    assert registry.reload_if_changed() is None  # the same broken content is reported once
+    path.write_text("workers: [\n")
+    assert registry.reload_if_changed() is False and "invalid YAML" in registry.config.error
+    path.unlink()
+    assert registry.reload_if_changed() is False and "file not found" in registry.config.error
+    rewrite(path, [entry("b", 2)])
+    assert registry.reload_if_changed() is True and registry.config.error is None
+    assert not registry.workers["a"].listed and registry.workers["b"].listed
+    # a removed worker is dropped once drained and the linger passed
+    registry.drain_linger = 0
+    registry.unfinished_of = lambda name: 1
+    registry.workers["a"].reachable = True
+    registry.drop_drained()
+    assert "a" in registry.workers
+    registry.unfinished_of = lambda name: 0
+    registry.drop_drained()
+    registry.drop_drained()
+    assert "a" not in registry.workers and dropped == ["a"]
+
+
+def test_start_up_errors_raise(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        Registry(tmp_path / "missing.yaml").load_initial()
+    path = tmp_path / "w.yaml"
+    path.write_text("workers:\n  - name: a\n    url: ftp://x\n")
+    with pytest.raises(ConfigError, match=r"w.yaml:3: workers\[0\].url"):
+        Registry(path).load_initial()
+
+
+def job(pid, status="pending", version=1, **kw):
+    return {"prompt_id": pid, "status": status, "version": version, **kw}
+
+
+def test_mirror_apply_full_changes_removed():
+    mirror = Mirror()
+    mirror.apply("a", {"epoch": "e", "seq": 2, "full": True, "jobs": [job("1"), job("2", "running", 2)],
+                       "removed": []})
+    assert mirror.counts("a") == (1, 1) and mirror.owner("1") == "a"
+    assert mirror.fresh("1") is None  # no feed up for "a": not fresh
+    mirror.apply("a", {"epoch": "e", "seq": 4, "full": False,
+                       "jobs": [job("2", "completed", 4)], "removed": ["1"]})
+    assert mirror.get("1") is None and mirror.counts("a") == (0, 0)
+    assert mirror.fresh("2").status["status"] == "completed"  # final: answerable without a feed
+    mirror.apply("a", {"epoch": "f", "seq": 1, "full": True, "jobs": [job("3")], "removed": []})
+    assert mirror.get("2") is None and mirror.jobs_of("a") == 1
+    mirror.note_submitted("9", "b")
+    assert mirror.owner("9") == "b" and mirror.recent_unseen("b") == 1
+    mirror.apply("b", {"epoch": "g", "seq": 1, "full": True, "jobs": [job("9")], "removed": []})
+    assert mirror.recent_unseen("b") == 0 and mirror.owner("9") == "b"
+    mirror.drop_worker("b")
+    assert mirror.owner("9") is None
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_mirror_wait_wakes_on_change_and_on_abandon():
+    mirror = Mirror()
+    mirror.apply("a", {"epoch": "e", "seq": 1, "full": True, "jobs": [job("1")], "removed": []})
+    mirror._feeds["a"] = type("F", (), {"up": True})()  # a feed that is up
+    waiter = asyncio.ensure_future(mirror.wait("1", 1, 5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    mirror.apply("a", {"epoch": "e", "seq": 2, "full": False, "jobs": [job("1", "running", 2)], "removed": []})
+    await asyncio.wait_for(waiter, 1)
+    abandon = asyncio.get_running_loop().create_future()
+    waiter = asyncio.ensure_future(mirror.wait("1", 2, 5, abandon))
+    await asyncio.sleep(0.01)
+    abandon.set_result(None)
+    await asyncio.wait_for(waiter, 1)
+    assert not mirror._waiters
+
+
+def test_result_of_matches_worker_shapes():
+    assert result_of(job("1", "running")).status == 202
+    done = result_of(job("1", "completed", image_url="u", image_urls=["u"], completed_at=5))
+    assert done.status == 200 and done.body == {"prompt_id": "1", "status": "completed", "image_url": "u",
+                                                "image_urls": ["u"], "completed_at": 5}
+    failed = result_of(job("1", "failed", error="boom", completed_at=5))
+    assert failed.body == {"prompt_id": "1", "status": "failed", "error": "boom", "completed_at": 5}

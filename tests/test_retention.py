@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -510,3 +511,37 @@ async def test_pass_yields_to_the_loop(tmp_path):
     assert report["tasks_removed"] == 20300 and report["images_removed"] == 300
     # Generous for a shared 2-core machine; the bench holds the 20 ms target.
     assert worst < 0.2, worst
+
+
+# --- through the worker's HTTP API ---------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_pruned_job_and_image_are_gone_over_http(tmp_path):
+    from support.cluster import start_worker
+    from support.net import free_port
+    from tornado.httpclient import AsyncHTTPClient
+
+    # No ComfyUI needed: the job and its image are put where the runner would put them.
+    worker = await start_worker(tmp_path, f"http://127.0.0.1:{free_port()}",
+                                retention={"interval": 3600, "task_ttl": 0, "image_max_count": 0})
+    http = AsyncHTTPClient()
+
+    async def get(path: str):
+        return await http.fetch(worker.url + path, raise_error=False, request_timeout=10)
+
+    try:
+        assert isinstance(worker.pruner, Pruner)
+        job = await finished_job(worker.store, worker.images, data=b"\x89PNG\r\n\x1a\n tiny")
+        name = job.images[0]
+        assert (await get(f"/status/{job.prompt_id}")).code == 200
+        assert (await get(f"/images/{name}")).code == 200
+
+        report = await worker.pruner.prune_once()
+        assert report["tasks_removed"] >= 1 and report["images_removed"] >= 1, report
+        assert (await get(f"/status/{job.prompt_id}")).code in (404, 410)
+        image = await get(f"/images/{name}")
+        assert image.code == 404 and image.headers["Content-Type"].startswith("application/json")
+        health = await get("/health")
+        assert json.loads(health.body)["prune"] == report
+    finally:
+        await worker.stop()

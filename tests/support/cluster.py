@@ -15,11 +15,12 @@ import yaml
 from support.net import free_port
 
 
-async def start_sim(**kwargs: Any):
+async def start_sim(port: int = 0, **kwargs: Any):
+    """A ComfyUI double (t2i.comfy_sim.ComfySim) on 127.0.0.1 (``port`` 0: any free one)."""
     from t2i.comfy_sim import ComfySim
 
     sim = ComfySim(**kwargs)
-    await sim.start(port=0, address="127.0.0.1")
+    await sim.start(port=port, address="127.0.0.1")
     return sim
 
 
@@ -83,3 +84,118 @@ async def start_scheduler(directory: Path, workers: list, *, port: int | None = 
     scheduler = Scheduler(load_scheduler_config(path))
     await scheduler.start()
     return scheduler
+
+
+# --- talking to the servers -------------------------------------------------------
+
+class Reply:
+    """An HTTP answer: ``code``, ``json`` (parsed body or None), ``headers``, ``body`` (bytes)."""
+
+    def __init__(self, code: int, body: bytes, headers):
+        import json
+
+        self.code = code
+        self.body = body
+        self.headers = headers
+        try:
+            self.json = json.loads(body) if body else None
+        except ValueError:
+            self.json = None
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.code} {self.body[:300]!r}>"
+
+
+async def call(method: str, url: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None,
+               headers: dict[str, str] | None = None, timeout: float = 20) -> Reply:
+    """One HTTP request over loopback; any status is returned, never raised."""
+    import json
+
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    all_headers = dict(headers or {})
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        all_headers.setdefault("Content-Type", "application/json")
+    if data is None and method in ("POST", "PUT"):
+        data = b""
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    request = HTTPRequest(url, method=method, body=data, headers=all_headers, connect_timeout=5,
+                          request_timeout=timeout, follow_redirects=False)
+    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    if response.code == 599:
+        raise ConnectionError(f"{method} {url}: {response.error}")
+    return Reply(response.code, response.body or b"", response.headers)
+
+
+async def wait_status(base_url: str, prompt_id: str, statuses=("completed", "failed", "cancelled"), *,
+                      timeout: float = 15, seen: list | None = None, predicate=None) -> dict[str, Any]:
+    """Long-poll ``/status`` until the job is in one of ``statuses`` (or ``predicate(state)``); every state
+    seen on the way is appended to ``seen``."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    version = -1
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"job {prompt_id} never reached {statuses}; last: {seen[-1] if seen else None}")
+        reply = await call("GET", f"{base_url}/status/{prompt_id}?wait={min(left, 5):.2f}&since={version}")
+        if reply.code != 200:
+            raise AssertionError(f"/status/{prompt_id}: {reply}")
+        state = reply.json
+        if seen is not None:
+            seen.append(state)
+        if (predicate(state) if predicate else state["status"] in statuses):
+            return state
+        if state["version"] == version:
+            await asyncio.sleep(0.01)
+        version = state["version"]
+
+
+class WorkerCluster:
+    """``async with WorkerCluster(tmp_path, sim={...}, **worker_yaml_overrides) as c:`` -> ``c.sim``, ``c.worker``,
+    ``c.url``; both stopped on exit."""
+
+    def __init__(self, directory: Path, sim: dict[str, Any] | None = None, **overrides: Any):
+        self.directory = directory
+        self.sim_kwargs = {"step_time": 0.02, **(sim or {})}
+        self.overrides = overrides
+        self.sim = None
+        self.worker = None
+
+    @property
+    def url(self) -> str:
+        return self.worker.url
+
+    async def __aenter__(self) -> "WorkerCluster":
+        self.sim = await start_sim(**self.sim_kwargs)
+        try:
+            self.worker = await start_worker(self.directory, self.sim.url, **self.overrides)
+            await self.worker.runner.comfy.wait_connected(5)
+        except BaseException:
+            await self.sim.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            if self.worker is not None:
+                await self.worker.stop()
+        finally:
+            await self.sim.stop()
+
+    async def generate(self, body: dict[str, Any] | None = None, **kwargs: Any) -> Reply:
+        return await call("POST", f"{self.url}/generate", body if body is not None else {"prompt": "a red fox"},
+                          **kwargs)
+
+    async def submit(self, body: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        reply = await self.generate(body, **kwargs)
+        assert reply.code == 200, reply
+        return reply.json["prompt_id"]
+
+    async def wait(self, prompt_id: str, *statuses: str, **kwargs: Any) -> dict[str, Any]:
+        return await wait_status(self.url, prompt_id, statuses or ("completed", "failed", "cancelled"), **kwargs)

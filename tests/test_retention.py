@@ -243,6 +243,19 @@ async def test_image_expiry_marks_held_job(tmp_path):
 
 
 @pytest.mark.gen_test
+async def test_image_of_a_job_not_yet_showing_it_does_not_expire_the_job(tmp_path):
+    clock = Clock()
+    store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_count=0)
+    job = store.add(Job(str(uuid.uuid4()), created_at=clock()))
+    store.update(job, status=RUNNING)
+    await images.save(ImageStore.filename_for(job.prompt_id, 0), b"p")  # saved, job not yet updated
+    version = job.version
+    report = await pruner.prune_once()
+    assert report["images_removed"] == 1
+    assert not job.image_expired and job.version == version
+
+
+@pytest.mark.gen_test
 async def test_files_from_a_previous_run(tmp_path):
     clock = Clock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=86400, image_max_count=3)

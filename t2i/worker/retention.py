@@ -251,7 +251,8 @@ class Pruner:
         """Mark the held jobs whose images were removed: ``/status`` then says the image expired."""
         for i, name in enumerate(names):
             job = self.store.get(_prompt_id_of(name))
-            if job is not None and not job.image_expired:
+            # Only a job that shows this image expires (not one still saving its images).
+            if job is not None and not job.image_expired and name in job.images:
                 self.store.update(job, image_expired=True)
             if i & 63 == 0:
                 await slicer.tick()

@@ -180,11 +180,16 @@ class JobRouter:
         states = list(self.registry.workers.values())
         if not states:
             raise APIError(404, f"No job {prompt_id} is known here.")
-        tasks = [asyncio.ensure_future(self._ask(state, route, path, method, wait)) for state in states]
+        if len(states) == 1:  # no tasks to spawn for a pool of one
+            tasks = []
+            outcomes = [self._ask(states[0], route, path, method, wait)]
+        else:
+            tasks = [asyncio.ensure_future(self._ask(state, route, path, method, wait)) for state in states]
+            outcomes = asyncio.as_completed(tasks)
         gone = None
         failures: list[tuple[int, str]] = []
         try:
-            for next_done in asyncio.as_completed(tasks):
+            for next_done in outcomes:
                 outcome = await next_done
                 if not isinstance(outcome, Reply):
                     failures.append(outcome)

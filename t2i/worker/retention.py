@@ -194,13 +194,10 @@ class Pruner:
         if not victims:
             return
         sizes = dict(victims)
-        gone_names: list[str] = []
         failures: list[tuple[str, OSError]] = []
         async for removed, gone, failed in self._unlink(self.images.directory, [n for n, _ in victims]):
             for name in removed:
                 report["bytes_removed"] += sizes[name]
-            gone_names.extend(removed)
-            gone_names.extend(gone)
             failures.extend(failed)
             # Forget and expire as we go, so a stopped pass leaves the index true.
             self.images.forget(removed)

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 from t2i.httpclient import JSONResponse, UpstreamUnavailable, fetch_json
 from t2i.metrics import SCHEDULER_ROUTED
-from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.mirror import Mirror, detached
 from t2i.scheduler.registry import NoWorkerAvailable, Registry, WorkerState
 from t2i.validation import ValidationError, validate_generate
 from t2i.web import APIError
@@ -181,25 +181,22 @@ class JobRouter:
         if not states:
             raise APIError(404, f"No job {prompt_id} is known here.")
         if len(states) == 1:  # no tasks to spawn for a pool of one
-            tasks = []
             outcomes = [self._ask(states[0], route, path, method, wait)]
         else:
-            tasks = [asyncio.ensure_future(self._ask(state, route, path, method, wait)) for state in states]
-            outcomes = asyncio.as_completed(tasks)
+            # The slower answers are left to finish by themselves (bounded by their timeouts):
+            # Tornado cannot abort a request, and cancelling its future only logs an error later.
+            outcomes = asyncio.as_completed([detached(self._ask(state, route, path, method, wait))
+                                             for state in states])
         gone = None
         failures: list[tuple[int, str]] = []
-        try:
-            for next_done in outcomes:
-                outcome = await next_done
-                if not isinstance(outcome, Reply):
-                    failures.append(outcome)
-                elif outcome.status == 410:
-                    gone = outcome
-                elif outcome.status != 404:
-                    return outcome
-        finally:
-            for task in tasks:
-                task.cancel()
+        for next_done in outcomes:
+            outcome = await next_done
+            if not isinstance(outcome, Reply):
+                failures.append(outcome)
+            elif outcome.status == 410:
+                gone = outcome
+            elif outcome.status != 404:
+                return outcome
         if gone is not None:
             return gone
         if failures:

@@ -69,16 +69,19 @@ class StatusHandler(SchedulerHandler):
     def _wait_args(self) -> tuple[float, int | None]:
         wait = self._number("wait", float, 0.0)
         since = self._number("since", int, None)
-        return min(max(wait, 0.0), MAX_WAIT), since
+        return min(wait, MAX_WAIT), since
 
     def _number(self, name: str, kind: type, default: Any) -> Any:
         raw = self.get_query_argument(name, None)
         if raw is None or raw == "":
             return default
         try:
-            return kind(raw)
+            value = kind(raw)
         except ValueError:
             raise APIError(400, f"`{name}` must be a number.", field=name) from None
+        if value != value or value < 0:  # NaN or negative: refused as the worker refuses them
+            raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
+        return value
 
     def on_connection_close(self) -> None:
         if self._abandon is not None and not self._abandon.done():

@@ -1,0 +1,377 @@
+"""The scheduler against real workers and ComfyUI test doubles, all on loopback in this loop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from typing import Any
+
+import pytest
+
+from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
+from t2i.config import PACKAGE_WORKFLOWS
+from t2i.httpclient import JSONResponse, fetch_json
+
+TXT2IMG = PACKAGE_WORKFLOWS / "txt2img.json"
+
+
+# --- helpers ------------------------------------------------------------------
+
+async def call(method: str, url: str, body: Any = None, *, timeout: float = 10.0, **kw: Any) -> JSONResponse:
+    return await fetch_json(url, method, body, connect_timeout=2.0, request_timeout=timeout, **kw)
+
+
+async def get(url: str, **kw: Any) -> JSONResponse:
+    return await call("GET", url, **kw)
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.03, what: str = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def workers_of(scheduler) -> dict[str, dict[str, Any]]:
+    response = await get(scheduler.url + "/workers")
+    return {w["name"]: w for w in response.body["workers"]}
+
+
+async def routable(scheduler, name: str) -> bool:
+    info = (await workers_of(scheduler)).get(name)
+    return bool(info and info["routable"])
+
+
+async def status_of(base: str, prompt_id: str) -> str | None:
+    response = await get(f"{base}/status/{prompt_id}")
+    return response.body.get("status") if response.status == 200 else None
+
+
+async def generate(scheduler, **body: Any) -> JSONResponse:
+    return await call("POST", scheduler.url + "/generate", {"prompt": "a red fox", "steps": 4, **body})
+
+
+class Cluster:
+    """n ComfyUI doubles, n workers (gpu-0..), one scheduler; everything stopped on exit."""
+
+    def __init__(self, tmp_path, n: int = 2, step_time: float = 0.01, entries: list[dict] | None = None,
+                 listed: int | None = None, **scheduler_overrides: Any):
+        self.tmp = tmp_path
+        self.n = n
+        self.step_time = step_time
+        self.entries = entries
+        self.listed = n if listed is None else listed
+        self.scheduler_overrides = scheduler_overrides
+        self.sims: list = []
+        self.workers: list = []
+        self.schedulers: list = []
+
+    async def __aenter__(self) -> "Cluster":
+        try:
+            for i in range(self.n):
+                self.sims.append(await start_sim(step_time=self.step_time))
+                self.workers.append(await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=f"gpu-{i}"))
+            entries = self.entries or [worker_entry(w) for w in self.workers[:self.listed]]
+            self.workers_file.parent.mkdir(exist_ok=True)
+            write_workers_yaml(self.workers_file, entries)
+            await self.add_scheduler()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def workers_file(self):
+        return self.tmp / "s" / "workers.yaml"
+
+    @property
+    def scheduler(self):
+        return self.schedulers[0]
+
+    async def add_scheduler(self, **kw: Any):
+        (self.tmp / "s").mkdir(exist_ok=True)
+        scheduler = await start_scheduler(self.tmp / "s", self.workers, **{**self.scheduler_overrides, **kw})
+        self.schedulers.append(scheduler)
+        return scheduler
+
+    async def restart_worker(self, i: int):
+        old = self.workers[i]
+        self.workers[i] = await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=old.config.name,
+                                             port=old.port)
+        return self.workers[i]
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for thing in [*self.schedulers, *self.workers, *self.sims]:
+            try:
+                await asyncio.wait_for(thing.stop(), 5)
+            except Exception:
+                pass
+
+
+def stall(cluster: Cluster, value: bool = True) -> None:
+    for sim in cluster.sims:
+        sim.stall = value
+
+
+# --- routing --------------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_load_spreads_by_queue_and_full_workers_are_skipped(tmp_path):
+    async with Cluster(tmp_path) as c:
+        entries = [worker_entry(c.workers[0], max_queue=2), worker_entry(c.workers[1], max_queue=4)]
+        write_workers_yaml(c.workers_file, entries)
+        await until(lambda: c.scheduler.registry.workers["gpu-0"].entry.max_queue == 2, what="reload")
+        stall(c)
+        placed = []
+        for _ in range(6):
+            response = await generate(c.scheduler)
+            assert response.status == 200, response.body
+            assert response.body["worker_url"] == c.workers[int(response.body["worker"][-1])].config.public_url
+            placed.append(response.body)
+        counts = {name: sum(1 for p in placed if p["worker"] == name) for name in ("gpu-0", "gpu-1")}
+        assert counts == {"gpu-0": 2, "gpu-1": 4}, counts
+        # both full now: 503 with Retry-After and a sentence saying so
+        response = await generate(c.scheduler)
+        assert response.status == 503 and "full" in response.body["error"]
+        assert int(response.headers["Retry-After"]) >= 1
+        workers = await workers_of(c.scheduler)
+        assert workers["gpu-0"]["pending"] + workers["gpu-0"]["running"] == 2
+        stall(c, False)
+        for job in placed:
+            await until(lambda: status_of(c.scheduler.url, job["prompt_id"]), what="status")
+            await until(lambda: _is(c.scheduler.url, job["prompt_id"], "completed"), timeout=15,
+                        what=f"{job['prompt_id']} completed")
+
+
+async def _is(base: str, prompt_id: str, status: str) -> bool:
+    return await status_of(base, prompt_id) == status
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_dead_worker_is_skipped_and_used_again_when_back(tmp_path):
+    async with Cluster(tmp_path) as c:
+        await c.workers[0].stop()
+        for _ in range(3):  # the first may hit the dead worker: it is marked down, the next one is tried
+            response = await generate(c.scheduler)
+            assert response.status == 200 and response.body["worker"] == "gpu-1", response.body
+        workers = await workers_of(c.scheduler)
+        assert not workers["gpu-0"]["routable"] and workers["gpu-0"]["last_error"]
+        await c.restart_worker(0)
+        await until(lambda: routable(c.scheduler, "gpu-0"), what="gpu-0 back")
+        seen = set()
+        for _ in range(4):
+            response = await generate(c.scheduler)
+            assert response.status == 200
+            seen.add(response.body["worker"])
+        assert "gpu-0" in seen
+        # every worker down: 503 saying so
+        for worker in c.workers:
+            await worker.stop()
+        response = await generate(c.scheduler)
+        assert response.status == 503 and response.headers.get("Retry-After")
+        assert "unreachable" in response.body["error"] or "down" in response.body["error"]
+        assert (await get(c.scheduler.url + "/health")).status == 503
+
+
+# --- workers.yaml live reload ----------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_workers_yaml_edits_apply_without_restart(tmp_path):
+    async with Cluster(tmp_path, listed=1) as c:
+        assert list(await workers_of(c.scheduler)) == ["gpu-0"]
+        stall(c)
+        first = (await generate(c.scheduler)).body
+        assert first["worker"] == "gpu-0"
+        # add gpu-1: it is checked, followed, and gets the next job (gpu-0 has one pending)
+        write_workers_yaml(c.workers_file, [worker_entry(w) for w in c.workers])
+        await until(lambda: routable(c.scheduler, "gpu-1"), what="gpu-1 added")
+        assert (await generate(c.scheduler)).body["worker"] == "gpu-1"
+        # a broken edit: last good list kept, error visible with file and line
+        c.workers_file.write_text("workers:\n  - name: gpu-0\n    url: nope\n")
+        info = await until(lambda: _config_error(c.scheduler), what="config error")
+        assert "workers.yaml:3" in info["error"] and "url" in info["error"]
+        assert set(await workers_of(c.scheduler)) == {"gpu-0", "gpu-1"}
+        assert (await generate(c.scheduler)).status == 200
+        # remove gpu-0 while its job is pending: no new jobs there, its job still answerable
+        write_workers_yaml(c.workers_file, [worker_entry(c.workers[1])])
+        await until(lambda: not c.scheduler.registry.workers["gpu-0"].listed, what="gpu-0 removed")
+        assert (await _config_error(c.scheduler)) is None
+        for _ in range(2):
+            assert (await generate(c.scheduler)).body["worker"] == "gpu-1"
+        stall(c, False)
+        await until(lambda: _is(c.scheduler.url, first["prompt_id"], "completed"), timeout=15,
+                    what="job on the removed worker completed")
+        assert "gpu-0" in await workers_of(c.scheduler)  # still followed (lingers after draining)
+
+
+async def _config_error(scheduler):
+    config = (await get(scheduler.url + "/workers")).body["config"]
+    return config if config["error"] else None
+
+
+# --- job state without owning it ----------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_status_survives_scheduler_restart_and_replicas_agree(tmp_path):
+    async with Cluster(tmp_path, step_time=0.05) as c:
+        job = (await generate(c.scheduler, steps=20)).body
+        pid = job["prompt_id"]
+        # the status right after submission (mirror may not have it yet: asked from the owner)
+        assert (await get(f"{c.scheduler.url}/status/{pid}")).status == 200
+        await c.scheduler.stop()
+        c.schedulers.pop(0)
+        second = await c.add_scheduler()
+        third = await c.add_scheduler()
+        assert await status_of(second.url, pid) in ("pending", "running", "completed")
+        # long-poll on the new scheduler follows the job to its end
+        version = 0
+        while True:
+            response = await get(f"{second.url}/status/{pid}?wait=5&since={version}", timeout=10)
+            assert response.status == 200
+            assert response.body["version"] > version or response.body["status"] == "completed"
+            version = response.body["version"]
+            if response.body["status"] == "completed":
+                break
+        a = await get(f"{second.url}/status/{pid}")
+        b = await get(f"{third.url}/status/{pid}")
+        direct = await get(f"{c.workers[int(job['worker'][-1])].url}/status/{pid}")
+        assert a.body == b.body == direct.body
+        ra, rb = await get(f"{second.url}/result/{pid}"), await get(f"{third.url}/result/{pid}")
+        rd = await get(f"{c.workers[int(job['worker'][-1])].url}/result/{pid}")
+        assert ra.status == rb.status == rd.status == 200 and ra.body == rb.body == rd.body
+        assert ra.body["image_url"].startswith(job["worker_url"])
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
+    async with Cluster(tmp_path, n=1) as c:
+        stall(c)
+        pid = (await generate(c.scheduler)).body["prompt_id"]
+        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
+        await asyncio.sleep(0.1)
+        state = (await get(f"{c.scheduler.url}/status/{pid}")).body
+        started = time.monotonic()
+        response = await get(f"{c.scheduler.url}/status/{pid}?wait=0.3&since={state['version']}")
+        assert response.status == 200 and 0.25 < time.monotonic() - started < 2
+        assert response.body["version"] == state["version"]
+        poll = asyncio.ensure_future(get(f"{c.scheduler.url}/status/{pid}?wait=20&since={state['version']}",
+                                         timeout=25))
+        await asyncio.sleep(0.2)
+        assert not poll.done()
+        started = time.monotonic()
+        stall(c, False)
+        response = await poll
+        assert response.body["version"] > state["version"] and time.monotonic() - started < 5
+
+
+# --- every status code of the design's table -----------------------------------------------
+
+@pytest.mark.gen_test(timeout=40)
+async def test_status_codes(tmp_path):
+    async with Cluster(tmp_path, n=1) as c:
+        base = c.scheduler.url
+        stall(c)
+        ok = await generate(c.scheduler)
+        assert ok.status == 200 and set(ok.body) >= {"prompt_id", "worker", "worker_url", "status_url",
+                                                     "result_url"}
+        pid = ok.body["prompt_id"]
+        assert ok.body["worker"] == "gpu-0" and ok.body["status_url"] == f"/status/{pid}"
+        pending = await get(f"{base}/result/{pid}")
+        assert pending.status == 202 and pending.body["status"] in ("pending", "running")
+
+        bad = await call("POST", base + "/generate", {"prompt": "x", "colour": "red"})
+        assert bad.status == 400 and bad.body["field"] == "colour" and bad.body["error"]
+        bad = await call("POST", base + "/generate", {"prompt": "x", "steps": 10 ** 6})
+        assert bad.status == 400 and bad.body["field"] == "steps"  # checked against the catalogue
+        raw = await fetch_json(base + "/generate", "POST", connect_timeout=2, request_timeout=5)
+        assert raw.status == 400 and "error" in raw.body
+        big = await call("POST", base + "/generate", {"prompt": "x" * 2_000_000})
+        assert big.status == 413 and big.body["error"]
+
+        for path in ("/status/nope", "/result/nope"):
+            missing = await get(base + path)
+            assert missing.status == 404 and missing.body["error"], path
+        assert (await call("POST", base + "/cancel/nope")).status == 404
+        assert (await get(base + "/no/such/route")).status == 404
+
+        cancelled = await call("POST", f"{base}/cancel/{pid}")
+        assert cancelled.status == 200, cancelled.body
+        await until(lambda: _is(base, pid, "cancelled"), what="cancelled")
+        again = await call("POST", f"{base}/cancel/{pid}")
+        assert again.status == 409 and again.body["error"]
+        result = await get(f"{base}/result/{pid}")
+        assert result.status == 200 and result.body["status"] == "cancelled"
+
+        # 503: the owner is down and the copy is not fresh; no worker for new jobs
+        stall(c)
+        pid2 = (await generate(c.scheduler)).body["prompt_id"]
+        await until(lambda: c.scheduler.mirror.fresh(pid2), what="mirrored")
+        await c.workers[0].stop()
+        await until(lambda: not c.scheduler.mirror.feed_up("gpu-0"), what="feed down")
+        down = await get(f"{base}/status/{pid2}")
+        assert down.status == 503 and down.headers["Retry-After"] == "1" and down.body["error"]
+        assert (await get(f"{base}/result/{pid2}")).status == 503
+        assert (await get(f"{base}/status/{pid}")).body["status"] == "cancelled"  # final: from memory
+        none = await generate(c.scheduler)
+        assert none.status == 503 and none.headers["Retry-After"] and none.body["error"]
+        health = await get(base + "/health")
+        assert health.status == 503 and health.body["ok"] is False
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_gone_and_rejected_are_passed_through(tmp_path):
+    async with Cluster(tmp_path, n=1) as c:
+        base = c.scheduler.url
+        # A worker restarted with a second workflow whose node ComfyUI does not have, and a zero task_ttl.
+        broken = tmp_path / "broken.json"
+        broken.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {"text": ""}}}))
+        workflows = {"txt2img": {"file": str(TXT2IMG), "params": {"prompt": {"node": "6", "input": "text"}}},
+                     "broken": {"file": str(broken), "params": {"prompt": {"node": "1", "input": "text"}}}}
+        await c.workers[0].stop()
+        worker = await start_worker(tmp_path / "w0", c.sims[0].url, name="gpu-0", port=c.workers[0].port,
+                                    retention={"interval": 0.1, "task_ttl": 0}, workflows=workflows)
+        c.workers[0] = worker
+        await until(lambda: routable(c.scheduler, "gpu-0"), what="back")
+        await until(lambda: "broken" in (c.scheduler.registry.catalogue() or {}).get("workflows", {}),
+                    what="catalogue")
+        # 502: ComfyUI rejects the workflow; its message and node_errors are passed on
+        rejected = await call("POST", base + "/generate", {"prompt": "x", "workflow": "broken"})
+        assert rejected.status == 502 and "NoSuchNode" in rejected.body["error"], rejected.body
+        assert "node_errors" in rejected.body
+        # 410: a job pruned by the worker after it ended
+        pid = (await call("POST", base + "/generate", {"prompt": "x"})).body["prompt_id"]
+        gone = await until(lambda: _gone(base, pid), timeout=15, what="410")
+        assert gone.body["error"]
+        assert (await get(f"{base}/result/{pid}")).status == 410
+
+
+async def _gone(base: str, pid: str):
+    response = await get(f"{base}/status/{pid}")
+    return response if response.status == 410 else None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_workers_and_health_views(tmp_path):
+    async with Cluster(tmp_path) as c:
+        response = await get(c.scheduler.url + "/workers")
+        assert response.status == 200
+        config = response.body["config"]
+        assert config["file"].endswith("workers.yaml") and config["error"] is None and config["loaded_at"]
+        for worker in response.body["workers"]:
+            assert {"name", "url", "public_url", "enabled", "max_queue", "reachable", "comfyui_reachable",
+                    "running", "pending", "last_error", "last_checked", "feed"} <= set(worker)
+            assert worker["reachable"] and worker["feed"]["state"] == "up"
+        health = await get(c.scheduler.url + "/health")
+        assert health.status == 200 and health.body["ok"] and len(health.body["workers"]) == 2
+        workflows = await get(c.scheduler.url + "/workflows")
+        assert workflows.status == 200 and "txt2img" in workflows.body["workflows"]
+        json.dumps(response.body)

@@ -360,8 +360,19 @@ async def _gone(base: str, pid: str):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_workers_and_health_views(tmp_path):
-    async with Cluster(tmp_path) as c:
+async def test_workers_and_health_views_and_the_page(tmp_path):
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>t2i</title>")
+    (static / "app.js").write_text("console.log('t2i');")
+    async with Cluster(tmp_path, static_dir=str(static)) as c:
+        page = await fetch_json(c.scheduler.url + "/", connect_timeout=2, request_timeout=5)
+        assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+        for path in ("/static/app.js", "/app.js"):
+            script = await fetch_json(c.scheduler.url + path, connect_timeout=2, request_timeout=5)
+            assert script.status == 200 and "javascript" in script.headers["Content-Type"], path
+        missing = await get(c.scheduler.url + "/nothing.css")
+        assert missing.status == 404 and missing.body["error"]
         response = await get(c.scheduler.url + "/workers")
         assert response.status == 200
         config = response.body["config"]

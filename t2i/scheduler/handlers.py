@@ -14,6 +14,7 @@ from t2i.scheduler.registry import Registry
 from t2i.web import APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
 
 MAX_WAIT = 60.0
+_POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
 
 class SchedulerHandler(JSONHandler):
@@ -46,7 +47,7 @@ class StatusHandler(SchedulerHandler):
 
     async def get(self, prompt_id: str) -> None:
         """The job's state: from the mirror when fresh (no await), else from its worker; long-poll."""
-        POLL_REQUESTS.labels(server="scheduler").inc()
+        _POLLS.inc()
         entry = self.mirror.fresh(prompt_id)
         wait, since = self._wait_args()
         if entry is not None and (wait <= 0 or since is None or entry.version > since):

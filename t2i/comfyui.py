@@ -285,7 +285,7 @@ class ComfyUIClient:
                 ws = await websocket_connect(
                     HTTPRequest(f"{self.ws_url}?clientId={client_id}", connect_timeout=self.connect_timeout,
                                 request_timeout=self.connect_timeout),
-                    ping_interval=self.ping_interval, ping_timeout=3 * self.ping_interval)
+                    ping_interval=self.ping_interval)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused, timed out, bad handshake: all mean "not now"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from t2i.comfyui import ComfyUIUnavailable, PromptRejected
+from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
 from t2i.config import WorkerConfig
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
+from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
 from t2i.web import APIError, JSONBodyHandler, JSONHandler, require_token
 from t2i.worker.images import ImageHandler
@@ -83,7 +84,7 @@ class GenerateHandler(JSONBodyHandler, WorkerHandler):
         try:
             request = validate_generate(self.get_json_body(), self.catalogue)
         except ValidationError as exc:
-            raise APIError(400, str(exc), field=exc.field) from None
+            raise APIError(400, str(exc), **({"field": exc.field} if exc.field else {})) from None
         try:
             job = await self.runner.submit(request)
         except ComfyUIUnavailable as exc:
@@ -145,6 +146,8 @@ class CancelHandler(WorkerHandler):
             raise APIError(409, str(exc), prompt_id=prompt_id, status=exc.job.status) from None
         except ComfyUIUnavailable as exc:
             raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
+        except ComfyUIError as exc:
+            raise APIError(502, f"ComfyUI failed the cancel: {exc}", prompt_id=prompt_id) from None
         self.write_json(self.job_json(job))
 
 
@@ -198,7 +201,7 @@ def url_table(config: WorkerConfig, store: JobStore, runner: Runner,
         pattern, handler = spec[0], spec[1]
         if handler is ImageHandler:
             table.append((pattern, handler, {"path": str(config.images_dir)}))
-        elif handler is MetricsHandler:
+        elif handler in (MetricsHandler, OpenAPIHandler):
             table.append((pattern, handler))
         else:
             table.append((pattern, handler, kwargs))
@@ -218,4 +221,5 @@ default_handlers = [
     (rf"/previews/{_id}", PreviewHandler),
     (r"/images/(.*)", ImageHandler),
     (r"/metrics", MetricsHandler),
+    (r"/openapi.json", OpenAPIHandler),
 ]

@@ -99,6 +99,13 @@ class ImageHandler(web.StaticFileHandler):
         # Browsers fetch these from another origin than the page (download button).
         self.set_header("Access-Control-Allow-Origin", "*")
 
+    def parse_url_path(self, url_path: str) -> str:
+        # Only our own flat names: anything else (``../``, sub-paths) is a 404 before any
+        # path is built (Tornado 6.6 would answer 403 for paths outside the root).
+        if not IMAGE_NAME.match(url_path):
+            raise APIError(404, "No such image.")
+        return url_path
+
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         name = os.path.basename(absolute_path)
         if not IMAGE_NAME.match(name) or os.path.dirname(absolute_path) != os.path.abspath(root):

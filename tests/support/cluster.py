@@ -111,7 +111,7 @@ async def call(method: str, url: str, body: Any = None, *, token: str | None = N
     """One HTTP request over loopback; any status is returned, never raised."""
     import json
 
-    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
     all_headers = dict(headers or {})
     data = raw
@@ -124,7 +124,10 @@ async def call(method: str, url: str, body: Any = None, *, token: str | None = N
         all_headers["Authorization"] = f"Bearer {token}"
     request = HTTPRequest(url, method=method, body=data, headers=all_headers, connect_timeout=5,
                           request_timeout=timeout, follow_redirects=False)
-    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    try:
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    except (HTTPClientError, OSError) as exc:  # timeouts and refused connections
+        raise ConnectionError(f"{method} {url}: {exc}") from None
     if response.code == 599:
         raise ConnectionError(f"{method} {url}: {response.error}")
     return Reply(response.code, response.body or b"", response.headers)
@@ -138,7 +141,7 @@ async def wait_status(base_url: str, prompt_id: str, statuses=("completed", "fai
     import time
 
     deadline = time.monotonic() + timeout
-    version = -1
+    version = 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -199,3 +202,13 @@ class WorkerCluster:
 
     async def wait(self, prompt_id: str, *statuses: str, **kwargs: Any) -> dict[str, Any]:
         return await wait_status(self.url, prompt_id, statuses or ("completed", "failed", "cancelled"), **kwargs)
+
+
+def sim_pending_ids(sim) -> list[str]:
+    """prompt_ids waiting in a ComfySim's queue."""
+    return [item[1] for item in sim.queue_pending]
+
+
+def sim_interrupted_ids(sim) -> list[str]:
+    """prompt_ids named in targeted POST /interrupt calls to a ComfySim."""
+    return [body.get("prompt_id") for body in sim.interrupts if isinstance(body, dict)]

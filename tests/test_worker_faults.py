@@ -1,0 +1,99 @@
+"""Faults around a worker: ComfyUI restarts, drops its websocket, is down, stalls; the disk fills up."""
+
+import errno
+
+import pytest
+
+from support.cluster import (WorkerCluster, call, sim_interrupted_ids, sim_pending_ids, start_sim, start_worker,
+                             wait_status)
+from support.net import free_port
+from t2i.worker.images import ImageStore
+from t2i.worker.runner import Runner
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_comfyui_restart_mid_job_fails_the_lost_jobs(tmp_path):
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
+        running = await c.submit({"prompt": "long", "steps": 100})
+        pending = await c.submit({"prompt": "queued", "steps": 100})
+        await c.wait(running, "running")
+        old_client = c.worker.runner.comfy.client_id
+        await c.sim.restart()
+        for prompt_id in (running, pending):
+            state = await c.wait(prompt_id)
+            assert state["status"] == "failed"
+            assert state["error"] == "ComfyUI lost this job (it restarted or its queue was cleared)."
+        # Reconnected under a fresh clientId, and new work goes through.
+        assert c.worker.runner.comfy.client_id != old_client
+        assert (await c.wait(await c.submit({"prompt": "again", "steps": 2})))["status"] == "completed"
+        metrics = await call("GET", f"{c.url}/metrics")
+        assert b't2i_comfyui_ws_reconnects_total{worker="gpu-a"}' in metrics.body
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_websocket_drop_mid_run_still_completes_through_reconcile(tmp_path, monkeypatch):
+    # ComfyUI sends the rest of the run to the old clientId, which nobody holds: only /history tells.
+    monkeypatch.setattr(Runner, "reconcile_interval", 0.3)
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
+        prompt_id = await c.submit({"prompt": "keep going", "steps": 20})
+        await c.wait(prompt_id, predicate=lambda s: (s["progress"] or {}).get("value", 0) >= 2)
+        old_client = c.worker.runner.comfy.client_id
+        c.sim.drop_websockets()
+        state = await c.wait(prompt_id)
+        assert state["status"] == "completed", state
+        assert c.worker.runner.comfy.client_id != old_client
+        assert state["progress"] == {"value": 20, "max": 20}
+        assert (await call("GET", state["image_url"])).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_comfyui_down_at_submit_is_503_then_recovers(tmp_path):
+    port = free_port()
+    worker = await start_worker(tmp_path, f"http://127.0.0.1:{port}")
+    sim = None
+    try:
+        reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
+        assert reply.code == 503, reply
+        assert reply.headers["Retry-After"] and "ComfyUI is not reachable" in reply.json["error"]
+        health = await call("GET", f"{worker.url}/health")
+        assert health.code == 503 and health.json["ok"] is False
+        assert health.json["comfyui"]["reachable"] is False and health.json["comfyui"]["error"]
+        assert (await call("GET", f"{worker.url}/jobs")).json["jobs"] == []
+
+        sim = await start_sim(step_time=0.02, port=port)
+        assert await worker.runner.comfy.wait_connected(12)
+        prompt_id = (await call("POST", f"{worker.url}/generate", {"prompt": "x", "steps": 2})).json["prompt_id"]
+        assert (await wait_status(worker.url, prompt_id))["status"] == "completed"
+        worker.runner.health_ttl = 0
+        health = await call("GET", f"{worker.url}/health")
+        assert health.code == 200 and health.json["comfyui"]["websocket_connected"] is True
+    finally:
+        await worker.stop()
+        if sim is not None:
+            await sim.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_job_timeout_interrupts_in_comfyui_and_fails(tmp_path):
+    async with WorkerCluster(tmp_path, job_timeout=1) as c:
+        c.sim.stall = True
+        prompt_id = await c.submit({"prompt": "stuck", "steps": 3})
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed" and state["error"] == "Timed out after 1 s."
+        assert prompt_id in sim_interrupted_ids(c.sim) and prompt_id not in sim_pending_ids(c.sim)
+        c.sim.stall = False
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_disk_full_fails_the_job_and_the_worker_keeps_serving(tmp_path, monkeypatch):
+    def no_space(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with WorkerCluster(tmp_path) as c:
+        with monkeypatch.context() as patch:
+            patch.setattr(ImageStore, "_write", no_space)
+            state = await c.wait(await c.submit({"prompt": "x", "steps": 2}))
+        assert state["status"] == "failed"
+        assert state["error"] == "Could not save the image: [Errno 28] No space left on device"
+        assert list((tmp_path / "images").iterdir()) == []
+        assert (await c.wait(await c.submit({"prompt": "y", "steps": 2})))["status"] == "completed"

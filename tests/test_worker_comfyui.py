@@ -91,3 +91,171 @@ def test_binary_frames():
     assert parse_binary(b"\x00\x00") is None
     assert parse_binary(struct.pack(">II", 4, 50) + b"{not json") is None
     assert parse_binary(struct.pack(">II", 99, 0)) is None
+
+
+# --- the client against a scripted stand-in on a real socket ---------------------------
+
+import asyncio  # noqa: E402
+
+import pytest  # noqa: E402
+from tornado import web, websocket  # noqa: E402
+from tornado.httpserver import HTTPServer  # noqa: E402
+from tornado.netutil import bind_sockets  # noqa: E402
+
+from t2i.comfyui import ComfyUIClient, ComfyUIUnavailable, PromptRejected  # noqa: E402
+
+
+class Script:
+    """What the stand-in answers, and what it saw."""
+
+    def __init__(self):
+        self.prompt_answers: list[tuple[int, bytes]] = []
+        self.client_ids: list[str] = []
+        self.first_messages: list[str] = []
+        self.sockets: list[websocket.WebSocketHandler] = []
+        self.frames: list = []  # sent to each new socket after its first message
+
+
+class StubPrompt(web.RequestHandler):
+    def initialize(self, script):
+        self.script = script
+
+    def post(self):
+        code, body = self.script.prompt_answers.pop(0)
+        if code == 200 and body == b"echo-other":
+            body = json.dumps({"prompt_id": "not-yours", "number": 0, "node_errors": {}}).encode()
+        self.set_status(code)
+        self.finish(body)
+
+
+class StubSocket(websocket.WebSocketHandler):
+    def initialize(self, script):
+        self.script = script
+
+    def open(self):
+        self.script.client_ids.append(self.get_query_argument("clientId"))
+        self.script.sockets.append(self)
+        self.write_message(json.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                                  "sid": self.get_query_argument("clientId")}}))
+
+    def on_message(self, message):
+        self.script.first_messages.append(message)
+        for frame in self.script.frames:
+            self.write_message(frame, binary=isinstance(frame, bytes))
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def on_connected(self, client_id, reconnect):
+        self.events.append(("connected", client_id, reconnect))
+
+    def on_disconnected(self, reason):
+        self.events.append(("disconnected",))
+
+    def on_message(self, msg_type, data):
+        self.events.append(("message", msg_type, data))
+
+    def on_preview(self, prompt_id, image, content_type):
+        self.events.append(("preview", prompt_id, image, content_type))
+
+
+async def start_stub(script):
+    app = web.Application([(r"/prompt", StubPrompt, {"script": script}), (r"/ws", StubSocket, {"script": script})])
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    return server, f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+
+
+async def eventually(condition, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
+    script = Script()
+    meta = json.dumps({"node_id": "3", "prompt_id": PID, "image_type": "image/jpeg"}).encode()
+    script.frames = [
+        json.dumps({"type": "progress", "data": {"value": 1, "max": 4, "prompt_id": PID, "node": "3"}}),
+        json.dumps({"type": "some_custom_node_type", "data": {}}),
+        "not json",
+        struct.pack(">II", 3, 1) + b"3" + b"step 1/4",
+        struct.pack(">II", 4, len(meta)) + meta + b"jpeg-4",
+        struct.pack(">II", 1, 1) + b"jpeg-1",
+    ]
+    server, url = await start_stub(script)
+    recorder = Recorder()
+    client = ComfyUIClient(url, connect_timeout=2, request_timeout=2, listener=recorder, backoff_min=0.05)
+    client.start()
+    try:
+        assert await client.wait_connected(5)
+        await eventually(lambda: len([e for e in recorder.events if e[0] == "preview"]) == 2)
+        assert json.loads(script.first_messages[0]) == {"type": "feature_flags",
+                                                        "data": {"supports_preview_metadata": True}}
+        first_id = script.client_ids[0]
+        assert len(first_id) == 32 and client.client_id == first_id
+        kinds = [e[1] if e[0] == "message" else e[0] for e in recorder.events]
+        assert kinds == ["connected", "status", "progress", "some_custom_node_type", "preview", "preview"]
+        assert recorder.events[-2][1:] == (PID, b"jpeg-4", "image/jpeg")
+        assert recorder.events[-1][1:] == (None, b"jpeg-1", "image/jpeg")
+
+        # The server drops the socket (no close frame): the client comes back under a new clientId.
+        script.sockets[0].ws_connection.stream.close()  # an abort, like a kill
+        await eventually(lambda: len(script.client_ids) == 2 and client.connected)
+        assert script.client_ids[1] != first_id and client.client_id == script.client_ids[1]
+        assert ("disconnected",) in recorder.events
+        connects = [e for e in recorder.events if e[0] == "connected"]
+        assert [(e[1], e[2]) for e in connects] == [(first_id, False), (script.client_ids[1], True)]
+        assert client.connections == 2
+    finally:
+        await client.stop()
+        server.stop()
+    assert not client.connected
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_submit_answers_that_are_not_acceptance():
+    script = Script()
+    server, url = await start_stub(script)
+    client = ComfyUIClient(url, connect_timeout=2, request_timeout=2)
+    try:
+        script.prompt_answers.append((500, b"500 Internal Server Error\n\nServer got itself in trouble"))
+        with pytest.raises(PromptRejected) as info:
+            await client.submit(PID, {"1": {"class_type": "SaveImage", "inputs": {}}}, "cid")
+        assert "HTTP 500" in info.value.message and "Server got itself in trouble" in info.value.message
+
+        # An older ComfyUI ignores our prompt_id: we adopt nothing and say why.
+        script.prompt_answers.append((200, b"echo-other"))
+        with pytest.raises(PromptRejected) as info:
+            await client.submit(PID, {}, "cid")
+        assert "instead of" in info.value.message
+        assert info.value.comfyui_error == {"type": "prompt_id_not_honoured", "prompt_id": "not-yours"}
+    finally:
+        server.stop()
+    with pytest.raises(ComfyUIUnavailable, match="is not reachable"):
+        await client.submit(PID, {}, "cid")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_worker_answers_502_with_comfyuis_500_text(tmp_path):
+    from support.cluster import call, start_worker
+
+    script = Script()
+    server, url = await start_stub(script)
+    worker = await start_worker(tmp_path, url)
+    try:
+        assert await worker.runner.comfy.wait_connected(5)
+        script.prompt_answers.append((500, b"500 Internal Server Error\n\nServer got itself in trouble"))
+        reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
+        assert reply.code == 502 and "Server got itself in trouble" in reply.json["error"]
+        assert reply.json["node_errors"] == {}
+        assert len(worker.store) == 0
+    finally:
+        await worker.stop()
+        server.stop()

@@ -1,5 +1,7 @@
 """A worker in front of the ComfyUI double, end to end through its HTTP API: the recorded scenarios."""
 
+import asyncio
+
 import pytest
 
 from support.cluster import WorkerCluster, call, sim_interrupted_ids, sim_pending_ids
@@ -184,3 +186,85 @@ async def test_live_previews_while_running(tmp_path):
         assert done["status"] == "completed" and done["preview_url"] is None
         gone = await call("GET", f"{c.url}/previews/{prompt_id}")
         assert gone.code == 404 and "error" in gone.json
+
+
+SLOW_NOISE = {  # recordings/workflow_slow_noise.json, faster
+    "1": {"class_type": "SlowNoiseImage",
+          "inputs": {"width": 64, "height": 64, "seed": 1, "steps": 3, "step_seconds": 0.02, "fail": False}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t2i"}},
+}
+EMPTY_IMAGE = {  # recordings/workflow_empty_image.json: nodes without a progress bar
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 16711680}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t2i_empty"}},
+}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_raw_recorded_workflows_run_when_allowed(tmp_path):
+    async with WorkerCluster(tmp_path, allow_raw_workflows=True) as c:
+        for workflow in (SLOW_NOISE, EMPTY_IMAGE, SLOW_NOISE):
+            state = await c.wait(await c.submit({"workflow": workflow}))
+            assert state["status"] == "completed", state
+            assert state["workflow"] == "(raw)" and state["seed"] is None
+            image = await call("GET", state["image_url"])
+            assert image.code == 200 and image.body.startswith(PNG_MAGIC)
+        # Every job saved under its own prefix in ComfyUI, so the cached third run made a new file too.
+        assert [p["2"]["inputs"]["filename_prefix"] for _, p, _ in c.sim.submitted] == [
+            f"t2i_{prompt_id}" for prompt_id, _, _ in c.sim.submitted]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_partially_invalid_workflow_is_refused_and_withdrawn(tmp_path):
+    # ComfyUI answers 200 with node_errors and runs only the valid output; t2i refuses it (502).
+    async with WorkerCluster(tmp_path, allow_raw_workflows=True) as c:
+        workflow = {**SLOW_NOISE, "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "t2i_broken"}}}
+        reply = await c.generate({"workflow": workflow})
+        assert reply.code == 502, reply
+        assert reply.json["node_errors"]["3"]["errors"][0]["type"] == "required_input_missing"
+        assert "accepted only part of the workflow" in reply.json["error"]
+        prompt_id = c.sim.submitted[-1][0]
+        assert prompt_id not in sim_pending_ids(c.sim) and (prompt_id in sim_interrupted_ids(c.sim))
+        assert (await call("GET", f"{c.url}/jobs")).json["jobs"] == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_messages_that_beat_the_post_reply_find_their_job(tmp_path, monkeypatch):
+    # ComfyUI may send a whole (cached) run before its POST /prompt reply (b_cached_rerun, g_prompt_id).
+    # Hold every reply until ComfyUI has finished the run: all its messages come first.
+    from t2i.comfyui import ComfyUIClient
+
+    original = ComfyUIClient.submit
+    sim_box = []
+
+    async def late_reply(self, prompt_id, workflow, client_id):
+        reply = await original(self, prompt_id, workflow, client_id)
+        for _ in range(500):
+            if prompt_id in sim_box[0].history:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        return reply
+
+    monkeypatch.setattr(ComfyUIClient, "submit", late_reply)
+    async with WorkerCluster(tmp_path) as c:
+        sim_box.append(c.sim)
+        request = {"prompt": "cached", "seed": 3, "steps": 2}
+        for _ in range(2):  # the second run is cached in ComfyUI except for the save node
+            prompt_id = await c.submit(request)
+            state = (await call("GET", f"{c.url}/status/{prompt_id}")).json
+            assert state["status"] == "completed", state
+            assert (await call("GET", state["image_url"])).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_images_come_from_executed_messages_when_history_lacks_them(tmp_path, monkeypatch):
+    from t2i.comfyui import ComfyUIClient
+
+    async def no_history(self, prompt_id):
+        return None  # deleted by another client, or evicted (PROTOCOL §5)
+
+    monkeypatch.setattr(ComfyUIClient, "history", no_history)
+    async with WorkerCluster(tmp_path) as c:
+        state = await c.wait(await c.submit({"prompt": "x", "steps": 2}))
+        assert state["status"] == "completed", state
+        assert (await call("GET", state["image_url"])).body.startswith(PNG_MAGIC)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
+from support.cluster import start_sim, start_worker
 from support.net import free_port
+from t2i.httpclient import UpstreamUnavailable, fetch_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,25 +35,6 @@ def write_config(tmp_path: Path, workers: list[dict], **overrides) -> tuple[Path
     return path, port
 
 
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return json.load(response)
-
-
-def wait_for(fn, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def test_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("listen: [oops\n")
@@ -67,24 +50,52 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "workers.yaml:" in lines[0] and "duplicate" in lines[0], result.stderr
 
 
-def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
-    path, port = write_config(tmp_path, [{"name": "a", "url": "http://127.0.0.1:1"}])
-    proc = subprocess.Popen([sys.executable, "-m", "t2i.scheduler", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
+    """With a live worker, so SIGTERM lands while the job feed's long-poll is in flight."""
+    sim = await start_sim(step_time=0.01)
+    worker = await start_worker(tmp_path / "w", sim.url, name="gpu-a")
+    path, port = write_config(tmp_path, [{"name": "gpu-a", "url": worker.url}])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "t2i.scheduler", "--config", str(path), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: get_json(base + "/workers"))
+        async def workers():
+            try:
+                response = await fetch_json(base + "/workers", connect_timeout=1, request_timeout=2)
+            except UpstreamUnavailable:
+                return None
+            return response.body["workers"]
+
+        async def until(predicate, timeout):
+            deadline = time.monotonic() + timeout
+            while not await predicate():
+                assert time.monotonic() < deadline, "timed out"
+                await asyncio.sleep(0.05)
+
+        await until(lambda: _feed_up(workers), 10)
         (tmp_path / "workers.yaml").write_text(yaml.safe_dump({"workers": [
-            {"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:2"}]}))
+            {"name": "gpu-a", "url": worker.url}, {"name": "b", "url": "http://127.0.0.1:2"}]}))
         proc.send_signal(signal.SIGHUP)  # reload_interval is 60 s: only the signal can explain a reload
-        wait_for(lambda: len(get_json(base + "/workers")["workers"]) == 2, timeout=3)
+
+        async def two():
+            return len(await workers() or ()) == 2
+
+        await until(two, 3)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 4
+        _, stderr = await asyncio.wait_for(proc.communicate(), 5)
+        assert proc.returncode == 0 and time.monotonic() - started < 4
+        assert b"Traceback" not in stderr and b"ERROR" not in stderr, stderr.decode()
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await worker.stop()
+        await sim.stop()
+
+
+async def _feed_up(workers) -> bool:
+    listed = await workers()
+    return bool(listed) and listed[0]["feed"]["state"] == "up"

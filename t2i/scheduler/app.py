@@ -16,7 +16,7 @@ from typing import Any
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import PeriodicCallback
+from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from t2i.cli import build_parser, install_shutdown_handlers, load_or_exit, setup_logging
@@ -151,8 +151,21 @@ class Scheduler:
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within %.0fs", SHUTDOWN_GRACE)
         if self.client is not None:
-            self.client.close()
+            close_client(self.client)
             self.client = None
+
+
+def close_client(client: AsyncHTTPClient) -> None:
+    """Close our client even with feed long-polls in flight.
+
+    The curl client's close() re-arms its timer while closing busy handles, and the timer
+    then fails on the closed multi handle with a logged traceback (tornado#3289): drop it.
+    """
+    client.close()
+    timeout = getattr(client, "_timeout", None)
+    if timeout is not None:
+        IOLoop.current().remove_timeout(timeout)
+        client._timeout = None
 
 
 async def main(argv: list[str] | None = None) -> None:

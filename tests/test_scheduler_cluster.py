@@ -7,12 +7,14 @@ import inspect
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
 from t2i.config import PACKAGE_WORKFLOWS
 from t2i.httpclient import JSONResponse, fetch_json
+from t2i.openapi import check_response
 
 TXT2IMG = PACKAGE_WORKFLOWS / "txt2img.json"
 
@@ -20,7 +22,11 @@ TXT2IMG = PACKAGE_WORKFLOWS / "txt2img.json"
 # --- helpers ------------------------------------------------------------------
 
 async def call(method: str, url: str, body: Any = None, *, timeout: float = 10.0, **kw: Any) -> JSONResponse:
-    return await fetch_json(url, method, body, connect_timeout=2.0, request_timeout=timeout, **kw)
+    """A JSON call; every answer is checked against the OpenAPI document."""
+    response = await fetch_json(url, method, body, connect_timeout=2.0, request_timeout=timeout, **kw)
+    problems = check_response(method, urlsplit(url).path, response.status, response.body)
+    assert not problems, problems
+    return response
 
 
 async def get(url: str, **kw: Any) -> JSONResponse:
@@ -385,4 +391,7 @@ async def test_workers_and_health_views_and_the_page(tmp_path):
         assert health.status == 200 and health.body["ok"] and len(health.body["workers"]) == 2
         workflows = await get(c.scheduler.url + "/workflows")
         assert workflows.status == 200 and "txt2img" in workflows.body["workflows"]
+        assert (await get(c.scheduler.url + "/openapi.json")).body["openapi"].startswith("3.")
+        metrics = await fetch_json(c.scheduler.url + "/metrics", connect_timeout=2, request_timeout=5)
+        assert metrics.status == 200
         json.dumps(response.body)

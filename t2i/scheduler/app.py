@@ -23,7 +23,8 @@ from t2i.cli import build_parser, install_shutdown_handlers, load_or_exit, setup
 from t2i.config import SchedulerConfig, load_scheduler_config
 from t2i.httpclient import MAX_CLIENTS, configure_http_client
 from t2i.scheduler.forward import JobRouter
-from t2i.scheduler.handlers import MetricsHandler, NotFoundHandler, StaticHandler, default_handlers
+from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHandler, StaticHandler,
+                                    default_handlers)
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import Registry, WorkerState
 from t2i.web import log_request
@@ -35,14 +36,16 @@ SHUTDOWN_GRACE = 2.0
 FEED_CONNECTIONS = 128    # client slots for feed long-polls (one per followed worker)
 
 
-def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router: JobRouter,
-             **settings: Any) -> web.Application:
+def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router: JobRouter, *,
+             simulated: bool = False, **settings: Any) -> web.Application:
     """The API routes first, then the page from ``config.static_dir`` (``/`` is index.html)."""
-    deps = {"registry": registry, "mirror": mirror, "router": router, "max_body_bytes": config.max_body_bytes}
+    deps = {"registry": registry, "mirror": mirror, "router": router, "max_body_bytes": config.max_body_bytes,
+            "simulated": simulated}
     static = str(config.static_dir)
     handlers: list[Any] = [(pattern, handler, deps) for pattern, handler in default_handlers]
     handlers += [
         (r"/metrics", MetricsHandler),
+        (r"/openapi.json", OpenAPIHandler),
         (r"/static/(.*)", StaticHandler, {"path": static}),
         (r"/(.*)", StaticHandler, {"path": static, "default_filename": "index.html"}),
     ]
@@ -54,8 +57,9 @@ def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router
 class Scheduler:
     """One scheduler: the pool registry, the job mirror, and the HTTP server."""
 
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, *, simulated: bool = False):
         self.config = config
+        self.simulated = simulated  # the demo's workers drive simulated ComfyUIs (GET /health says so)
         self.registry = Registry(config.workers_file, auth_token=config.auth_token)
         self.registry.load_initial()
         self.mirror = Mirror(auth_token=config.auth_token)
@@ -86,7 +90,7 @@ class Scheduler:
             return_exceptions=True)
         self._periodic(self.registry.check_all, self.config.health_interval)
         self._periodic(self.reload, self.config.reload_interval)
-        app = make_app(self.config, self.registry, self.mirror, self.router)
+        app = make_app(self.config, self.registry, self.mirror, self.router, simulated=self.simulated)
         self.server = HTTPServer(app)
         sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
                                family=socket.AF_INET if ":" not in self.config.listen_host else socket.AF_UNSPEC)

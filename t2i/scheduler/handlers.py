@@ -8,6 +8,7 @@ from typing import Any
 from tornado import web
 
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
+from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import Registry
@@ -113,6 +114,10 @@ class WorkersHandler(SchedulerHandler):
 
 
 class HealthHandler(SchedulerHandler):
+    def initialize(self, simulated: bool = False, **kwargs: Any) -> None:
+        super().initialize(**kwargs)
+        self.simulated = simulated
+
     def get(self) -> None:
         """200 when at least one worker can take jobs, else 503; each worker in short."""
         workers = [{"name": w["name"], "ok": w["routable"], "reachable": w["reachable"],
@@ -120,7 +125,10 @@ class HealthHandler(SchedulerHandler):
                     "pending": w["pending"], "running": w["running"]}
                    for w in self.registry.describe(self.mirror) if w["listed"]]
         ok = any(w["ok"] for w in workers)
-        self.write_json({"ok": ok, "workers": workers}, 200 if ok else 503)
+        body: dict[str, Any] = {"ok": ok, "workers": workers}
+        if self.simulated:
+            body["simulated"] = True  # the demo: the page shows a "simulated backend" banner
+        self.write_json(body, 200 if ok else 503)
 
 
 class WorkflowsHandler(SchedulerHandler):
@@ -150,4 +158,4 @@ default_handlers = [
     (r"/workflows", WorkflowsHandler),
 ]
 
-__all__ = ["default_handlers", "MetricsHandler", "NotFoundHandler", "StaticHandler"]
+__all__ = ["default_handlers", "MetricsHandler", "NotFoundHandler", "OpenAPIHandler", "StaticHandler"]

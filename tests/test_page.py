@@ -358,3 +358,29 @@ def test_keyboard_only(cluster, page):
     job = card(page, "a quiet forest")
     expect_state(job, "completed")
     expect(page.locator("#announcer")).to_contain_text("a quiet forest")  # told the screen reader
+
+
+def test_network_down_then_back(cluster, page):
+    """Requests fail outright (no HTTP answer): the card backs off, says so, and carries on."""
+    open_page(page, cluster.url)
+    backoff = page.evaluate("""async () => {
+      const { Backoff } = await import('./api.js');
+      const b = new Backoff();
+      const seen = Array.from({length: 7}, () => b.next());
+      b.reset();
+      return [seen, b.next()];
+    }""")
+    assert backoff == [[1500, 3000, 6000, 12000, 24000, 30000, 30000], 1500]
+
+    submit(page, "a night train in the snow", steps=30)
+    job = card(page, "a night train in the snow")
+    expect_state(job, "running", timeout=10000)
+    page.route("**/status/**", lambda route: route.abort("connectionrefused"))
+    trouble = job.locator(".trouble")
+    expect(trouble).to_be_visible(timeout=10000)
+    expect(trouble).to_contain_text("Reconnecting…")
+    expect(trouble).to_contain_text("Cannot reach the server")
+    page.unroute("**/status/**")
+    expect_state(job, "completed", timeout=20000)
+    expect(trouble).to_be_hidden()
+    wait_image_loaded(job)

@@ -217,6 +217,16 @@ async def test_workers_yaml_edits_apply_without_restart(tmp_path):
         await until(lambda: _is(c.scheduler.url, first["prompt_id"], "completed"), timeout=15,
                     what="job on the removed worker completed")
         assert "gpu-0" in await workers_of(c.scheduler)  # still followed (lingers after draining)
+        # the same name moved to another machine: its jobs are forgotten, the new one is followed
+        write_workers_yaml(c.workers_file, [{"name": "gpu-1", "url": c.workers[0].url}])
+        epoch = c.workers[0].store.epoch
+        await until(lambda: _feed_epoch(c.scheduler, "gpu-1", epoch), what="gpu-1 re-followed at its new URL")
+        assert await status_of(c.scheduler.url, first["prompt_id"]) == "completed"
+
+
+async def _feed_epoch(scheduler, name: str, epoch: str) -> bool:
+    info = (await workers_of(scheduler)).get(name)
+    return bool(info and info["feed"]["state"] == "up" and info["feed"]["epoch"] == epoch)
 
 
 async def _config_error(scheduler):

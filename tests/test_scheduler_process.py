@@ -50,7 +50,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "workers.yaml:" in lines[0] and "duplicate" in lines[0], result.stderr
 
 
-@pytest.mark.gen_test(timeout=30)
+@pytest.mark.gen_test(timeout=45)
 async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
     """With a live worker, so SIGTERM lands while the job feed's long-poll is in flight."""
     sim = await start_sim(step_time=0.01)
@@ -74,7 +74,7 @@ async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
                 assert time.monotonic() < deadline, "timed out"
                 await asyncio.sleep(0.05)
 
-        await until(lambda: _feed_up(workers), 10)
+        await until(lambda: _feed_up(workers), 20)  # a loaded 2-core box starts Python slowly
         (tmp_path / "workers.yaml").write_text(yaml.safe_dump({"workers": [
             {"name": "gpu-a", "url": worker.url}, {"name": "b", "url": "http://127.0.0.1:2"}]}))
         proc.send_signal(signal.SIGHUP)  # reload_interval is 60 s: only the signal can explain a reload
@@ -82,11 +82,12 @@ async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
         async def two():
             return len(await workers() or ()) == 2
 
-        await until(two, 3)
+        await until(two, 5)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 5)
-        assert proc.returncode == 0 and time.monotonic() - started < 4
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0, stderr.decode()
+        assert time.monotonic() - started < 5
         assert b"Traceback" not in stderr and b"ERROR" not in stderr, stderr.decode()
     finally:
         if proc.returncode is None:

@@ -113,7 +113,7 @@ class Scheduler:
         registry.load_of = load_of
         registry.unfinished_of = mirror.unfinished
         registry.on_added = added
-        registry.on_dropped = lambda state: self._spawn(mirror.unfollow(state.name))
+        registry.on_dropped = lambda state: mirror.unfollow(state.name)
         registry.on_reachable = lambda state: mirror.poke(state.name)
         registry.on_unreachable = lambda state, error: mirror.suspect(state.name, error)
 

@@ -282,10 +282,13 @@ class Mirror:
             feed.task = asyncio.ensure_future(self._follow(feed))
         return feed
 
-    async def unfollow(self, worker: str) -> None:
+    def unfollow(self, worker: str) -> None:
+        """Stop following a worker and forget its jobs (at once: it may be followed again next)."""
         feed = self._feeds.pop(worker, None)
         if feed is not None:
-            await self._cancel(feed)
+            feed.up = False
+            if feed.task is not None:
+                feed.task.cancel()
         self.drop_worker(worker)
 
     async def stop(self) -> None:

@@ -188,6 +188,20 @@ async def test_dead_worker_is_skipped_and_used_again_when_back(tmp_path):
         assert (await get(c.scheduler.url + "/health")).status == 503
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_worker_refusing_the_token_is_skipped(tmp_path):
+    async with Cluster(tmp_path) as c:
+        await c.workers[0].stop()
+        c.workers[0] = await start_worker(tmp_path / "w0", c.sims[0].url, name="gpu-0", port=c.workers[0].port,
+                                          auth_token="not-the-schedulers")
+        await until(lambda: routable(c.scheduler, "gpu-0"), what="gpu-0 healthy again")
+        for _ in range(4):  # gpu-0 answers 401: marked down, the job goes to gpu-1
+            response = await generate(c.scheduler)
+            assert response.status == 200 and response.body["worker"] == "gpu-1", response.body
+        info = (await workers_of(c.scheduler))["gpu-0"]
+        assert info["feed"]["state"] == "down" and "401" in info["feed"]["last_error"]
+
+
 # --- workers.yaml live reload ----------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=30)

@@ -52,9 +52,12 @@ async def test_bad_requests_are_json_errors(tmp_path):
             reply = await call("GET", c.url + path)
             assert reply.code == 404 and reply.headers["Content-Type"].startswith("application/json"), path
             assert reply.json["error"], path
-        bad_wait = await call("GET", f"{c.url}/jobs?since=abc")
-        assert bad_wait.code == 400 and bad_wait.json["field"] == "since"
-        assert c.sim.submitted == []
+        bad_since = await call("GET", f"{c.url}/jobs?since=abc")
+        assert bad_since.code == 400 and bad_since.json["field"] == "since"
+        prompt_id = await c.submit({"prompt": "x", "steps": 2})
+        for query, field in (("wait=soon", "wait"), ("wait=-1", "wait"), ("wait=nan", "wait"), ("since=1.5", "since")):
+            reply = await call("GET", f"{c.url}/status/{prompt_id}?{query}")
+            assert reply.code == 400 and reply.json["field"] == field, query
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -124,8 +124,17 @@ class StubPrompt(web.RequestHandler):
         code, body = self.script.prompt_answers.pop(0)
         if code == 200 and body == b"echo-other":
             body = json.dumps({"prompt_id": "not-yours", "number": 0, "node_errors": {}}).encode()
+        elif code == 200 and body == b"echo":
+            body = json.dumps({"prompt_id": json.loads(self.request.body)["prompt_id"], "number": 0,
+                               "node_errors": {}}).encode()
         self.set_status(code)
         self.finish(body)
+
+
+class StubBroken(web.RequestHandler):
+    def post(self):
+        self.set_status(500)
+        self.finish(b"500 Internal Server Error\n\nServer got itself in trouble")
 
 
 class StubSocket(websocket.WebSocketHandler):
@@ -162,7 +171,8 @@ class Recorder:
 
 
 async def start_stub(script):
-    app = web.Application([(r"/prompt", StubPrompt, {"script": script}), (r"/ws", StubSocket, {"script": script})])
+    app = web.Application([(r"/prompt", StubPrompt, {"script": script}), (r"/ws", StubSocket, {"script": script}),
+                           (r"/(?:queue|interrupt)", StubBroken)])
     sockets = bind_sockets(0, "127.0.0.1")
     server = HTTPServer(app)
     server.add_sockets(sockets)
@@ -256,6 +266,13 @@ async def test_worker_answers_502_with_comfyuis_500_text(tmp_path):
         assert reply.code == 502 and "Server got itself in trouble" in reply.json["error"]
         assert reply.json["node_errors"] == {}
         assert len(worker.store) == 0
+
+        # ComfyUI takes the job but fails the cancel: 502, and the job is left as it was.
+        script.prompt_answers.append((200, b"echo"))
+        prompt_id = (await call("POST", f"{worker.url}/generate", {"prompt": "x"})).json["prompt_id"]
+        reply = await call("POST", f"{worker.url}/cancel/{prompt_id}")
+        assert reply.code == 502 and "HTTP 500" in reply.json["error"]
+        assert worker.store.get(prompt_id).status == "pending"
     finally:
         await worker.stop()
         server.stop()

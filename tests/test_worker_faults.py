@@ -97,3 +97,15 @@ async def test_disk_full_fails_the_job_and_the_worker_keeps_serving(tmp_path, mo
         assert state["error"] == "Could not save the image: [Errno 28] No space left on device"
         assert list((tmp_path / "images").iterdir()) == []
         assert (await c.wait(await c.submit({"prompt": "y", "steps": 2})))["status"] == "completed"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_cancel_while_comfyui_is_down_is_503_and_changes_nothing(tmp_path):
+    async with WorkerCluster(tmp_path) as c:
+        c.sim.stall = True
+        prompt_id = await c.submit({"prompt": "x", "steps": 3})
+        await c.sim.stop()
+        reply = await call("POST", f"{c.url}/cancel/{prompt_id}")
+        assert reply.code == 503 and reply.headers["Retry-After"]
+        assert "not stopped" in reply.json["error"]
+        assert (await call("GET", f"{c.url}/status/{prompt_id}")).json["status"] in ("pending", "running")

@@ -326,43 +326,53 @@ class Mirror:
             feed.wake.set()
 
     async def _follow(self, feed: Feed) -> None:
+        """List, then long-poll for changes; on errors mark the feed down and back off (jittered)."""
         backoff = BACKOFF_MIN
         while True:
-            since = feed.seq if feed.epoch is not None else 0
-            wait = self.feed_wait if since and feed.up else 0
-            query = urlencode({"since": since, "wait": wait})
             try:
-                response = await detached(fetch_json(
-                    f"{feed.url()}/jobs?{query}", token=self.auth_token, client=self.client,
-                    connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK))
-                page = response.body
-                if response.status != 200 or not isinstance(page, dict) \
-                        or not isinstance(page.get("seq"), int):
-                    raise UpstreamUnavailable(f"GET /jobs answered {response.status}"
-                                              + ("" if response.status != 200 else " without a feed page"))
-            except UpstreamUnavailable as exc:
-                self._feed_down(feed, str(exc))
-                feed.tried.set()
-            else:
-                epoch = page.get("epoch")
-                if feed.epoch is not None and epoch != feed.epoch and not page.get("full"):
-                    log.info("worker %s restarted (new feed epoch); listing its jobs again", feed.name)
-                    feed.epoch = None
-                    continue
-                self.apply(feed.name, page)
-                if not feed.up:
-                    log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
-                feed.epoch, feed.seq = epoch, page["seq"]
-                feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
-                feed.tried.set()
+                error = await self._poll_once(feed)
+            except Exception as exc:  # a bug or a very odd page: keep following, loudly
+                log.exception("job feed of worker %s: unexpected error", feed.name)
+                error = f"unexpected error: {exc}"
+            feed.tried.set()
+            if error is None:
                 backoff = BACKOFF_MIN
                 continue
+            self._feed_down(feed, error)
             feed.wake.clear()
             try:
                 await asyncio.wait_for(feed.wake.wait(), backoff * random.uniform(0.5, 1.0))
             except asyncio.TimeoutError:
                 pass
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _poll_once(self, feed: Feed) -> str | None:
+        """One ``GET /jobs`` applied to the mirror; the error when it failed."""
+        since = feed.seq if feed.epoch is not None else 0
+        wait = self.feed_wait if since and feed.up else 0
+        query = urlencode({"since": since, "wait": wait})
+        try:
+            response = await detached(fetch_json(
+                f"{feed.url()}/jobs?{query}", token=self.auth_token, client=self.client,
+                connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK))
+        except UpstreamUnavailable as exc:
+            return str(exc)
+        page = response.body
+        if response.status != 200:
+            return f"GET /jobs answered {response.status}"
+        if not isinstance(page, dict) or not isinstance(page.get("seq"), int):
+            return "GET /jobs answered without a feed page"
+        epoch = page.get("epoch")
+        if feed.epoch is not None and epoch != feed.epoch and not page.get("full"):
+            log.info("worker %s restarted (new feed epoch); listing its jobs again", feed.name)
+            feed.epoch = None
+            return None
+        self.apply(feed.name, page)
+        if not feed.up:
+            log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
+        feed.epoch, feed.seq = epoch, page["seq"]
+        feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
+        return None
 
     def _feed_down(self, feed: Feed, error: str) -> None:
         if feed.up or feed.last_error is None:

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import struct
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -297,10 +298,13 @@ class ComfyUIClient:
                 delay = min(delay * 2, self.backoff_max)
                 continue
             failures = 0
-            delay = self.backoff_min
+            connected_at = time.monotonic()
             await self._serve(ws, client_id)
+            if time.monotonic() - connected_at > self.backoff_max:
+                delay = self.backoff_min  # it was up a good while: start the backoff over
             if not self._closing:
-                await self._sleep(delay * random.uniform(0.2, 1.0))
+                await self._sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
 
     async def _serve(self, ws: WebSocketClientConnection, client_id: str) -> None:
         self._ws = ws

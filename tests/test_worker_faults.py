@@ -109,3 +109,21 @@ async def test_cancel_while_comfyui_is_down_is_503_and_changes_nothing(tmp_path)
         assert reply.code == 503 and reply.headers["Retry-After"]
         assert "not stopped" in reply.json["error"]
         assert (await call("GET", f"{c.url}/status/{prompt_id}")).json["status"] in ("pending", "running")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_job_dropped_from_comfyuis_queue_by_someone_else_ends_failed(tmp_path, monkeypatch):
+    # No message says so; the periodic check of every unfinished job notices.
+    monkeypatch.setattr(Runner, "reconcile_interval", 0.2)
+    monkeypatch.setattr(Runner, "full_reconcile_interval", 0.2)
+    async with WorkerCluster(tmp_path) as c:
+        c.sim.stall = True
+        running = await c.submit({"prompt": "a", "steps": 3})
+        pending = await c.submit({"prompt": "b", "steps": 3})
+        await c.wait(pending, predicate=lambda s: s["queue_position"] == 1)
+        assert (await call("POST", f"{c.sim.url}/queue", {"clear": True})).code == 200
+        state = await c.wait(pending)
+        assert state["status"] == "failed" and "ComfyUI lost this job" in state["error"]
+        assert (await call("GET", f"{c.url}/status/{running}")).json["status"] == "running"
+        c.sim.stall = False
+        assert (await c.wait(running))["status"] == "completed"

@@ -48,6 +48,7 @@ class Runner:
     """Drives one ComfyUI for one worker's :class:`JobStore`."""
 
     reconcile_interval = 2.0  # seconds between safety-net checks of jobs we get no messages for
+    full_reconcile_interval = 20.0  # seconds between checks of every unfinished job
     tick_interval = 0.5  # seconds between job_timeout checks
     queue_refresh_delay = 0.05  # debounce of GET /queue after `status` messages
     health_ttl = 1.0  # seconds a ComfyUI probe result is reused by /health
@@ -75,6 +76,7 @@ class Runner:
         self._queue_dirty = False
         self._reconcile_task: asyncio.Task | None = None
         self._reconcile_again = False
+        self._last_full_reconcile = time.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._callbacks: list[PeriodicCallback] = []
         self._health: dict[str, Any] | None = None
@@ -486,11 +488,16 @@ class Runner:
                 return
 
     def _periodic_reconcile(self) -> None:
-        """The safety net: jobs whose messages go to an older websocket never hear them."""
-        current = self.comfy.client_id
+        """The safety net: jobs whose messages go to an older websocket never hear them; and now
+        and then every unfinished job, in case ComfyUI dropped one without a word (queue cleared)."""
         if not self.comfy.connected:
             return
-        if any(job.client_id != current for job in self.store.unfinished()):
+        unfinished = self.store.unfinished()
+        now = time.monotonic()
+        if unfinished and now - self._last_full_reconcile >= self.full_reconcile_interval:
+            self._last_full_reconcile = now
+            self.request_reconcile()
+        elif any(job.client_id != self.comfy.client_id for job in unfinished):
             self.request_reconcile()
 
     async def reconcile(self, jobs: list[Job] | None = None) -> None:

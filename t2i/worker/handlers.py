@@ -157,7 +157,7 @@ class JobsHandler(WorkerHandler):
         require_token(self, self.config.auth_token)
         since = self.number_argument("since", int, 0)
         wait = min(self.number_argument("wait", float, 0.0), MAX_WAIT)
-        if wait > 0 and since > 0 and since == self.store.seq:
+        if wait > 0 and since == self.store.seq:  # nothing new (seq 0: no job yet): hold the request
             if not await self.wait_for(self.store.wait_feed(since, wait)):
                 return
         full, jobs, removed = self.store.changes_since(since)

@@ -378,9 +378,9 @@ class ComfyUIClient:
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except (HTTPClientError, OSError, TornadoTimeoutError) as exc:  # StreamClosedError is an OSError
-            raise ComfyUIUnavailable(f"ComfyUI at {self.url} is not reachable: {_describe(exc)}") from None
+            raise ComfyUIUnavailable(f"ComfyUI is not reachable at {self.url}: {_describe(exc)}") from None
         if response.code == 599:
-            raise ComfyUIUnavailable(f"ComfyUI at {self.url} is not reachable: {_describe(response.error)}")
+            raise ComfyUIUnavailable(f"ComfyUI is not reachable at {self.url}: {_describe(response.error)}")
         return response
 
     async def _get_json(self, path: str, *, request_timeout: float | None = None) -> Any:

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 LOST = "ComfyUI lost this job (it restarted or its queue was cleared)."
 INTERRUPTED = "The job was interrupted in ComfyUI (not by t2i)."
 CANCELLED_BY_REQUEST = "Cancelled by request."
-NOT_REACHABLE = "ComfyUI is not reachable"
 
 
 class JobFinished(Exception):
@@ -130,7 +129,7 @@ class Runner:
         wait = min(self.config.comfyui.connect_timeout, 2.0)
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
-            raise ComfyUIUnavailable(f"{NOT_REACHABLE} ({detail}).")
+            raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")
         prompt_id = str(uuid.uuid4())
         workflow = build_workflow(self.config, request, prompt_id)
         client_id = self.comfy.client_id
@@ -158,7 +157,7 @@ class Runner:
         except ComfyUIUnavailable as exc:
             log.warning("job %s: not submitted: %s", prompt_id, exc)
             self._drop(prompt_id)
-            raise ComfyUIUnavailable(f"{NOT_REACHABLE}: {exc}") from None
+            raise
         except BaseException:
             self._drop(prompt_id)
             raise
@@ -195,8 +194,8 @@ class Runner:
         if prompt_id in self._finishing:
             raise JobFinished(job, f"Job {prompt_id} already finished in ComfyUI; its images are being stored.")
         await self._stop_in_comfyui(job, CANCELLED, CANCELLED_BY_REQUEST)
-        if job.finished and job.status != CANCELLED:
-            raise JobFinished(job)
+        if job.status != CANCELLED:
+            raise JobFinished(job, f"Job {prompt_id} finished in ComfyUI before the cancel took effect.")
         return job
 
     async def _stop_in_comfyui(self, job: Job, status: str, error: str) -> None:
@@ -207,7 +206,7 @@ class Runner:
             await self.comfy.interrupt(job.prompt_id)
         except ComfyUIUnavailable as exc:
             self._ending.pop(job.prompt_id, None)
-            raise ComfyUIUnavailable(f"{NOT_REACHABLE}; the job was not stopped: {exc}") from None
+            raise ComfyUIUnavailable(f"{exc}; the job was not stopped.") from None
         except ComfyUIError:
             self._ending.pop(job.prompt_id, None)
             raise

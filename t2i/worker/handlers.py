@@ -23,10 +23,12 @@ class WorkerHandler(JSONHandler):
     """Base of the worker's JSON handlers: shared objects come in through ``initialize``."""
 
     def initialize(self, config: WorkerConfig, store: JobStore, runner: Runner,
-                   prune_report: Callable[[], Any] | None = None, **kwargs: Any) -> None:
+                   prune_report: Callable[[], Any] | None = None, catalogue: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
         self.config = config
         self.store = store
         self.runner = runner
+        self.catalogue = catalogue or catalogue_of(config)
         self.prune_report = prune_report or (lambda: None)
         self._waiter: asyncio.Future | None = None
         self._gone = False
@@ -76,7 +78,6 @@ class GenerateHandler(JSONBodyHandler, WorkerHandler):
     def initialize(self, **kwargs: Any) -> None:
         WorkerHandler.initialize(self, **kwargs)
         JSONBodyHandler.initialize(self, max_body_bytes=kwargs["config"].max_body_bytes)
-        self.catalogue = kwargs.get("catalogue") or catalogue_of(self.config)
 
     async def post(self) -> None:
         """Check a request, queue it in ComfyUI, answer with the job's id and URLs."""
@@ -168,7 +169,7 @@ class JobsHandler(WorkerHandler):
 class WorkflowsHandler(WorkerHandler):
     def get(self) -> None:
         """The workflow catalogue (what /generate accepts); the scheduler validates with it."""
-        self.write_json(catalogue_of(self.config))
+        self.write_json(self.catalogue)
 
 
 class HealthHandler(WorkerHandler):
@@ -195,7 +196,8 @@ class PreviewHandler(WorkerHandler):
 def url_table(config: WorkerConfig, store: JobStore, runner: Runner,
               prune_report: Callable[[], Any] | None = None) -> list[tuple]:
     """``default_handlers`` bound to one worker's objects."""
-    kwargs = {"config": config, "store": store, "runner": runner, "prune_report": prune_report}
+    kwargs = {"config": config, "store": store, "runner": runner, "prune_report": prune_report,
+              "catalogue": catalogue_of(config)}
     table = []
     for spec in default_handlers:
         pattern, handler = spec[0], spec[1]

@@ -243,7 +243,7 @@ class Runner:
             metrics.COMFYUI_RECONNECTS.labels(self.name).inc()
         self._running_id = None
         # Nothing is replayed: whatever happened while we were away is in /queue and /history.
-        self.request_reconcile(after_reconnect=True)
+        self.request_reconcile()
 
     def on_disconnected(self, reason: str) -> None:
         self._running_id = None
@@ -467,7 +467,7 @@ class Runner:
 
     # --- reconciling ----------------------------------------------------------------
 
-    def request_reconcile(self, after_reconnect: bool = False) -> None:
+    def request_reconcile(self) -> None:
         """Check every unfinished job against /queue and /history (one pass at a time)."""
         if self._reconcile_task is not None and not self._reconcile_task.done():
             self._reconcile_again = True

@@ -127,3 +127,15 @@ async def test_job_dropped_from_comfyuis_queue_by_someone_else_ends_failed(tmp_p
         assert (await call("GET", f"{c.url}/status/{running}")).json["status"] == "running"
         c.sim.stall = False
         assert (await c.wait(running))["status"] == "completed"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_interrupt_by_someone_else_fails_the_job(tmp_path):
+    # e_interrupt: a global POST /interrupt (another ComfyUI client) stops whatever runs.
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
+        prompt_id = await c.submit({"prompt": "x", "steps": 40})
+        await c.wait(prompt_id, "running")
+        assert (await call("POST", f"{c.sim.url}/interrupt")).code == 200
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed" and "interrupted in ComfyUI" in state["error"]
+        assert (await c.wait(await c.submit({"prompt": "y", "steps": 2})))["status"] == "completed"

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
+from support.net import free_port
 from t2i.config import PACKAGE_WORKFLOWS
 from t2i.httpclient import JSONResponse, fetch_json
 from t2i.openapi import check_response
@@ -198,8 +199,7 @@ async def test_worker_refusing_the_token_is_skipped(tmp_path):
         for _ in range(4):  # gpu-0 answers 401: marked down, the job goes to gpu-1
             response = await generate(c.scheduler)
             assert response.status == 200 and response.body["worker"] == "gpu-1", response.body
-        info = (await workers_of(c.scheduler))["gpu-0"]
-        assert info["feed"]["state"] == "down" and "401" in info["feed"]["last_error"]
+        await until(lambda: _feed_error(c.scheduler, "gpu-0", "401"), what="feed refused with 401")
 
 
 # --- workers.yaml live reload ----------------------------------------------------------
@@ -236,6 +236,11 @@ async def test_workers_yaml_edits_apply_without_restart(tmp_path):
         epoch = c.workers[0].store.epoch
         await until(lambda: _feed_epoch(c.scheduler, "gpu-1", epoch), what="gpu-1 re-followed at its new URL")
         assert await status_of(c.scheduler.url, first["prompt_id"]) == "completed"
+
+
+async def _feed_error(scheduler, name: str, text: str) -> bool:
+    feed = (await workers_of(scheduler))[name]["feed"]
+    return feed["state"] == "down" and text in (feed["last_error"] or "")
 
 
 async def _feed_epoch(scheduler, name: str, epoch: str) -> bool:
@@ -419,3 +424,43 @@ async def test_workers_and_health_views_and_the_page(tmp_path):
         metrics = await fetch_json(c.scheduler.url + "/metrics", connect_timeout=2, request_timeout=5)
         assert metrics.status == 200
         json.dumps(response.body)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_no_worker_reachable_from_the_start(tmp_path):
+    (tmp_path / "s").mkdir()
+    write_workers_yaml(tmp_path / "s" / "workers.yaml", [{"name": "gone", "url": f"http://127.0.0.1:{free_port()}"}])
+    scheduler = await start_scheduler(tmp_path / "s", [])
+    try:
+        workflows = await get(scheduler.url + "/workflows")
+        assert workflows.status == 503 and workflows.headers["Retry-After"] and workflows.body["error"]
+        response = await generate(scheduler)
+        assert response.status == 503 and "down" in response.body["error"]  # validated shape-only first
+        assert (await call("POST", scheduler.url + "/generate", {"prompt": 5})).body["field"] == "prompt"
+        unknown = await get(scheduler.url + "/status/whatever")
+        assert unknown.status == 503 and unknown.headers["Retry-After"] == "1"  # "gone" might know it
+        health = await get(scheduler.url + "/health")
+        assert health.status == 503 and health.body == {
+            "ok": False, "workers": [{"name": "gone", "ok": False, "reachable": False, "comfyui_reachable": None,
+                                      "enabled": True, "pending": 0, "running": 0}]}
+    finally:
+        await scheduler.stop()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_worker_answering_garbage_is_502(tmp_path):
+    sim = await start_sim()
+    (tmp_path / "s").mkdir()
+    # A pool entry that is not a t2i worker (ComfyUI itself): it answers, but not as a worker does.
+    write_workers_yaml(tmp_path / "s" / "workers.yaml", [{"name": "imposter", "url": sim.url}])
+    scheduler = await start_scheduler(tmp_path / "s", [])
+    try:
+        for route in ("status", "result"):
+            response = await get(f"{scheduler.url}/{route}/some-id")
+            assert response.status == 502 and "imposter" in response.body["error"], response.body
+        info = (await workers_of(scheduler))["imposter"]
+        assert not info["routable"] and "health" in info["last_error"]
+    finally:
+        await scheduler.stop()
+        await sim.stop()
+

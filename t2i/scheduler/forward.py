@@ -169,7 +169,7 @@ class JobRouter:
                 state.url + path, method, token=self.auth_token if method == "POST" else None,
                 client=self.client, connect_timeout=CONNECT_TIMEOUT, request_timeout=JOB_TIMEOUT + wait)
         except UpstreamUnavailable as exc:
-            return 503, (f"Worker {state.name}, which holds this job, cannot be reached now ({exc}); "
+            return 503, (f"Worker {state.name} cannot be reached now ({exc}); "
                          "the job is not lost, ask again shortly.")
         if response.status in PASS_THROUGH[route] and isinstance(response.body, dict):
             return Reply(response.status, response.body)
@@ -201,7 +201,8 @@ class JobRouter:
             return gone
         if failures:
             status = 503 if any(code == 503 for code, _ in failures) else 502
-            raise APIError(status, f"Job {prompt_id} is not on any reachable worker, and "
-                           f"{len(failures)} worker(s) could not be asked; ask again shortly.",
+            reasons = " ".join(why for _, why in failures)
+            raise APIError(status, f"Job {prompt_id} is not on any worker that answered, and "
+                           f"{len(failures)} could not be asked: {reasons}",
                            headers={"Retry-After": RETRY_AFTER_OWNER})
         raise APIError(404, f"No job {prompt_id} is known to any worker.")

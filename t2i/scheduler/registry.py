@@ -270,10 +270,11 @@ class Registry:
         if was is not reachable:
             if reachable:
                 log.info("worker %s is reachable%s", state.name, f" ({error})" if error else "")
-                self.on_reachable(state)
             else:
                 log.warning("worker %s is down: %s", state.name, error)
-        if not reachable:
+        if reachable:
+            self.on_reachable(state)  # e.g. retry its feed now if that is down
+        else:
             self.on_unreachable(state, error or "unreachable")
 
     def describe(self, mirror: Any) -> list[dict[str, Any]]:

@@ -272,6 +272,11 @@ async function checkHealth() {
   try {
     const { data } = await api.health();
     $("sim-banner").hidden = !(data && data.simulated === true);
+    // The server's configured interval, unless the URL chose one.
+    const seconds = data && Number(data.poll_interval);
+    if (!new URLSearchParams(location.search).has("poll") && Number.isFinite(seconds) && seconds >= 0.1) {
+      settings.interval = seconds * 1000;
+    }
   } catch {
     $("sim-banner").hidden = true;
   }

@@ -400,7 +400,7 @@ async def test_workers_and_health_views_and_the_page(tmp_path):
     static.mkdir()
     (static / "index.html").write_text("<!doctype html><title>t2i</title>")
     (static / "app.js").write_text("console.log('t2i');")
-    async with Cluster(tmp_path, static_dir=str(static)) as c:
+    async with Cluster(tmp_path, static_dir=str(static), poll_interval=0.7) as c:
         page = await fetch_json(c.scheduler.url + "/", connect_timeout=2, request_timeout=5)
         assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
         for path in ("/static/app.js", "/app.js"):
@@ -418,6 +418,7 @@ async def test_workers_and_health_views_and_the_page(tmp_path):
             assert worker["reachable"] and worker["feed"]["state"] == "up"
         health = await get(c.scheduler.url + "/health")
         assert health.status == 200 and health.body["ok"] and len(health.body["workers"]) == 2
+        assert health.body["poll_interval"] == 0.7  # the page polls at the configured interval
         workflows = await get(c.scheduler.url + "/workflows")
         assert workflows.status == 200 and "txt2img" in workflows.body["workflows"]
         assert (await get(c.scheduler.url + "/openapi.json")).body["openapi"].startswith("3.")

@@ -40,7 +40,7 @@ def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router
              simulated: bool = False, **settings: Any) -> web.Application:
     """The API routes first, then the page from ``config.static_dir`` (``/`` is index.html)."""
     deps = {"registry": registry, "mirror": mirror, "router": router, "max_body_bytes": config.max_body_bytes,
-            "simulated": simulated}
+            "simulated": simulated, "poll_interval": config.poll_interval}
     static = str(config.static_dir)
     handlers: list[Any] = [(pattern, handler, deps) for pattern, handler in default_handlers]
     handlers += [

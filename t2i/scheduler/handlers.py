@@ -114,9 +114,10 @@ class WorkersHandler(SchedulerHandler):
 
 
 class HealthHandler(SchedulerHandler):
-    def initialize(self, simulated: bool = False, **kwargs: Any) -> None:
+    def initialize(self, simulated: bool = False, poll_interval: float = 1.5, **kwargs: Any) -> None:
         super().initialize(**kwargs)
         self.simulated = simulated
+        self.poll_interval = poll_interval
 
     def get(self) -> None:
         """200 when at least one worker can take jobs, else 503; each worker in short."""
@@ -125,7 +126,8 @@ class HealthHandler(SchedulerHandler):
                     "pending": w["pending"], "running": w["running"]}
                    for w in self.registry.describe(self.mirror) if w["listed"]]
         ok = any(w["ok"] for w in workers)
-        body: dict[str, Any] = {"ok": ok, "workers": workers}
+        # The page polls /status at the interval ops configured (scheduler.yaml poll_interval).
+        body: dict[str, Any] = {"ok": ok, "workers": workers, "poll_interval": self.poll_interval}
         if self.simulated:
             body["simulated"] = True  # the demo: the page shows a "simulated backend" banner
         self.write_json(body, 200 if ok else 503)

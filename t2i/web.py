@@ -26,7 +26,8 @@ class APIError(web.HTTPError):
         super().__init__(status_code, reason=responses.get(status_code, "Error"))
         self.message = message
         self.headers = headers or {}
-        self.details = details
+        # Details that do not apply (a field of None) are left out, not sent as null.
+        self.details = {name: value for name, value in details.items() if value is not None}
 
 
 class JSONHandler(web.RequestHandler):
@@ -49,6 +50,19 @@ class JSONHandler(web.RequestHandler):
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+
+    def get_number_argument(self, name: str, kind: type, default: Any) -> Any:
+        """A non-negative number from the query (``?wait=``, ``?since=``); 400 naming it otherwise."""
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise APIError(400, f"`{name}` must be a number.", field=name) from None
+        if value != value or value < 0:  # NaN or negative
+            raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
+        return value
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")

@@ -69,21 +69,9 @@ class StatusHandler(SchedulerHandler):
         self.write_reply(await self.router.status(prompt_id, wait, since))
 
     def _wait_args(self) -> tuple[float, int | None]:
-        wait = self._number("wait", float, 0.0)
-        since = self._number("since", int, None)
+        wait = self.get_number_argument("wait", float, 0.0)
+        since = self.get_number_argument("since", int, None)
         return min(wait, MAX_WAIT), since
-
-    def _number(self, name: str, kind: type, default: Any) -> Any:
-        raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise APIError(400, f"`{name}` must be a number.", field=name) from None
-        if value != value or value < 0:  # NaN or negative: refused as the worker refuses them
-            raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
-        return value
 
     def on_connection_close(self) -> None:
         if self._abandon is not None and not self._abandon.done():

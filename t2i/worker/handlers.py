@@ -45,18 +45,6 @@ class WorkerHandler(JSONHandler):
     def job_json(self, job: Job) -> dict[str, Any]:
         return job.to_json(self.config.public_url)
 
-    def number_argument(self, name: str, kind: type, default: Any) -> Any:
-        raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise APIError(400, f"`{name}` must be a number.", field=name) from None
-        if value != value or value < 0:  # NaN or negative
-            raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
-        return value
-
     async def wait_for(self, awaitable) -> bool:
         """Await a long-poll wait; False when the client went away meanwhile."""
         self._waiter = asyncio.ensure_future(awaitable)
@@ -85,7 +73,7 @@ class GenerateHandler(JSONBodyHandler, WorkerHandler):
         try:
             request = validate_generate(self.get_json_body(), self.catalogue)
         except ValidationError as exc:
-            raise APIError(400, str(exc), **({"field": exc.field} if exc.field else {})) from None
+            raise APIError(400, str(exc), field=exc.field) from None
         try:
             job = await self.runner.submit(request)
         except ComfyUIUnavailable as exc:
@@ -107,8 +95,8 @@ class StatusHandler(WorkerHandler):
         """The job's state; with ``?wait=S&since=V`` held until its version passes V."""
         POLL_REQUESTS.labels("worker").inc()
         job = self.job_or_404(prompt_id)
-        wait = min(self.number_argument("wait", float, 0.0), MAX_WAIT)
-        since = self.number_argument("since", int, None)
+        wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
+        since = self.get_number_argument("since", int, None)
         if wait > 0 and since is not None and job.version <= since:
             if not await self.wait_for(self.store.wait_job(prompt_id, since, wait)):
                 return
@@ -156,8 +144,8 @@ class JobsHandler(WorkerHandler):
     async def get(self) -> None:
         """The change feed: jobs changed after ``since`` (and removals), waiting up to ``wait`` s."""
         require_token(self, self.config.auth_token)
-        since = self.number_argument("since", int, 0)
-        wait = min(self.number_argument("wait", float, 0.0), MAX_WAIT)
+        since = self.get_number_argument("since", int, 0)
+        wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         if wait > 0 and since == self.store.seq:  # nothing new (seq 0: no job yet): hold the request
             if not await self.wait_for(self.store.wait_feed(since, wait)):
                 return

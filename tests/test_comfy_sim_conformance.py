@@ -4,8 +4,11 @@ Each recording in tests/recordings/ is replayed against a fresh ``ComfySim``: th
 same websocket connections, sends and closes, the same HTTP requests with the same
 bodies (``step_seconds`` scaled by SCALE to keep the run short), in the same order.
 Before each client action the replay waits until every connection has received
-as many messages as it had in the recording at that point, and roughly the same
-(scaled) time has passed since the previous action.
+as many messages as it had in the recording at that point, and the recorded
+(scaled) time has passed since the latest earlier event. From a query or control
+request until the replay next waits for messages, the sim is stalled
+(``sim.stall``), so what the recording saw "while running" (queue contents,
+unfinished history, the order of statuses and progress) does not depend on CPU speed.
 
 Then, per connection, the received messages must have the recorded types in the
 recorded order, and the same data: prompt ids are mapped to the sim's, timestamps
@@ -192,6 +195,7 @@ class Replay:
                     missing.append(f"{label}: {have}/{want}")
             if not missing:
                 return
+            self.sim.stall = False  # messages are due: let the sim run again
             if time.monotonic() > deadline:
                 raise Mismatch(f"timed out waiting for messages before event {before}: {missing}\n"
                                + "\n".join(f"{l}: {[token(m) for m in c.received]}" for l, c in self.conns.items()))
@@ -226,6 +230,8 @@ class Replay:
             kind = event["kind"]
             if kind in ("ws_text", "ws_binary", "http_response", "http_error", "ws_open_error"):
                 continue
+            if kind != "http_request":
+                self.sim.stall = False
             if kind == "ws_close" and event["by"] != "client":
                 await self.expect_dropped(event["conn"])
                 continue
@@ -248,9 +254,10 @@ class Replay:
                 with pytest.raises(ConnectionRefusedError):
                     await websocket_connect(self.ws_url("/ws"))
             elif kind == "http_request":
-                await self.request(event)
+                await self.request(index)
             else:
                 raise AssertionError(f"unknown event kind {kind}")
+        self.sim.stall = False
         await self.wait_received(None)
         await asyncio.sleep(0.1)  # anything extra would arrive now
         self.compare_messages()
@@ -269,7 +276,21 @@ class Replay:
         await asyncio.wait_for(conn.reader, WAIT)
         assert conn.ws.close_code is None, f"{label}: the server sent a close frame ({conn.ws.close_code})"
 
-    async def request(self, event: dict) -> None:
+    def may_hold(self, index: int) -> bool:
+        """Whether to stall the sim for request ``index``: always for queries and control requests; for a
+        submission only when the running prompt is mid-node in the recording (holding a prompt that has
+        not reached its first node would delay its first messages behind this submission's status)."""
+        event = self.events[index]
+        if not (event["method"] == "POST" and event["path"].endswith("/prompt")):
+            return True
+        for earlier in reversed(self.events[:index]):
+            if earlier["kind"] == "ws_text" and earlier["json"]["type"] != "status":
+                kind, data = earlier["json"]["type"], earlier["json"]["data"]
+                return kind in ("progress", "progress_state") or (kind == "executing" and data.get("node"))
+        return False
+
+    async def request(self, index: int) -> None:
+        event = self.events[index]
         body = None
         if "json" in event:
             body = json.dumps(self.map_ids(scaled(event["json"])))
@@ -281,6 +302,8 @@ class Replay:
                               headers=event.get("headers") or None, request_timeout=10)
         expected = self.responses[event["req"]]
         polling = "polling" in (event.get("note") or "")
+        if self.may_hold(index):
+            self.sim.stall = True
         while True:
             try:
                 response = await self.http.fetch(request, raise_error=False)
@@ -295,6 +318,7 @@ class Replay:
                     self.polls_empty += answer == {}
                     return
                 if answer == {}:
+                    self.sim.stall = False
                     await asyncio.sleep(0.02)  # poll again, as a client would, until the entry appears
                     continue
             break

@@ -204,6 +204,7 @@ class NodeContext:
 
     async def progress(self, value, maximum, preview: bytes | None = None) -> None:
         """ComfyUI's ProgressBar hook: interrupt check, progress_state (+type 4), progress (+type 1)."""
+        await self.executor.wait_unstalled()  # a stall set during the step holds its report back too
         self.executor.check_interrupt()
         self.check_failure()
         self.steps_done = value

@@ -147,7 +147,9 @@ class Node:
 
     @classmethod
     def frames(cls) -> list[str]:
-        return EXEC_FRAMES + [_frame("/opt/ComfyUI/nodes.py", cls.source_line, cls.function, cls.source_code)]
+        # Illustrative: real frames of built-in nodes were not recorded (only the custom node's).
+        return EXEC_FRAMES + [_frame("/opt/ComfyUI/nodes.py", cls.source_line, cls.function, cls.source_code,
+                                     cls.source_code.split("(")[0].split("= ")[-1])]
 
     @classmethod
     async def run(cls, ctx, **inputs) -> tuple[tuple, dict | None]:
@@ -208,6 +210,8 @@ class EmptyImage(Node):
     category = "image"
     return_types = ("IMAGE",)
     function = "generate"
+    source_line = 1862
+    source_code = 'r = torch.full([batch_size, height, width, 1], ((color >> 16) & 0xFF) / 0xFF)'
 
     @classmethod
     def input_types(cls, sim):
@@ -234,6 +238,8 @@ class CheckpointLoaderSimple(Node):
                        "The CLIP model used for encoding text prompts.",
                        "The VAE model used for encoding and decoding images to and from latent space."]
     function = "load_checkpoint"
+    source_line = 583
+    source_code = 'out = comfy.sd.load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))'
 
     @classmethod
     def input_types(cls, sim):
@@ -254,6 +260,8 @@ class CLIPTextEncode(Node):
     return_types = ("CONDITIONING",)
     output_tooltips = ["A conditioning containing the embedded text used to guide the diffusion model."]
     function = "encode"
+    source_line = 77
+    source_code = 'return (clip.encode_from_tokens_scheduled(tokens), )'
 
     @classmethod
     def input_types(cls, sim):
@@ -275,6 +283,8 @@ class EmptyLatentImage(Node):
     return_types = ("LATENT",)
     output_tooltips = ["The empty latent image batch."]
     function = "generate"
+    source_line = 1230
+    source_code = 'latent = torch.zeros([batch_size, 4, height // 8, width // 8], device=self.device)'
 
     @classmethod
     def input_types(cls, sim):
@@ -299,6 +309,8 @@ class KSampler(Node):
     return_types = ("LATENT",)
     output_tooltips = ["The denoised latent."]
     function = "sample"
+    source_line = 1538
+    source_code = 'return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise)'
 
     @classmethod
     def input_types(cls, sim):
@@ -358,6 +370,8 @@ class VAEDecode(Node):
     return_types = ("IMAGE",)
     output_tooltips = ["The decoded image."]
     function = "decode"
+    source_line = 300
+    source_code = 'images = vae.decode(samples["samples"])'
 
     @classmethod
     def input_types(cls, sim):
@@ -380,6 +394,8 @@ class SaveImage(Node):
     category = "image"
     output_node = True
     function = "save_images"
+    source_line = 1646
+    source_code = 'img.save(os.path.join(full_output_folder, file), pnginfo=metadata, compress_level=self.compress_level)'
 
     @classmethod
     def input_types(cls, sim):

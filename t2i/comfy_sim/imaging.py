@@ -76,7 +76,9 @@ def painting_spec(key: str, width: int) -> dict:
         used += w
     phases = [digest[24 + i] / 255.0 for i in range(count)]
     band = 6 + digest[31] % 40
-    return {"palette": palette, "widths": widths, "phases": phases, "band": band}
+    disc = (digest[40] / 255.0, digest[41] / 255.0, 0.12 + 0.25 * digest[42] / 255.0)  # centre x, y, radius
+    return {"palette": palette, "widths": widths, "phases": phases, "band": band, "disc": disc,
+            "disc_rgb": tuple(255 - c for c in palette[4])}
 
 
 def _mix(a: Sequence[int], b: Sequence[int], t: float) -> RGB:
@@ -84,6 +86,21 @@ def _mix(a: Sequence[int], b: Sequence[int], t: float) -> RGB:
 
 
 def _painting_row(spec: dict, y: int, height: int) -> bytes:
+    row = _stripes_row(spec, y, height)
+    width = len(row) // 3
+    cx, cy, r = spec["disc"]
+    radius = r * min(width, height)
+    dy = y + 0.5 - cy * height
+    if abs(dy) < radius:
+        half = (radius * radius - dy * dy) ** 0.5
+        x0 = max(0, int(cx * width - half))
+        x1 = min(width, int(cx * width + half))
+        if x1 > x0:
+            row = row[:x0 * 3] + bytes(spec["disc_rgb"]) * (x1 - x0) + row[x1 * 3:]
+    return row
+
+
+def _stripes_row(spec: dict, y: int, height: int) -> bytes:
     t = y / max(1, height - 1)
     palette = spec["palette"]
     shade = 0.82 if (y // spec["band"]) % 2 else 1.0

@@ -74,9 +74,9 @@ class ComfySim:
             output_dir = tempfile.mkdtemp(prefix="comfy-sim-output-")
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = os.path.abspath(output_dir)
-        root = os.path.dirname(self.output_dir)
-        self.directories = {"output": self.output_dir, "input": os.path.join(root, "input"),
-                            "temp": os.path.join(root, "temp")}
+        # /view's other folder types; the sim never writes there (no upload, no PreviewImage), so they 404.
+        self.directories = {"output": self.output_dir, "input": self.output_dir + ".input",
+                            "temp": self.output_dir + ".temp"}
         self.previews = bool(previews)
         self.checkpoints = tuple(checkpoints)
         self.stall = False
@@ -182,7 +182,7 @@ class ComfySim:
 
     async def restart(self) -> int:
         """stop(), then start() on the same port: number 0, empty queue and history, cold cache."""
-        port, address = self.port, self.address
+        port, address = self.port or 0, self.address
         await self.stop()
         return await self.start(port=port, address=address)
 

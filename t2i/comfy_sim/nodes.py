@@ -239,7 +239,8 @@ class CheckpointLoaderSimple(Node):
                        "The VAE model used for encoding and decoding images to and from latent space."]
     function = "load_checkpoint"
     source_line = 583
-    source_code = 'out = comfy.sd.load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))'
+    source_code = ('out = comfy.sd.load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, '
+                   'embedding_directory=folder_paths.get_folder_paths("embeddings"))')
 
     @classmethod
     def input_types(cls, sim):
@@ -310,7 +311,8 @@ class KSampler(Node):
     output_tooltips = ["The denoised latent."]
     function = "sample"
     source_line = 1538
-    source_code = 'return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise)'
+    source_code = ('return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, '
+                   'latent_image, denoise=denoise)')
 
     @classmethod
     def input_types(cls, sim):
@@ -395,7 +397,8 @@ class SaveImage(Node):
     output_node = True
     function = "save_images"
     source_line = 1646
-    source_code = 'img.save(os.path.join(full_output_folder, file), pnginfo=metadata, compress_level=self.compress_level)'
+    source_code = ('img.save(os.path.join(full_output_folder, file), pnginfo=metadata, '
+                   'compress_level=self.compress_level)')
 
     @classmethod
     def input_types(cls, sim):

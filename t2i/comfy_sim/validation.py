@@ -70,7 +70,8 @@ def validate_inputs(sim, prompt: dict, unique_id: str, validated: dict, visiting
     types = cls.input_types(sim)
     errors: list[dict] = []
     valid = True
-    names = list(types.get("required", {})) + [n for n in types.get("optional", {}) if n not in types.get("required", {})]
+    required = types.get("required", {})
+    names = list(required) + [n for n in types.get("optional", {}) if n not in required]
 
     for x in names:
         input_type, category, extra = _input_info(types, x)

@@ -151,10 +151,10 @@ async def test_long_poll_stops_waiting_when_the_client_goes_away(tmp_path):
         with pytest.raises(ConnectionError):
             await call("GET", f"{c.url}/status/{prompt_id}?wait=30&since={version}", timeout=0.3)
         for _ in range(100):
-            if not store._job_waiters:
+            if not store._waiters:
                 break
             await asyncio.sleep(0.02)
-        assert not store._job_waiters
+        assert not store._waiters
         c.sim.stall = False
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
 from t2i.httpclient import UpstreamUnavailable, fetch_json
+from t2i.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Mirror:
         self._ids: dict[str, set[str]] = {}                 # worker -> its job ids
         self._unfinished: dict[str, dict[str, str]] = {}    # worker -> id -> pending|running
         self._feeds: dict[str, Feed] = {}
-        self._waiters: dict[str, set[asyncio.Future]] = {}
+        self._waiters = Waiters()
         # Jobs this scheduler submitted that no feed has shown yet: id -> worker, and per worker
         # id -> submit time (for load counting, which forgets them after RECENT_LOAD_TTL).
         self._recent: OrderedDict[str, str] = OrderedDict()
@@ -248,25 +249,13 @@ class Mirror:
         entry = self.fresh(prompt_id)
         if entry is None or entry.version > since or timeout <= 0:
             return
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(prompt_id, set()).add(future)
-        try:
-            waits = {future} if abandon is None else {future, abandon}
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiters = self._waiters.get(prompt_id)
-            if waiters is not None:
-                waiters.discard(future)
-                if not waiters:
-                    del self._waiters[prompt_id]
+        await self._waiters.wait(prompt_id, timeout, abandon)
 
     def _wake(self, prompt_id: str) -> None:
-        for future in self._waiters.pop(prompt_id, ()):
-            if not future.done():
-                future.set_result(None)
+        self._waiters.wake(prompt_id)
 
     def wake_all(self, worker: str | None = None) -> None:
-        for prompt_id in list(self._waiters):
+        for prompt_id in self._waiters:
             entry = self._jobs.get(prompt_id)
             if worker is None or entry is None or entry.worker == worker:
                 self._wake(prompt_id)

@@ -8,11 +8,14 @@ above SEQ". Removals leave a tombstone so followers of the feed hear of them.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
+
+from t2i.waiters import Waiters
+
+FEED = object()  # the key feed followers wait on
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
 UNFINISHED = frozenset({PENDING, RUNNING})
@@ -96,8 +99,7 @@ class JobStore:
         self._tombstones: OrderedDict[str, int] = OrderedDict()
         self._tombstone_limit = tombstone_limit
         self._forgotten_before = 0
-        self._job_waiters: dict[str, set[asyncio.Future]] = {}
-        self._feed_waiters: set[asyncio.Future] = set()
+        self._waiters = Waiters()  # keyed by prompt_id; the feed waits on FEED
         self._listeners: list[Callable[[Job], None]] = []
 
     # --- reading ------------------------------------------------------------
@@ -200,12 +202,12 @@ class JobStore:
             self.seq += 1
             self._tombstones[prompt_id] = self.seq
             self._tombstones.move_to_end(prompt_id)
-            self._wake(self._job_waiters.pop(prompt_id, ()))
+            self._waiters.wake(prompt_id)
         while len(self._tombstones) > self._tombstone_limit:
             _, seq = self._tombstones.popitem(last=False)
             self._forgotten_before = seq + 1
         if removed:
-            self._wake_feed()
+            self._waiters.wake(FEED)
         return removed
 
     def _touch(self, job: Job) -> None:
@@ -213,8 +215,8 @@ class JobStore:
         job.version = self.seq
         self._changes[job.prompt_id] = self.seq
         self._changes.move_to_end(job.prompt_id)
-        self._wake(self._job_waiters.pop(job.prompt_id, ()))
-        self._wake_feed()
+        self._waiters.wake(job.prompt_id)
+        self._waiters.wake(FEED)
         for listener in self._listeners:
             listener(job)
 
@@ -225,39 +227,10 @@ class JobStore:
         job = self._jobs.get(prompt_id)
         if job is None or job.version > since_version or timeout <= 0:
             return
-        future = asyncio.get_running_loop().create_future()
-        self._job_waiters.setdefault(prompt_id, set()).add(future)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            waiters = self._job_waiters.get(prompt_id)
-            if waiters is not None:
-                waiters.discard(future)
-                if not waiters:
-                    del self._job_waiters[prompt_id]
+        await self._waiters.wait(prompt_id, timeout)
 
     async def wait_feed(self, since: int, timeout: float) -> None:
         """Return when the store's seq passes ``since``, or after ``timeout``."""
         if self.seq != since or timeout <= 0:
             return
-        future = asyncio.get_running_loop().create_future()
-        self._feed_waiters.add(future)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._feed_waiters.discard(future)
-
-    def _wake_feed(self) -> None:
-        if self._feed_waiters:
-            waiters, self._feed_waiters = self._feed_waiters, set()
-            self._wake(waiters)
-
-    @staticmethod
-    def _wake(futures: Iterable[asyncio.Future]) -> None:
-        for future in futures:
-            if not future.done():
-                future.set_result(None)
+        await self._waiters.wait(FEED, timeout)

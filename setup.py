@@ -20,6 +20,8 @@ setup(
             "setuptools<82",
             "pytest-timeout>=2.2",
             "playwright>=1.40",
+            # The scheduler's default client (measured faster); tests cover both.
+            "pycurl>=7.45",
         ],
         "curl": ["pycurl>=7.45"],
     },

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.iostream import StreamClosedError
 from tornado.util import TimeoutError as TornadoTimeoutError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from t2i.httpclient import fetch
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +378,7 @@ class ComfyUIClient:
                               connect_timeout=self.connect_timeout,
                               request_timeout=request_timeout or self.request_timeout)
         try:
-            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+            response = await fetch(request)
         except (HTTPClientError, OSError, TornadoTimeoutError) as exc:  # StreamClosedError is an OSError
             raise ComfyUIUnavailable(f"ComfyUI is not reachable at {self.url}: {_describe(exc)}") from None
         if response.code == 599:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,28 @@ class JSONResponse:
     headers: dict[str, str]
 
 
+def detached(awaitable) -> asyncio.Future:
+    """Await ``awaitable`` so that cancelling the awaiting task leaves it alone (its outcome is dropped).
+
+    Tornado's HTTP clients cannot abort a request: cancelling a fetch future only makes
+    Tornado log "Exception after Future was cancelled" when the request later fails
+    (a shutdown with health checks or long-polls in flight). The request ends by itself instead.
+    """
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(_drop_outcome)
+    return asyncio.shield(task)
+
+
+def _drop_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def fetch(request: HTTPRequest, client: AsyncHTTPClient | None = None) -> HTTPResponse:
+    """``client.fetch(request, raise_error=False)``, safe to cancel (see :func:`detached`)."""
+    return await detached((client or AsyncHTTPClient()).fetch(request, raise_error=False))
+
+
 class UpstreamUnavailable(Exception):
     """The peer could not be reached (refused, timed out, reset)."""
 
@@ -60,7 +83,7 @@ async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: 
     request = HTTPRequest(url, method=method, body=data, headers=headers,
                           connect_timeout=connect_timeout, request_timeout=request_timeout)
     try:
-        response = await (client or AsyncHTTPClient()).fetch(request, raise_error=False)
+        response = await fetch(request, client)
     except HTTPClientError as exc:  # raised for 599 by some clients even with raise_error=False
         raise UpstreamUnavailable(str(exc)) from None
     except OSError as exc:

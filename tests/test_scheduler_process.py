@@ -50,14 +50,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "workers.yaml:" in lines[0] and "duplicate" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("http_client", ["simple", "curl"])
 @pytest.mark.gen_test(timeout=45)
-async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path):
-    """With a live worker, so SIGTERM lands while the job feed's long-poll is in flight."""
+async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path, http_client):
+    """With a live worker, so SIGTERM lands while the job feed's long-poll is in flight
+    (and a health check of an unreachable worker), with either HTTP client."""
+    if http_client == "curl":
+        pytest.importorskip("pycurl")
     sim = await start_sim(step_time=0.01)
     worker = await start_worker(tmp_path / "w", sim.url, name="gpu-a")
     path, port = write_config(tmp_path, [{"name": "gpu-a", "url": worker.url}])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "t2i.scheduler", "--config", str(path), cwd=ROOT,
+        sys.executable, "-m", "t2i.scheduler", "--config", str(path), "--http-client", http_client, cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

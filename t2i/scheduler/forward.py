@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from t2i.httpclient import JSONResponse, UpstreamUnavailable, fetch_json
+from t2i.httpclient import JSONResponse, UpstreamUnavailable, detached, fetch_json
 from t2i.metrics import SCHEDULER_ROUTED
-from t2i.scheduler.mirror import Mirror, detached
+from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import NoWorkerAvailable, Registry, WorkerState
 from t2i.validation import ValidationError, validate_generate
 from t2i.web import APIError

@@ -35,23 +35,6 @@ RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has 
 RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
 
 
-def detached(coro) -> asyncio.Future:
-    """Run ``coro`` so that cancelling the awaiting task leaves it alone (its outcome is dropped).
-
-    Tornado's HTTP clients cannot abort a request: cancelling the fetch future only makes
-    Tornado log an error when the request later fails. A follower stopped mid long-poll
-    lets the request end by itself instead.
-    """
-    task = asyncio.ensure_future(coro)
-    task.add_done_callback(_drop_outcome)
-    return asyncio.shield(task)
-
-
-def _drop_outcome(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class Entry:
     """One mirrored job: its worker, its status object and that object's JSON, encoded once."""
 
@@ -341,9 +324,9 @@ class Mirror:
         wait = self.feed_wait if since and feed.up else 0
         query = urlencode({"since": since, "wait": wait})
         try:
-            response = await detached(fetch_json(
+            response = await fetch_json(
                 f"{feed.url()}/jobs?{query}", token=self.auth_token, client=self.client,
-                connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK))
+                connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK)
         except UpstreamUnavailable as exc:
             return str(exc)
         page = response.body

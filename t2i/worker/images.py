@@ -99,6 +99,12 @@ class ImageHandler(web.StaticFileHandler):
         # Browsers fetch these from another origin than the page (download button).
         self.set_header("Access-Control-Allow-Origin", "*")
 
+    def compute_etag(self) -> str | None:
+        # Tornado hashes the whole file on every request (on the event loop); our files are
+        # immutable and uniquely named, so size and mtime identify the content as well.
+        stat = self._stat()
+        return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+
     def parse_url_path(self, url_path: str) -> str:
         # Only our own flat names: anything else (``../``, sub-paths) is a 404 before any
         # path is built (Tornado 6.6 would answer 403 for paths outside the root).

@@ -13,7 +13,7 @@ from tornado.httputil import responses
 
 log = logging.getLogger("t2i.access")
 
-# Routes that browsers, balancers and scrapers hit every second or so:
+# Routes that browsers, balancers, scrapers and the scheduler hit every second or so:
 # logged at debug so the info log shows what people did.
 QUIET_ROUTES = re.compile(r"^/(status|jobs|health|metrics|previews|images)(/|$|\?)")
 

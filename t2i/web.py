@@ -15,7 +15,7 @@ log = logging.getLogger("t2i.access")
 
 # Routes that browsers, balancers, scrapers and the scheduler hit every second or so:
 # logged at debug so the info log shows what people did.
-QUIET_ROUTES = re.compile(r"^/(status|jobs|health|metrics|previews|images)(/|$|\?)")
+QUIET_ROUTES = re.compile(r"^/(status|jobs|health|workflows|metrics|previews|images)(/|$|\?)")
 
 
 class APIError(web.HTTPError):

@@ -71,8 +71,10 @@ class Cluster:
     """n ComfyUI doubles, n workers (gpu-0..), one scheduler; everything stopped on exit."""
 
     def __init__(self, tmp_path, n: int = 2, step_time: float = 0.01, entries: list[dict] | None = None,
-                 listed: int | None = None, **scheduler_overrides: Any):
+                 listed: int | None = None, worker_overrides: dict[str, Any] | None = None,
+                 **scheduler_overrides: Any):
         self.tmp = tmp_path
+        self.worker_overrides = worker_overrides or {}
         self.n = n
         self.step_time = step_time
         self.entries = entries
@@ -86,7 +88,8 @@ class Cluster:
         try:
             for i in range(self.n):
                 self.sims.append(await start_sim(step_time=self.step_time))
-                self.workers.append(await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=f"gpu-{i}"))
+                self.workers.append(await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=f"gpu-{i}",
+                                                       **self.worker_overrides))
             entries = self.entries or [worker_entry(w) for w in self.workers[:self.listed]]
             self.workers_file.parent.mkdir(exist_ok=True)
             write_workers_yaml(self.workers_file, entries)
@@ -200,6 +203,25 @@ async def test_worker_refusing_the_token_is_skipped(tmp_path):
             response = await generate(c.scheduler)
             assert response.status == 200 and response.body["worker"] == "gpu-1", response.body
         await until(lambda: _feed_error(c.scheduler, "gpu-0", "401"), what="feed refused with 401")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_schedulers_token_reaches_the_workers(tmp_path):
+    """auth_token in scheduler.yaml: generate, the job feed and cancel all pass the workers' check."""
+    async with Cluster(tmp_path, n=1, auth_token="s3cret", worker_overrides={"auth_token": "s3cret"}) as c:
+        direct = await call("POST", c.workers[0].url + "/generate", {"prompt": "x"})
+        assert direct.status == 401  # the worker does require it
+        response = await generate(c.scheduler)
+        assert response.status == 200, response.body
+        pid = response.body["prompt_id"]
+        await until(lambda: _mirrored_status(c.scheduler, pid, "completed"), what="completed via the feed")
+        refused = await call("POST", f"{c.scheduler.url}/cancel/{pid}")
+        assert refused.status == 409, refused.body  # reached the worker, which says it already ended
+
+
+def _mirrored_status(scheduler, pid: str, status: str) -> bool:
+    entry = scheduler.mirror.fresh(pid)
+    return entry is not None and entry.status["status"] == status
 
 
 # --- workers.yaml live reload ----------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
 from support.net import free_port
@@ -230,17 +231,24 @@ def _mirrored_status(scheduler, pid: str, status: str) -> bool:
 async def test_workers_yaml_edits_apply_without_restart(tmp_path):
     async with Cluster(tmp_path, listed=1) as c:
         assert list(await workers_of(c.scheduler)) == ["gpu-0"]
+        reloads_ok = await metric(c.scheduler.url, 't2i_config_reloads_total{result="ok"}')
+        reloads_failed = await metric(c.scheduler.url, 't2i_config_reloads_total{result="failed"}')
         stall(c)
         first = (await generate(c.scheduler)).body
         assert first["worker"] == "gpu-0"
+        # the worker's queue-depth gauge sees the stalled job
+        await until(lambda: _metric_at_least(c.workers[0].url, 't2i_queue_depth{state="running",worker="gpu-0"}', 1),
+                    what="queue depth gauge")
         # add gpu-1: it is checked, followed, and gets the next job (gpu-0 has one pending)
         write_workers_yaml(c.workers_file, [worker_entry(w) for w in c.workers])
         await until(lambda: routable(c.scheduler, "gpu-1"), what="gpu-1 added")
+        assert await metric(c.scheduler.url, 't2i_config_reloads_total{result="ok"}') == reloads_ok + 1
         assert (await generate(c.scheduler)).body["worker"] == "gpu-1"
         # a broken edit: last good list kept, error visible with file and line
         c.workers_file.write_text("workers:\n  - name: gpu-0\n    url: nope\n")
         info = await until(lambda: _config_error(c.scheduler), what="config error")
         assert "workers.yaml:3" in info["error"] and "url" in info["error"]
+        assert await metric(c.scheduler.url, 't2i_config_reloads_total{result="failed"}') == reloads_failed + 1
         assert set(await workers_of(c.scheduler)) == {"gpu-0", "gpu-1"}
         assert (await generate(c.scheduler)).status == 200
         # remove gpu-0 while its job is pending: no new jobs there, its job still answerable
@@ -258,6 +266,20 @@ async def test_workers_yaml_edits_apply_without_restart(tmp_path):
         epoch = c.workers[0].store.epoch
         await until(lambda: _feed_epoch(c.scheduler, "gpu-1", epoch), what="gpu-1 re-followed at its new URL")
         assert await status_of(c.scheduler.url, first["prompt_id"]) == "completed"
+
+
+async def metric(base: str, sample: str) -> float:
+    """One sample of a server's /metrics, e.g. 't2i_config_reloads_total{result="ok"}' (0 when absent)."""
+    response = await AsyncHTTPClient().fetch(base + "/metrics", request_timeout=5)
+    for line in response.body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
+async def _metric_at_least(base: str, sample: str, value: float) -> bool:
+    return await metric(base, sample) >= value
 
 
 async def _feed_error(scheduler, name: str, text: str) -> bool:
@@ -315,7 +337,9 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
         pid = (await generate(c.scheduler)).body["prompt_id"]
         await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
         await asyncio.sleep(0.1)
+        polls = await metric(c.scheduler.url, 't2i_poll_requests_total{server="scheduler"}')
         state = (await get(f"{c.scheduler.url}/status/{pid}")).body
+        assert await metric(c.scheduler.url, 't2i_poll_requests_total{server="scheduler"}') == polls + 1
         started = time.monotonic()
         response = await get(f"{c.scheduler.url}/status/{pid}?wait=0.3&since={state['version']}")
         assert response.status == 200 and 0.25 < time.monotonic() - started < 2

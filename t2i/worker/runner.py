@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from typing import Any, Callable
@@ -24,6 +23,8 @@ from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIUnavailable, ImageR
                          describe_rejection, error_sentence, images_of, outcome_of)
 from t2i.config import WorkerConfig
 from t2i.validation import GenerateRequest
+from t2i.worker.collect import CollectError, collect_images, discard_images
+from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
 from t2i.worker.jobs import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Job, JobStore
 from t2i.worker.workflow import build_workflow
@@ -50,7 +51,6 @@ class Runner:
     full_reconcile_interval = 20.0  # seconds between checks of every unfinished job
     tick_interval = 0.5  # seconds between job_timeout checks
     queue_refresh_delay = 0.05  # debounce of GET /queue after `status` messages
-    health_ttl = 1.0  # seconds a ComfyUI probe result is reused by /health
 
     def __init__(self, config: WorkerConfig, store: JobStore, images: ImageStore,
                  comfy: ComfyUIClient | None = None, clock: Callable[[], float] = time.time):
@@ -78,9 +78,7 @@ class Runner:
         self._last_full_reconcile = time.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._callbacks: list[PeriodicCallback] = []
-        self._health: dict[str, Any] | None = None
-        self._health_at = 0.0
-        self._health_lock = asyncio.Lock()
+        self.probe = ComfyUIProbe(self.comfy, timeout=min(3.0, config.comfyui.request_timeout))
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -374,37 +372,17 @@ class Runner:
             self._end(job, FAILED, error=outcome.error)
 
     async def _collect_images(self, job: Job, refs: list[ImageRef]) -> None:
-        """Fetch each output from ComfyUI and store it atomically; then the job is completed."""
-        saved: list[str] = []
-        for number, ref in enumerate(refs):
-            try:
-                data, content_type = await self.comfy.view(ref)
-            except ComfyUIError as exc:
-                await self._discard_files(saved)
-                log.error("job %s: could not fetch image %s: %s", job.prompt_id, ref.filename, exc)
-                self._end(job, FAILED, error=f"Could not fetch the image from ComfyUI: {exc}")
-                return
-            name = ImageStore.filename_for(job.prompt_id, number, content_type)
-            try:
-                await self.images.save(name, data)
-            except OSError as exc:
-                await self._discard_files(saved)
-                log.error("job %s: could not save image %s: %s", job.prompt_id, name, exc)
-                self._end(job, FAILED, error=f"Could not save the image: {exc}")
-                return
-            saved.append(name)
+        """Copy the outputs into images/; then the job is completed."""
+        try:
+            saved = await collect_images(self.comfy, self.images, job.prompt_id, refs)
+        except CollectError as exc:
+            self._end(job, FAILED, error=str(exc))
+            return
         if job.finished or job.prompt_id not in self.store:
-            await self._discard_files(saved)  # cancelled or pruned while we downloaded
+            await discard_images(self.images, saved)  # cancelled or pruned while we downloaded
             return
         steps = max(job.progress_max or 1, 1)
         self._end(job, COMPLETED, images=tuple(saved), progress_value=steps, progress_max=steps)
-
-    async def _discard_files(self, names: list[str]) -> None:
-        if not names:
-            return
-        self.images.forget(names)
-        paths = [self.images.directory / name for name in names]
-        await asyncio.get_running_loop().run_in_executor(None, _unlink_all, paths)
 
     def _end(self, job: Job, status: str, **changes: Any) -> None:
         """The one way a job finishes: state, metrics, log, memory freed."""
@@ -536,36 +514,7 @@ class Runner:
     def _busy(self, job: Job) -> bool:
         return job.prompt_id in self._submitting or job.prompt_id in self._finishing
 
-    # --- health ---------------------------------------------------------------------
-
-    async def comfyui_health(self) -> dict[str, Any]:
-        """Is ComfyUI there, and how busy; cached for ``health_ttl`` seconds."""
-        async with self._health_lock:
-            now = time.monotonic()
-            if self._health is not None and now - self._health_at < self.health_ttl:
-                return self._health
-            state: dict[str, Any] = {"reachable": False, "url": self.comfy.url, "error": None,
-                                     "queue_running": None, "queue_pending": None,
-                                     "websocket_connected": self.comfy.connected}
-            try:
-                _, queue = await self.comfy.probe(timeout=min(3.0, self.config.comfyui.request_timeout))
-            except ComfyUIError as exc:
-                state["error"] = str(exc)
-            else:
-                state.update(reachable=True, queue_running=len(queue.running), queue_pending=len(queue.pending))
-                if not self.comfy.connected:
-                    state["error"] = self.comfy.last_error or "the websocket to ComfyUI is not connected"
-            self._health, self._health_at = state, time.monotonic()
-            return state
-
 
 def _node_error_summary(node_errors: dict[str, Any]) -> str:
     return describe_rejection(None, node_errors).split(": ", 1)[1]
 
-
-def _unlink_all(paths: list) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass

@@ -1,0 +1,59 @@
+"""Copying a finished job's images out of ComfyUI into the worker's ``images/``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from t2i.comfyui import ComfyUIClient, ComfyUIError, ImageRef
+from t2i.worker.images import ImageStore
+
+log = logging.getLogger(__name__)
+
+
+class CollectError(Exception):
+    """The images could not be copied; ``str()`` is the sentence the job fails with."""
+
+
+async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: str,
+                         refs: list[ImageRef]) -> list[str]:
+    """Fetch each output with ``/view`` and store it atomically; all or nothing.
+
+    Returns the stored names. On failure the files already stored are removed
+    and :class:`CollectError` is raised.
+    """
+    saved: list[str] = []
+    for number, ref in enumerate(refs):
+        try:
+            data, content_type = await comfy.view(ref)
+        except ComfyUIError as exc:
+            await discard_images(images, saved)
+            log.error("job %s: could not fetch image %s: %s", prompt_id, ref.filename, exc)
+            raise CollectError(f"Could not fetch the image from ComfyUI: {exc}") from None
+        name = ImageStore.filename_for(prompt_id, number, content_type)
+        try:
+            await images.save(name, data)
+        except OSError as exc:  # disk full, read-only folder: the job fails, the worker goes on
+            await discard_images(images, saved)
+            log.error("job %s: could not save image %s: %s", prompt_id, name, exc)
+            raise CollectError(f"Could not save the image: {exc}") from None
+        saved.append(name)
+    return saved
+
+
+async def discard_images(images: ImageStore, names: list[str]) -> None:
+    """Delete stored images (off the event loop) and forget them."""
+    if not names:
+        return
+    images.forget(names)
+    paths = [images.directory / name for name in names]
+    await asyncio.get_running_loop().run_in_executor(None, _unlink_all, paths)
+
+
+def _unlink_all(paths: list) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -7,6 +7,7 @@ every key. Loading stays ``safe_load``-safe: the loader is a ``SafeLoader``.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,9 @@ class Section:
     def finish(self) -> None:
         for key in self.data:
             if key not in self._seen:
-                raise self.error(str(key), "unknown key")
+                close = difflib.get_close_matches(str(key), sorted(self._seen), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(str(key), f"unknown key{hint}")
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",

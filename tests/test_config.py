@@ -51,8 +51,9 @@ def test_empty_file_is_all_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("text, line, key, problem", [
-    ("listen: '127.0.0.1:1'\njob_timout: 5\n", 2, "job_timout", "unknown key"),
-    ("comfyui:\n  url: http://x:1\n  urll: 2\n", 3, "comfyui.urll", "unknown key"),
+    ("listen: '127.0.0.1:1'\njob_timout: 5\n", 2, "job_timout", "unknown key (did you mean 'job_timeout'?)"),
+    ("comfyui:\n  url: http://x:1\n  urll: 2\n", 3, "comfyui.urll", "unknown key (did you mean 'url'?)"),
+    ("colour: blue\n", 1, "colour", "unknown key"),
     ("job_timeout: soon\n", 1, "job_timeout", "must be a number, got 'soon'"),
     ("allow_raw_workflows: 1\n", 1, "allow_raw_workflows", "must be true or false"),
     ("job_timeout: true\n", 1, "job_timeout", "must be a number"),

@@ -147,9 +147,9 @@ def log_request(handler: web.RequestHandler) -> None:
     """One line per request; polls and health checks at debug. Never logs headers (tokens)."""
     status = handler.get_status()
     request = handler.request
-    if status >= 500:
-        level = logging.ERROR
-    elif status >= 400 and status != 404:
+    if status >= 500 and status not in (502, 503, 504):
+        level = logging.ERROR  # our own fault
+    elif status >= 400 and status != 404:  # including 502-504: a peer's trouble, already logged where seen
         level = logging.WARNING
     elif QUIET_ROUTES.match(request.path) or status == 404 and request.path.startswith("/images/"):
         level = logging.DEBUG

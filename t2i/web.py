@@ -149,7 +149,9 @@ def log_request(handler: web.RequestHandler) -> None:
     request = handler.request
     if status >= 500 and status not in (502, 503, 504):
         level = logging.ERROR  # our own fault
-    elif status >= 400 and status != 404:  # including 502-504: a peer's trouble, already logged where seen
+    elif status == 503:
+        level = logging.INFO  # "try again later": backpressure; its cause is logged once where it is seen
+    elif status >= 400 and status != 404:  # including 502 and 504: a peer's trouble
         level = logging.WARNING
     elif QUIET_ROUTES.match(request.path) or status == 404 and request.path.startswith("/images/"):
         level = logging.DEBUG

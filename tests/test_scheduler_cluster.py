@@ -225,6 +225,31 @@ def _mirrored_status(scheduler, pid: str, status: str) -> bool:
     return entry is not None and entry.status["status"] == status
 
 
+@pytest.mark.gen_test(timeout=20)
+async def test_an_idle_workers_feed_is_long_polled_not_spun(tmp_path, monkeypatch):
+    """A worker with no job yet (seq 0) still holds the feed request: a few calls a second at most."""
+    from t2i.worker import handlers as worker_handlers
+
+    calls = []
+    original = worker_handlers.JobsHandler.get
+
+    async def counting_get(self, *args):
+        calls.append(self.request.uri)
+        return await original(self, *args)
+
+    monkeypatch.setattr(worker_handlers.JobsHandler, "get", counting_get)
+    async with Cluster(tmp_path, n=1) as c:
+        await until(lambda: _feed_epoch(c.scheduler, "gpu-0", c.workers[0].store.epoch), what="feed up")
+        before = len(calls)
+        await asyncio.sleep(1.0)
+        assert len(calls) - before <= 3, calls[-5:]
+        assert any("wait=" in uri and "wait=0" not in uri for uri in calls), calls
+        # ... and a change still arrives at once through the held request.
+        response = await generate(c.scheduler)
+        await until(lambda: c.scheduler.mirror.fresh(response.body["prompt_id"]) is not None, timeout=2,
+                    what="mirrored through the held long-poll")
+
+
 # --- workers.yaml live reload ----------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=30)

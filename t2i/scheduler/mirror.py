@@ -321,7 +321,9 @@ class Mirror:
     async def _poll_once(self, feed: Feed) -> str | None:
         """One ``GET /jobs`` applied to the mirror; the error when it failed."""
         since = feed.seq if feed.epoch is not None else 0
-        wait = self.feed_wait if since and feed.up else 0
+        # Once listed, always long-poll, since=0 included: a worker with no job yet holds the
+        # request too (asking it again at once would spin, thousands of times a second).
+        wait = self.feed_wait if feed.up else 0
         query = urlencode({"since": since, "wait": wait})
         try:
             response = await fetch_json(

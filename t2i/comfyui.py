@@ -35,6 +35,8 @@ TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 
+SUBMIT_TIMEOUT = 10.0  # seconds for POST /prompt (validation runs inside it)
+
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
 
@@ -44,6 +46,19 @@ class ComfyUIError(Exception):
 
 class ComfyUIUnavailable(ComfyUIError):
     """ComfyUI could not be reached (refused, timed out, reset, websocket down)."""
+
+
+class ComfyUITimeout(ComfyUIUnavailable):
+    """A request was sent but not answered in time: ComfyUI may still have acted on it."""
+
+
+class ComfyUIIncompatible(ComfyUIUnavailable):
+    """This ComfyUI cannot serve t2i (it ignores client-chosen prompt ids): a worker fault,
+    so callers should go elsewhere rather than blame the workflow."""
+
+    def __init__(self, message: str, other_prompt_id: str | None = None):
+        super().__init__(message)
+        self.other_prompt_id = other_prompt_id
 
 
 class PromptRejected(ComfyUIError):
@@ -380,9 +395,9 @@ class ComfyUIClient:
         try:
             response = await fetch(request)
         except (HTTPClientError, OSError, TornadoTimeoutError) as exc:  # StreamClosedError is an OSError
-            raise ComfyUIUnavailable(f"ComfyUI is not reachable at {self.url}: {_describe(exc)}") from None
+            raise _unavailable(self.url, exc) from None
         if response.code == 599:
-            raise ComfyUIUnavailable(f"ComfyUI is not reachable at {self.url}: {_describe(response.error)}")
+            raise _unavailable(self.url, response.error)
         return response
 
     async def _get_json(self, path: str, *, request_timeout: float | None = None) -> Any:
@@ -402,7 +417,10 @@ class ComfyUIClient:
         """
         body = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id,
                 "extra_data": {"client_id": client_id}}
-        response = await self._fetch("POST", "/prompt", body)
+        # Bounded well below the scheduler's wait for our answer, so a slow ComfyUI
+        # gives a clear 503 here rather than a timed-out hop (and a retry elsewhere).
+        response = await self._fetch("POST", "/prompt", body,
+                                     request_timeout=min(self.request_timeout, SUBMIT_TIMEOUT))
         if response.code != 200:
             raise rejection_from(response.code, response.body or b"")
         try:
@@ -412,10 +430,11 @@ class ComfyUIClient:
         if not isinstance(reply, dict):
             raise PromptRejected("ComfyUI answered POST /prompt with something that is not a JSON object")
         if str(reply.get("prompt_id")) != prompt_id:
-            raise PromptRejected(
-                f"ComfyUI queued the workflow as {reply.get('prompt_id')!r} instead of {prompt_id!r}: it ignores "
-                "client-chosen prompt ids (ComfyUI older than 0.3.4x?), which t2i needs",
-                comfyui_error={"type": "prompt_id_not_honoured", "prompt_id": reply.get("prompt_id")})
+            other = reply.get("prompt_id")
+            raise ComfyUIIncompatible(
+                f"This worker's ComfyUI queued the workflow as {other!r} instead of {prompt_id!r}: it ignores "
+                "client-chosen prompt ids (a ComfyUI older than 0.3.4x?), which t2i needs; upgrade it",
+                str(other) if other else None)
         return reply
 
     async def queue(self) -> QueueState:
@@ -426,6 +445,14 @@ class ComfyUIClient:
         body = await self._get_json(f"/history/{prompt_id}")
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
+
+    async def withdraw(self, prompt_id: str) -> None:
+        """Take a prompt out of ComfyUI wherever it is: delete it if pending, interrupt it if running.
+
+        Delete first, then interrupt: whichever state it is in by then, one of them takes.
+        """
+        await self.delete_queued([prompt_id])
+        await self.interrupt(prompt_id)
 
     async def interrupt(self, prompt_id: str) -> None:
         """Targeted interrupt: stops ``prompt_id`` only if it is the one running."""
@@ -465,6 +492,13 @@ class ComfyUIClient:
         stats = await self._get_json("/system_stats", request_timeout=timeout)
         queue = parse_queue(await self._get_json("/queue", request_timeout=timeout))
         return stats, queue
+
+
+def _unavailable(url: str, exc: Any) -> ComfyUIUnavailable:
+    timed_out = isinstance(exc, TornadoTimeoutError) or (
+        isinstance(exc, HTTPClientError) and exc.code == 599 and "timeout" in str(exc).lower())
+    kind = ComfyUITimeout if timed_out else ComfyUIUnavailable
+    return kind(f"ComfyUI is not reachable at {url}: {_describe(exc)}")
 
 
 def _describe(exc: Any) -> str:

@@ -102,7 +102,7 @@ from tornado import web, websocket  # noqa: E402
 from tornado.httpserver import HTTPServer  # noqa: E402
 from tornado.netutil import bind_sockets  # noqa: E402
 
-from t2i.comfyui import ComfyUIClient, ComfyUIUnavailable, PromptRejected  # noqa: E402
+from t2i.comfyui import ComfyUIClient, ComfyUIIncompatible, ComfyUIUnavailable, PromptRejected  # noqa: E402
 
 
 class Script:
@@ -240,12 +240,13 @@ async def test_submit_answers_that_are_not_acceptance():
             await client.submit(PID, {"1": {"class_type": "SaveImage", "inputs": {}}}, "cid")
         assert "HTTP 500" in info.value.message and "Server got itself in trouble" in info.value.message
 
-        # An older ComfyUI ignores our prompt_id: we adopt nothing and say why.
+        # An older ComfyUI ignores our prompt_id: we adopt nothing and say why. It is this
+        # worker's fault, not the workflow's (a 503 the scheduler routes around, not a 502).
         script.prompt_answers.append((200, b"echo-other"))
-        with pytest.raises(PromptRejected) as info:
+        with pytest.raises(ComfyUIIncompatible) as info:
             await client.submit(PID, {}, "cid")
-        assert "instead of" in info.value.message
-        assert info.value.comfyui_error == {"type": "prompt_id_not_honoured", "prompt_id": "not-yours"}
+        assert "instead of" in str(info.value) and "upgrade" in str(info.value)
+        assert info.value.other_prompt_id == "not-yours"
     finally:
         server.stop()
     with pytest.raises(ComfyUIUnavailable, match="is not reachable"):
@@ -265,6 +266,12 @@ async def test_worker_answers_502_with_comfyuis_500_text(tmp_path):
         reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
         assert reply.code == 502 and "Server got itself in trouble" in reply.json["error"]
         assert reply.json["node_errors"] == {}
+        assert len(worker.store) == 0
+
+        # A ComfyUI that ignores our prompt_id: 503 (the scheduler tries another worker), nothing kept.
+        script.prompt_answers.append((200, b"echo-other"))
+        reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
+        assert reply.code == 503 and "upgrade" in reply.json["error"] and reply.headers["Retry-After"]
         assert len(worker.store) == 0
 
         # ComfyUI takes the job but fails the cancel: 502, and the job is left as it was.

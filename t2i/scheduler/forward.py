@@ -24,7 +24,7 @@ from t2i.web import APIError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
-GENERATE_TIMEOUT = 15.0     # the worker submits to its ComfyUI before answering
+GENERATE_TIMEOUT = 15.0     # the worker answers within ~12 s: 2 s for its websocket + 10 s for POST /prompt
 JOB_TIMEOUT = 5.0           # status / result / cancel, plus the long-poll wait
 RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
 RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again

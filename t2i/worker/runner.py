@@ -19,7 +19,8 @@ from typing import Any, Callable
 from tornado.ioloop import PeriodicCallback
 
 from t2i import metrics
-from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIUnavailable, ImageRef, PromptRejected,
+from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, ComfyUITimeout, ComfyUIUnavailable,
+                         ImageRef, PromptRejected,
                          describe_rejection, error_sentence, images_of, outcome_of)
 from t2i.config import WorkerConfig
 from t2i.validation import GenerateRequest
@@ -121,8 +122,8 @@ class Runner:
     async def submit(self, request: GenerateRequest) -> Job:
         """Queue a checked request in ComfyUI; the job is in the store before the POST goes out.
 
-        Raises ComfyUIUnavailable (503) or PromptRejected (502); in both cases the
-        job is removed again.
+        Raises ComfyUIUnavailable (503; ComfyUIIncompatible and ComfyUITimeout are kinds
+        of it) or PromptRejected (502); in every case the job is removed again.
         """
         wait = min(self.config.comfyui.connect_timeout, 2.0)
         if not await self.comfy.wait_connected(wait):
@@ -148,13 +149,19 @@ class Runner:
         except PromptRejected as exc:
             log.warning("job %s: %s", prompt_id, exc.message)
             self._drop(prompt_id)
-            other = exc.comfyui_error.get("prompt_id") if isinstance(exc.comfyui_error, dict) else None
-            if other and exc.comfyui_error.get("type") == "prompt_id_not_honoured":
-                await self._withdraw(str(other))  # queued under ComfyUI's own id: adopt nothing
+            raise
+        except ComfyUIIncompatible as exc:
+            log.error("job %s: %s", prompt_id, exc)
+            self._drop(prompt_id)
+            if exc.other_prompt_id:
+                self._spawn(self._withdraw(exc.other_prompt_id))  # queued under ComfyUI's own id: adopt nothing
             raise
         except ComfyUIUnavailable as exc:
             log.warning("job %s: not submitted: %s", prompt_id, exc)
             self._drop(prompt_id)
+            if isinstance(exc, ComfyUITimeout):
+                # Sent but unanswered: ComfyUI may have queued it anyway; an owner-less run helps nobody.
+                self._spawn(self._withdraw(prompt_id))
             raise
         except BaseException:
             self._drop(prompt_id)
@@ -173,10 +180,9 @@ class Runner:
         self._forget(prompt_id)
 
     async def _withdraw(self, prompt_id: str) -> None:
-        """Take a prompt back out of ComfyUI, wherever it is (pending: delete; running: interrupt)."""
+        """Take a prompt back out of ComfyUI, best effort (it is not ours to run)."""
         try:
-            await self.comfy.delete_queued([prompt_id])
-            await self.comfy.interrupt(prompt_id)
+            await self.comfy.withdraw(prompt_id)
         except ComfyUIError as exc:
             log.warning("job %s: could not withdraw it from ComfyUI: %s", prompt_id, exc)
 
@@ -197,11 +203,9 @@ class Runner:
         return job
 
     async def _stop_in_comfyui(self, job: Job, status: str, error: str) -> None:
-        # Delete first, then interrupt: whichever state it is in by then, one of them takes.
         self._ending[job.prompt_id] = (status, error)
         try:
-            await self.comfy.delete_queued([job.prompt_id])
-            await self.comfy.interrupt(job.prompt_id)
+            await self.comfy.withdraw(job.prompt_id)
         except ComfyUIUnavailable as exc:
             self._ending.pop(job.prompt_id, None)
             raise ComfyUIUnavailable(f"{exc}; the job was not stopped.") from None

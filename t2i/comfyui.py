@@ -487,11 +487,11 @@ class ComfyUIClient:
             delay *= 2
         raise AssertionError("unreachable")
 
-    async def probe(self, timeout: float = 3.0) -> tuple[dict[str, Any], QueueState]:
-        """``/system_stats`` and ``/queue``, with short timeouts: is ComfyUI there and how busy."""
-        stats = await self._get_json("/system_stats", request_timeout=timeout)
-        queue = parse_queue(await self._get_json("/queue", request_timeout=timeout))
-        return stats, queue
+    async def probe(self, timeout: float = 2.0) -> tuple[dict[str, Any], QueueState]:
+        """``/system_stats`` and ``/queue`` at once, each within ``timeout``: is ComfyUI there, how busy."""
+        stats, queue = await asyncio.gather(self._get_json("/system_stats", request_timeout=timeout),
+                                            self._get_json("/queue", request_timeout=timeout))
+        return stats, parse_queue(queue)
 
 
 def _unavailable(url: str, exc: Any) -> ComfyUIUnavailable:

@@ -139,3 +139,20 @@ async def test_interrupt_by_someone_else_fails_the_job(tmp_path):
         state = await c.wait(prompt_id)
         assert state["status"] == "failed" and "interrupted in ComfyUI" in state["error"]
         assert (await c.wait(await c.submit({"prompt": "y", "steps": 2})))["status"] == "completed"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_health_is_503_while_comfyuis_websocket_is_down(tmp_path):
+    """HTTP answers but the websocket does not: the worker cannot follow jobs, so it is not ok."""
+    async with WorkerCluster(tmp_path) as c:
+        healthy = await call("GET", f"{c.url}/health")
+        assert healthy.code == 200 and healthy.json["comfyui"]["websocket_connected"] is True
+        comfy = c.worker.runner.comfy
+        comfy.ws_url = comfy.ws_url.replace("/ws", "/no-such-ws")  # reconnects now fail with 404
+        c.sim.drop_websockets()
+        c.worker.runner.probe.ttl = 0
+        broken = await call("GET", f"{c.url}/health")
+        assert broken.code == 503 and broken.json["ok"] is False
+        assert broken.json["comfyui"]["reachable"] is True
+        assert broken.json["comfyui"]["websocket_connected"] is False
+        assert "websocket" in broken.json["comfyui"]["error"]

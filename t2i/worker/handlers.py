@@ -162,9 +162,9 @@ class WorkflowsHandler(WorkerHandler):
 
 class HealthHandler(WorkerHandler):
     async def get(self) -> None:
-        """200 when ComfyUI answers, else 503; with its queue and the jobs held."""
-        comfyui = await self.runner.probe.state()
-        ok = bool(comfyui["reachable"])
+        """200 when ComfyUI answers and its websocket is up, else 503; its queue, the jobs held."""
+        comfyui = dict(await self.runner.probe.state())
+        ok = bool(comfyui.pop("ok"))
         self.write_json({"ok": ok, "name": self.config.name, "comfyui": comfyui, "jobs": self.store.counts(),
                          "prune": self.prune_report()}, status=200 if ok else 503)
 

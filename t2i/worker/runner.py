@@ -79,7 +79,7 @@ class Runner:
         self._last_full_reconcile = time.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._callbacks: list[PeriodicCallback] = []
-        self.probe = ComfyUIProbe(self.comfy, timeout=min(3.0, config.comfyui.request_timeout))
+        self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
 
     # --- lifecycle ------------------------------------------------------------------
 

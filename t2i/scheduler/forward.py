@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 2.0
 GENERATE_TIMEOUT = 15.0     # the worker answers within ~12 s: 2 s for its websocket + 10 s for POST /prompt
 JOB_TIMEOUT = 5.0           # status / result / cancel, plus the long-poll wait
+FORWARDED_WAIT_MAX = 5.0    # seconds a long-poll forwarded to a worker may wait there
 RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
 RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again
 
@@ -126,6 +127,10 @@ class JobRouter:
     # --- status, result, cancel ---------------------------------------------
 
     async def status(self, prompt_id: str, wait: float = 0, since: int | None = None) -> Reply:
+        # A forwarded long-poll holds one of our client's connections for its whole wait; when a
+        # worker's feed is down, every browser watching its jobs comes this way. Short waits keep
+        # the client free for feeds, health checks and submissions (the page simply asks again).
+        wait = min(wait, FORWARDED_WAIT_MAX)
         query = {"wait": f"{wait:g}", "since": since} if wait > 0 and since is not None else None
         return await self.ask_owner("status", prompt_id, query=query, wait=wait)
 

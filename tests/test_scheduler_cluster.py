@@ -379,6 +379,24 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
         assert response.body["version"] > state["version"] and time.monotonic() - started < 5
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeypatch):
+    from t2i.scheduler import forward
+
+    monkeypatch.setattr(forward, "FORWARDED_WAIT_MAX", 0.3)
+    async with Cluster(tmp_path, n=1) as c:
+        stall(c)
+        pid = (await generate(c.scheduler)).body["prompt_id"]
+        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
+        version = (await get(f"{c.scheduler.url}/status/{pid}")).body["version"]
+        c.scheduler.mirror.unfollow("gpu-0")  # no mirror copy: the poll is forwarded to the worker
+        assert c.scheduler.mirror.fresh(pid) is None
+        started = time.monotonic()
+        response = await get(f"{c.scheduler.url}/status/{pid}?wait=20&since={version}", timeout=25)
+        assert response.status == 200 and response.body["version"] == version
+        assert 0.25 < time.monotonic() - started < 3  # the worker held it 0.3 s, not 20 s
+
+
 # --- every status code of the design's table -----------------------------------------------
 
 @pytest.mark.gen_test(timeout=40)

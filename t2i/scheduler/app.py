@@ -27,7 +27,7 @@ from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHand
                                     default_handlers)
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import Registry, WorkerState
-from t2i.web import log_request
+from t2i.web import body_size_limit, log_request
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Scheduler:
         self._periodic(self.registry.check_all, self.config.health_interval)
         self._periodic(self.reload, self.config.reload_interval)
         app = make_app(self.config, self.registry, self.mirror, self.router, simulated=self.simulated)
-        self.server = HTTPServer(app)
+        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
+        self.server = HTTPServer(app, max_body_size=body_size_limit(self.config.max_body_bytes))
         sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
                                family=socket.AF_INET if ":" not in self.config.listen_host else socket.AF_UNSPEC)
         self.server.add_sockets(sockets)

@@ -14,7 +14,7 @@ from tornado.netutil import bind_sockets
 from t2i import cli
 from t2i.config import WorkerConfig, load_worker_config
 from t2i.httpclient import configure_http_client
-from t2i.web import NotFoundHandler, log_request
+from t2i.web import NotFoundHandler, body_size_limit, log_request
 from t2i.worker.handlers import url_table
 from t2i.worker.images import ImageStore
 from t2i.worker.jobs import JobStore
@@ -63,7 +63,8 @@ class Worker:
         app = make_app(self.config, self.store, self.runner, self.prune_report)
         sockets = bind_sockets(self.config.listen_port, address=self.config.listen_host)
         self.port = sockets[0].getsockname()[1]
-        self.server = HTTPServer(app)
+        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
+        self.server = HTTPServer(app, max_body_size=body_size_limit(self.config.max_body_bytes))
         self.server.add_sockets(sockets)
         await self.runner.start()
         self.pruner = await _start_pruner(self)

@@ -85,6 +85,28 @@ async def test_job_timeout_interrupts_in_comfyui_and_fails(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_job_stuck_in_the_queue_times_out_after_the_queue_allowance(tmp_path, monkeypatch):
+    """Someone else's prompt hangs in ComfyUI: ours waits QUEUE_TIMEOUT_FACTOR x job_timeout, then fails."""
+    import json
+    from pathlib import Path
+
+    from t2i.worker import runner
+
+    monkeypatch.setattr(runner, "QUEUE_TIMEOUT_FACTOR", 2)
+    workflow = json.loads((Path(__file__).parent / "recordings" / "workflow_slow_noise_long.json").read_text())
+    async with WorkerCluster(tmp_path, job_timeout=1) as c:
+        c.sim.stall = True
+        foreign = await call("POST", f"{c.sim.url}/prompt", {"prompt": workflow})  # not t2i's, never times out
+        assert foreign.code == 200
+        prompt_id = await c.submit({"prompt": "behind a hung prompt", "steps": 3})
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed", state
+        assert state["error"] == "Timed out after 2 s in ComfyUI's queue without starting."
+        assert prompt_id not in sim_pending_ids(c.sim)  # withdrawn from ComfyUI's queue
+        c.sim.stall = False
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_disk_full_fails_the_job_and_the_worker_keeps_serving(tmp_path, monkeypatch):
     def no_space(self, name, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LOST = "ComfyUI lost this job (it restarted or its queue was cleared)."
 INTERRUPTED = "The job was interrupted in ComfyUI (not by t2i)."
 CANCELLED_BY_REQUEST = "Cancelled by request."
+QUEUE_TIMEOUT_FACTOR = 4  # a job may wait in ComfyUI's queue this many job_timeouts
 
 
 class JobFinished(Exception):
@@ -71,6 +72,8 @@ class Runner:
         self._finishing: set[str] = set()  # reading history / downloading images
         self._ending: dict[str, tuple[str, str]] = {}  # we interrupted it: the end it gets
         self._running_id: str | None = None  # whom legacy previews (no prompt_id) belong to
+        self._queued_since: dict[str, float] = {}  # monotonic time of submission, for timeouts
+        self._running_since: dict[str, float] = {}  # monotonic time ComfyUI started it
         self._queue_refresh: asyncio.TimerHandle | None = None
         self._queue_refreshing = False
         self._queue_dirty = False
@@ -136,6 +139,7 @@ class Runner:
                   seed=request.params.get("seed"), client_id=client_id)
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
+        self._queued_since[prompt_id] = time.monotonic()
         self._submitting.add(prompt_id)
         try:
             reply = await self.comfy.submit(prompt_id, workflow, client_id)
@@ -216,21 +220,30 @@ class Runner:
             self._end(job, status, error=error)
 
     def _tick(self) -> None:
-        """Every tick: jobs past job_timeout, and the queue gauges."""
-        now = self.clock()
+        """Every tick: jobs past their time, and the queue gauges.
+
+        A job may run for ``job_timeout`` (from when ComfyUI started it), and wait in the
+        queue for QUEUE_TIMEOUT_FACTOR times that: a deep queue is not a fault, a queue
+        that does not move is. Monotonic time: a clock step must not fail every job.
+        """
+        now = time.monotonic()
         limit = self.config.job_timeout
         for job in self.store.unfinished():
-            busy = job.prompt_id in self._submitting or job.prompt_id in self._finishing
-            if not busy and job.prompt_id not in self._ending and now - job.created_at > limit:
-                log.warning("job %s: timed out after %g s (%s); stopping it in ComfyUI", job.prompt_id, limit,
-                            job.status)
-                self._spawn(self._time_out(job))
+            prompt_id = job.prompt_id
+            if prompt_id in self._submitting or prompt_id in self._finishing or prompt_id in self._ending:
+                continue
+            if prompt_id in self._running_since:
+                if now - self._running_since[prompt_id] > limit:
+                    self._spawn(self._time_out(job, f"Timed out after {limit:g} s."))
+            elif now - self._queued_since.get(prompt_id, now) > limit * QUEUE_TIMEOUT_FACTOR:
+                self._spawn(self._time_out(job, f"Timed out after {limit * QUEUE_TIMEOUT_FACTOR:g} s in "
+                                                "ComfyUI's queue without starting."))
         counts = self.store.counts()
         metrics.QUEUE_DEPTH.labels(self.name, PENDING).set(counts[PENDING])
         metrics.QUEUE_DEPTH.labels(self.name, RUNNING).set(counts[RUNNING])
 
-    async def _time_out(self, job: Job) -> None:
-        error = f"Timed out after {self.config.job_timeout:g} s."
+    async def _time_out(self, job: Job, error: str) -> None:
+        log.warning("job %s: %s (%s); stopping it in ComfyUI", job.prompt_id, error, job.status)
         try:
             await self._stop_in_comfyui(job, FAILED, error)
         except ComfyUIError as exc:
@@ -275,6 +288,7 @@ class Runner:
     def _mark_running(self, job: Job) -> None:
         self._running_id = job.prompt_id
         if job.status == PENDING:
+            self._running_since[job.prompt_id] = time.monotonic()
             self.store.update(job, status=RUNNING, started_at=self.clock(), queue_position=None)
 
     def _on_execution_start(self, job: Job, data: dict[str, Any]) -> None:
@@ -402,6 +416,8 @@ class Runner:
         self._forget(job.prompt_id)
 
     def _forget(self, prompt_id: str) -> None:
+        self._queued_since.pop(prompt_id, None)
+        self._running_since.pop(prompt_id, None)
         self.previews.pop(prompt_id, None)
         self._executed.pop(prompt_id, None)
         self._ending.pop(prompt_id, None)

@@ -34,12 +34,17 @@ def setup_logging(level: str) -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
+def report_config_error(exc: ConfigError) -> None:
+    """A config mistake: one line on stderr, no traceback (the caller exits with 2)."""
+    print(f"config error: {exc}", file=sys.stderr)
+
+
 def load_or_exit(loader: Callable, path: Path):
     """Load a config file; a mistake is one line on stderr and exit code 2."""
     try:
         return loader(path)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        report_config_error(exc)
         raise SystemExit(2) from None
 
 

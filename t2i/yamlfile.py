@@ -8,6 +8,7 @@ every key. Loading stays ``safe_load``-safe: the loader is a ``SafeLoader``.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,8 @@ class Section:
         if not ok:
             names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise self.error(key, f"must be {names}, got {_describe(value)}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
+            raise self.error(key, f"must be a finite number, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be at least {minimum:g}, got {value!r}")
         return value

@@ -63,6 +63,8 @@ def test_empty_file_is_all_defaults(tmp_path):
     ("retention:\n  image_max_count: -1\n", 2, "retention.image_max_count", "must be at least 0"),
     ("default_workflow: nope\n", 1, "default_workflow", "names no workflow"),
     ("job_timeout: 1\njob_timeout: 2\n", 2, "job_timeout", "duplicate key"),
+    ("job_timeout: .nan\n", 1, "job_timeout", "must be a finite number"),
+    ("retention:\n  interval: .inf\n", 2, "retention.interval", "must be a finite number"),
 ])
 def test_worker_yaml_mistakes_name_file_line_and_key(tmp_path, text, line, key, problem):
     path = write(tmp_path / "w.yaml", text)
@@ -134,6 +136,13 @@ def test_cli_config_mistake_is_one_line_and_exit_code_2(tmp_path):
     missing = run_worker_cli("--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == f"config error: {tmp_path / 'nope.yaml'}: file not found"
+    # An images folder that cannot be made is a config mistake too, found at start-up.
+    (tmp_path / "a-file").write_text("not a folder")
+    path = write(tmp_path / "images.yaml", f"listen: '127.0.0.1:0'\nimages:\n  dir: {tmp_path / 'a-file' / 'images'}\n")
+    result = run_worker_cli("--config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("config error")] == [
+        f"config error: {path}: images.dir: cannot use {tmp_path / 'a-file' / 'images'} for images: Not a directory"]
 
 
 def test_cli_help_and_version():

@@ -161,3 +161,16 @@ def test_result_of_matches_worker_shapes():
                                                 "image_urls": ["u"], "completed_at": 5}
     failed = result_of(job("1", "failed", error="boom", completed_at=5))
     assert failed.body == {"prompt_id": "1", "status": "failed", "error": "boom", "completed_at": 5}
+
+
+def test_a_forced_reload_reads_an_edit_that_kept_mtime_and_size(tmp_path):
+    """SIGHUP forces a content check: an edit within the timestamp granularity is not missed."""
+    import os
+
+    registry, path, _ = make_registry(tmp_path, [entry("a", 1)])
+    stat = path.stat()
+    path.write_text(path.read_text().replace("name: a", "name: b"))  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert registry.reload_if_changed() is None  # the cheap check sees nothing
+    assert registry.reload_if_changed(force=True) is True
+    assert [name for name, state in registry.workers.items() if state.listed] == ["b"]

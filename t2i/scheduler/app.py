@@ -131,10 +131,10 @@ class Scheduler:
         callback.start()
         self._callbacks.append(callback)
 
-    def reload(self) -> None:
-        """Apply an edited workers.yaml (every reload_interval, and on SIGHUP)."""
+    def reload(self, force: bool = False) -> None:
+        """Apply an edited workers.yaml (every reload_interval; forced on SIGHUP)."""
         try:
-            self.registry.reload_if_changed()
+            self.registry.reload_if_changed(force)
             self.registry.drop_drained()
         except Exception:
             log.exception("reloading %s failed", self.registry.workers_file)
@@ -188,7 +188,7 @@ async def main(argv: list[str] | None = None) -> None:
     log.debug("outbound HTTP client: %s", impl)
     stop = asyncio.Event()
     install_shutdown_handlers(stop)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, scheduler.reload)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, scheduler.reload, True)
     try:
         await scheduler.start()
     except OSError as exc:

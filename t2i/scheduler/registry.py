@@ -133,14 +133,18 @@ class Registry:
         self._digest = hashlib.sha256(text).hexdigest()
         self._apply(entries)
 
-    def reload_if_changed(self) -> bool | None:
-        """Check mtime, size and content; apply an edit. True: applied, False: refused, None: unchanged."""
+    def reload_if_changed(self, force: bool = False) -> bool | None:
+        """Check mtime, size and content; apply an edit. True: applied, False: refused, None: unchanged.
+
+        ``force`` (SIGHUP) reads the content even when mtime and size look the same: an edit
+        within the file system's timestamp granularity that kept the size would be missed.
+        """
         try:
             st = os.stat(self.workers_file)
         except OSError:
             return self._refuse(ConfigError(self.workers_file, "file not found"), digest="missing")
         signature = (st.st_mtime_ns, st.st_size)
-        if signature == self._signature:
+        if signature == self._signature and not force:
             return None
         try:
             data = self.workers_file.read_bytes()

@@ -12,7 +12,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from t2i import cli
-from t2i.config import WorkerConfig, load_worker_config
+from t2i.config import ConfigError, WorkerConfig, load_worker_config
 from t2i.httpclient import configure_http_client
 from t2i.web import NotFoundHandler, body_size_limit, log_request
 from t2i.worker.handlers import url_table
@@ -58,7 +58,12 @@ class Worker:
         return getattr(self.pruner, "last_report", None)
 
     async def start(self) -> None:
-        self.images.ensure_directory()
+        """Raises ConfigError when images.dir is unusable, OSError when the port is taken."""
+        try:
+            self.images.ensure_directory()
+        except OSError as exc:
+            raise ConfigError(self.config.file, f"cannot use {self.config.images_dir} for images: "
+                              f"{exc.strerror or exc}", key="images.dir") from None
         found = await self.images.take_stock()
         app = make_app(self.config, self.store, self.runner, self.prune_report)
         sockets = bind_sockets(self.config.listen_port, address=self.config.listen_host)
@@ -114,6 +119,9 @@ async def main(argv: list[str] | None = None) -> int:
     worker = Worker(config)
     try:
         await worker.start()
+    except ConfigError as exc:
+        cli.report_config_error(exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
         return 1

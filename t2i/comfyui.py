@@ -337,13 +337,19 @@ class ComfyUIClient:
         self._connected.set()
         log.info("connected to ComfyUI websocket %s (clientId %s)", self.ws_url, client_id)
         self._notify("on_connected", client_id, self.connections > 1)
-        while True:
-            message = await ws.read_message()
-            if message is None:
-                break
-            self._dispatch(message)
-        self._connected.clear()
-        self._ws = None
+        try:
+            while True:
+                message = await ws.read_message()
+                if message is None:
+                    break
+                try:
+                    self._dispatch(message)
+                except Exception:  # one odd message must not end the connection's reader
+                    log.exception("ignoring a ComfyUI websocket message that could not be handled")
+        finally:
+            # However the reader ends, submit() must not believe a dead socket is listening.
+            self._connected.clear()
+            self._ws = None
         if not self._closing:
             reason = f"close code {ws.close_code}" if ws.close_code else "connection lost, no close frame"
             self.last_error = f"ComfyUI websocket dropped ({reason})"

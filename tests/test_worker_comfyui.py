@@ -195,6 +195,7 @@ async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
         json.dumps({"type": "progress", "data": {"value": 1, "max": 4, "prompt_id": PID, "node": "3"}}),
         json.dumps({"type": "some_custom_node_type", "data": {}}),
         "not json",
+        "[" * 100_000,  # too deep for the JSON parser (RecursionError): dropped, the socket lives on
         struct.pack(">II", 3, 1) + b"3" + b"step 1/4",
         struct.pack(">II", 4, len(meta)) + meta + b"jpeg-4",
         struct.pack(">II", 1, 1) + b"jpeg-1",
@@ -212,6 +213,7 @@ async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
         assert len(first_id) == 32 and client.client_id == first_id
         kinds = [e[1] if e[0] == "message" else e[0] for e in recorder.events]
         assert kinds == ["connected", "status", "progress", "some_custom_node_type", "preview", "preview"]
+        assert client.connected and client.connections == 1
         assert recorder.events[-2][1:] == (PID, b"jpeg-4", "image/jpeg")
         assert recorder.events[-1][1:] == (None, b"jpeg-1", "image/jpeg")
 

@@ -265,7 +265,9 @@ async def test_files_from_a_previous_run(tmp_path):
         path.write_bytes(b"z" * 10)
         os.utime(path, (clock() - age, clock() - age))
     (images.directory / "notes.txt").write_text("not an image")
+    (images.directory / ".tmp-k1ll3d_w.part").write_bytes(b"half an image")  # a write cut short by a kill
     assert await images.take_stock() == 5
+    assert not (images.directory / ".tmp-k1ll3d_w.part").exists()  # removed at start-up
 
     report = await pruner.prune_once()
     # Two are older than a day; of the three left, the count limit keeps them all.

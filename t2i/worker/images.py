@@ -20,6 +20,8 @@ from tornado import web
 from t2i.web import APIError
 
 IMAGE_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}_\d+\.(png|jpg|jpeg|webp|gif)$")
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
+TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}\w+{re.escape(TEMP_SUFFIX)}$")
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -42,7 +44,11 @@ class ImageStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     async def take_stock(self) -> int:
-        """Index the files already in the folder (left from before a restart)."""
+        """Index the files already in the folder (left from before a restart).
+
+        Half-written temp files of a worker killed mid-write are removed: at start-up no
+        write of ours is in flight, and nothing else would ever delete them.
+        """
         found = await asyncio.get_running_loop().run_in_executor(None, self._scan)
         self.index = dict(sorted(found.items(), key=lambda item: item[1][1]))
         return len(self.index)
@@ -58,6 +64,11 @@ class ImageStore:
                 if IMAGE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
                     stat = entry.stat(follow_symlinks=False)
                     found[entry.name] = (stat.st_size, stat.st_mtime)
+                elif TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
         return found
 
     async def save(self, name: str, data: bytes) -> str:
@@ -70,7 +81,7 @@ class ImageStore:
 
     def _write(self, name: str, data: bytes) -> None:
         self.ensure_directory()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

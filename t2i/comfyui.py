@@ -289,11 +289,6 @@ class ComfyUIClient:
             return False
         return True
 
-    def drop_connection(self) -> None:
-        """Close the websocket as if it dropped (the loop reconnects); for tests and ops."""
-        if self._ws is not None:
-            self._ws.close()
-
     async def _run(self) -> None:
         delay = self.backoff_min
         failures = 0

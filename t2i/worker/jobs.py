@@ -100,7 +100,6 @@ class JobStore:
         self._tombstone_limit = tombstone_limit
         self._forgotten_before = 0
         self._waiters = Waiters()  # keyed by prompt_id; the feed waits on FEED
-        self._listeners: list[Callable[[Job], None]] = []
 
     # --- reading ------------------------------------------------------------
 
@@ -115,9 +114,6 @@ class JobStore:
 
     def was_removed(self, prompt_id: str) -> bool:
         return prompt_id in self._tombstones
-
-    def jobs(self) -> Iterable[Job]:
-        return self._jobs.values()
 
     def unfinished(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.status in UNFINISHED]
@@ -159,10 +155,6 @@ class JobStore:
         return False, changed, removed
 
     # --- changing -----------------------------------------------------------
-
-    def add_listener(self, listener: Callable[[Job], None]) -> None:
-        """Call ``listener(job)`` after every change (metrics hook)."""
-        self._listeners.append(listener)
 
     def add(self, job: Job) -> Job:
         if job.prompt_id in self._jobs:
@@ -217,8 +209,6 @@ class JobStore:
         self._changes.move_to_end(job.prompt_id)
         self._waiters.wake(job.prompt_id)
         self._waiters.wake(FEED)
-        for listener in self._listeners:
-            listener(job)
 
     # --- waiting ------------------------------------------------------------
 

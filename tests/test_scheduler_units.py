@@ -9,7 +9,7 @@ import pytest
 
 from support.cluster import write_workers_yaml
 from t2i.config import ConfigError
-from t2i.scheduler.forward import result_of
+from t2i.jobstate import result_of
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import NoWorkerAvailable, Registry
 
@@ -154,13 +154,13 @@ async def test_mirror_wait_wakes_on_change_and_on_abandon():
     assert not mirror._waiters
 
 
-def test_result_of_matches_worker_shapes():
-    assert result_of(job("1", "running")).status == 202
-    done = result_of(job("1", "completed", image_url="u", image_urls=["u"], completed_at=5))
-    assert done.status == 200 and done.body == {"prompt_id": "1", "status": "completed", "image_url": "u",
-                                                "image_urls": ["u"], "completed_at": 5}
-    failed = result_of(job("1", "failed", error="boom", completed_at=5))
-    assert failed.body == {"prompt_id": "1", "status": "failed", "error": "boom", "completed_at": 5}
+def test_result_of_a_status_object():
+    assert result_of(job("1", "running"))[0] == 202
+    code, body = result_of(job("1", "completed", image_url="u", image_urls=["u"], completed_at=5))
+    assert code == 200 and body == {"prompt_id": "1", "status": "completed", "image_url": "u",
+                                    "image_urls": ["u"], "completed_at": 5}
+    code, body = result_of(job("1", "failed", error="boom", completed_at=5))
+    assert code == 200 and body == {"prompt_id": "1", "status": "failed", "error": "boom", "completed_at": 5}
 
 
 def test_a_forced_reload_reads_an_edit_that_kept_mtime_and_size(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from t2i.httpclient import JSONResponse, UpstreamUnavailable, detached, fetch_json
+from t2i.jobstate import result_of
 from t2i.metrics import SCHEDULER_ROUTED
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import NoWorkerAvailable, Registry, WorkerState
@@ -36,7 +37,6 @@ PASS_THROUGH = {
     "result": {200, 202, 404, 410},
     "cancel": {200, 404, 409, 410},
 }
-FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 @dataclass
@@ -46,22 +46,6 @@ class Reply:
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def result_of(status: dict[str, Any]) -> Reply:
-    """``GET /result`` from a mirrored status object, shaped as the worker shapes it."""
-    state = status.get("status")
-    if state not in FINAL:
-        return Reply(202, status)
-    body: dict[str, Any] = {"prompt_id": status.get("prompt_id"), "status": state}
-    if state == "completed":
-        body.update(image_url=status.get("image_url"), image_urls=status.get("image_urls") or [],
-                    completed_at=status.get("completed_at"))
-        if status.get("image_expired"):
-            body.update(image_expired=True, error=status.get("error") or "The image has expired.")
-    else:
-        body.update(error=status.get("error"), completed_at=status.get("completed_at"))
-    return Reply(200, body)
 
 
 class JobRouter:
@@ -137,7 +121,7 @@ class JobRouter:
     async def result(self, prompt_id: str) -> Reply:
         entry = self.mirror.fresh(prompt_id)
         if entry is not None:
-            return result_of(entry.status)
+            return Reply(*result_of(entry.status))
         return await self.ask_owner("result", prompt_id)
 
     async def cancel(self, prompt_id: str) -> Reply:

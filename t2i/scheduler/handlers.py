@@ -7,6 +7,7 @@ from typing import Any
 
 from tornado import web
 
+from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.forward import JobRouter, Reply
@@ -14,7 +15,6 @@ from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import Registry
 from t2i.web import APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
 
-MAX_WAIT = 60.0
 _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
 

@@ -20,12 +20,11 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
 from t2i.httpclient import UpstreamUnavailable, fetch_json
+from t2i.jobstate import FINISHED, UNFINISHED
 from t2i.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
-FINAL = frozenset({"completed", "failed", "cancelled"})
-UNFINISHED = frozenset({"pending", "running"})
 
 FEED_WAIT = 25.0            # seconds a feed request waits for changes on the worker
 FEED_CONNECT_TIMEOUT = 2.0
@@ -52,7 +51,7 @@ class Entry:
 
     @property
     def final(self) -> bool:
-        return self.status.get("status") in FINAL
+        return self.status.get("status") in FINISHED
 
     def encoded(self) -> bytes:
         if self._encoded is None:

@@ -7,15 +7,15 @@ from typing import Any, Callable
 
 from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
 from t2i.config import WorkerConfig
+from t2i.jobstate import MAX_WAIT, result_of
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
 from t2i.web import APIError, JSONBodyHandler, JSONHandler, require_token
 from t2i.worker.images import ImageHandler
-from t2i.worker.jobs import COMPLETED, FINISHED, Job, JobStore
+from t2i.worker.jobs import Job, JobStore
 from t2i.worker.runner import JobFinished, Runner
 
-MAX_WAIT = 60.0  # seconds a long-poll may hold a request
 RETRY_AFTER = "5"
 
 
@@ -107,19 +107,8 @@ class StatusHandler(WorkerHandler):
 class ResultHandler(WorkerHandler):
     def get(self, prompt_id: str) -> None:
         """200 with the image URLs (or the error) when finished, 202 with the status while not."""
-        job = self.job_or_404(prompt_id)
-        state = self.job_json(job)
-        if job.status == COMPLETED:
-            body = {"prompt_id": job.prompt_id, "status": job.status, "image_url": state["image_url"],
-                    "image_urls": state["image_urls"], "completed_at": state["completed_at"]}
-            if job.image_expired:
-                body.update(image_expired=True, error=state["error"] or "The image has expired.")
-            self.write_json(body)
-        elif job.status in FINISHED:
-            self.write_json({"prompt_id": job.prompt_id, "status": job.status, "error": job.error,
-                             "completed_at": state["completed_at"]})
-        else:
-            self.write_json(state, status=202)
+        code, body = result_of(self.job_json(self.job_or_404(prompt_id)))
+        self.write_json(body, status=code)
 
 
 class CancelHandler(WorkerHandler):

@@ -17,9 +17,7 @@ from t2i.waiters import Waiters
 
 FEED = object()  # the key feed followers wait on
 
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
-UNFINISHED = frozenset({PENDING, RUNNING})
-FINISHED = frozenset({COMPLETED, FAILED, CANCELLED})
+from t2i.jobstate import CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RUNNING, UNFINISHED  # noqa: F401
 
 
 class Job:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, Awaitable
 
 from tornado import web
 from tornado.httputil import responses
@@ -32,6 +33,9 @@ class APIError(web.HTTPError):
 
 class JSONHandler(web.RequestHandler):
     """Base of every API handler: JSON in, JSON out, JSON errors, never a trace."""
+
+    _long_poll: asyncio.Future | None = None
+    _client_gone = False
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -63,6 +67,22 @@ class JSONHandler(web.RequestHandler):
         if value != value or value < 0:  # NaN or negative
             raise APIError(400, f"`{name}` must be a non-negative number.", field=name)
         return value
+
+    async def wait_unless_gone(self, awaitable: Awaitable[Any]) -> bool:
+        """Await a long-poll's wait; False (the wait cancelled) when the client went away meanwhile."""
+        self._long_poll = asyncio.ensure_future(awaitable)
+        try:
+            await self._long_poll
+        except asyncio.CancelledError:
+            return False
+        finally:
+            self._long_poll = None
+        return not self._client_gone
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._long_poll is not None:
+            self._long_poll.cancel()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")

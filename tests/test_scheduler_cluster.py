@@ -380,6 +380,21 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_long_poll_stops_waiting_when_the_browser_goes_away(tmp_path):
+    async with Cluster(tmp_path, n=1) as c:
+        stall(c)
+        pid = (await generate(c.scheduler)).body["prompt_id"]
+        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
+        version = (await get(f"{c.scheduler.url}/status/{pid}")).body["version"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(c.scheduler.url).port)
+        writer.write(f"GET /status/{pid}?wait=30&since={version} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await until(lambda: len(c.scheduler.mirror._waiters) == 1, what="the long-poll waits")
+        writer.close()  # the browser tab is closed
+        await until(lambda: len(c.scheduler.mirror._waiters) == 0, timeout=3, what="the wait dropped")
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeypatch):
     from t2i.scheduler import forward
 

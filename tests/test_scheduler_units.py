@@ -137,7 +137,7 @@ def test_mirror_apply_full_changes_removed():
 
 
 @pytest.mark.gen_test(timeout=5)
-async def test_mirror_wait_wakes_on_change_and_on_abandon():
+async def test_mirror_wait_wakes_on_change_and_cleans_up_when_cancelled():
     mirror = Mirror()
     mirror.apply("a", {"epoch": "e", "seq": 1, "full": True, "jobs": [job("1")], "removed": []})
     mirror._feeds["a"] = type("F", (), {"up": True})()  # a feed that is up
@@ -146,11 +146,11 @@ async def test_mirror_wait_wakes_on_change_and_on_abandon():
     assert not waiter.done()
     mirror.apply("a", {"epoch": "e", "seq": 2, "full": False, "jobs": [job("1", "running", 2)], "removed": []})
     await asyncio.wait_for(waiter, 1)
-    abandon = asyncio.get_running_loop().create_future()
-    waiter = asyncio.ensure_future(mirror.wait("1", 2, 5, abandon))
+    waiter = asyncio.ensure_future(mirror.wait("1", 2, 5))  # the client goes away: its wait is cancelled
     await asyncio.sleep(0.01)
-    abandon.set_result(None)
-    await asyncio.wait_for(waiter, 1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
     assert not mirror._waiters
 
 

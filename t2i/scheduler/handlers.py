@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from tornado import web
@@ -44,8 +43,6 @@ class GenerateHandler(JSONBodyHandler, SchedulerHandler):
 
 
 class StatusHandler(SchedulerHandler):
-    _abandon: asyncio.Future | None = None
-
     async def get(self, prompt_id: str) -> None:
         """The job's state: from the mirror when fresh (no await), else from its worker; long-poll."""
         _POLLS.inc()
@@ -55,9 +52,7 @@ class StatusHandler(SchedulerHandler):
             self.finish(entry.encoded())
             return
         if entry is not None:
-            self._abandon = asyncio.get_running_loop().create_future()
-            await self.mirror.wait(prompt_id, since, wait, self._abandon)
-            if self.request.connection.stream.closed():
+            if not await self.wait_unless_gone(self.mirror.wait(prompt_id, since, wait)):
                 return
             if self.router.closing:
                 raise APIError(503, "The scheduler is shutting down; ask again.", headers={"Retry-After": "1"})
@@ -73,9 +68,6 @@ class StatusHandler(SchedulerHandler):
         since = self.get_number_argument("since", int, None)
         return min(wait, MAX_WAIT), since
 
-    def on_connection_close(self) -> None:
-        if self._abandon is not None and not self._abandon.done():
-            self._abandon.set_result(None)
 
 
 class ResultHandler(SchedulerHandler):

@@ -224,14 +224,13 @@ class Mirror:
 
     # --- long-poll waits ----------------------------------------------------
 
-    async def wait(self, prompt_id: str, since: int, timeout: float,
-                   abandon: asyncio.Future | None = None) -> None:
+    async def wait(self, prompt_id: str, since: int, timeout: float) -> None:
         """Return when the job's version passes ``since``, it leaves the mirror or goes stale,
-        ``abandon`` is done (the client went away), or after ``timeout``."""
+        or after ``timeout``."""
         entry = self.fresh(prompt_id)
         if entry is None or entry.version > since or timeout <= 0:
             return
-        await self._waiters.wait(prompt_id, timeout, abandon)
+        await self._waiters.wait(prompt_id, timeout)
 
     def _wake(self, prompt_id: str) -> None:
         self._waiters.wake(prompt_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Callable
 
 from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
@@ -30,8 +29,6 @@ class WorkerHandler(JSONHandler):
         self.runner = runner
         self.catalogue = catalogue or catalogue_of(config)
         self.prune_report = prune_report or (lambda: None)
-        self._waiter: asyncio.Future | None = None
-        self._gone = False
 
     def job_or_404(self, prompt_id: str) -> Job:
         job = self.store.get(prompt_id)
@@ -44,22 +41,6 @@ class WorkerHandler(JSONHandler):
 
     def job_json(self, job: Job) -> dict[str, Any]:
         return job.to_json(self.config.public_url)
-
-    async def wait_for(self, awaitable) -> bool:
-        """Await a long-poll wait; False when the client went away meanwhile."""
-        self._waiter = asyncio.ensure_future(awaitable)
-        try:
-            await self._waiter
-        except asyncio.CancelledError:
-            return False
-        finally:
-            self._waiter = None
-        return not self._gone
-
-    def on_connection_close(self) -> None:
-        self._gone = True
-        if self._waiter is not None:
-            self._waiter.cancel()
 
 
 class GenerateHandler(JSONBodyHandler, WorkerHandler):
@@ -98,7 +79,7 @@ class StatusHandler(WorkerHandler):
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         since = self.get_number_argument("since", int, None)
         if wait > 0 and since is not None and job.version <= since:
-            if not await self.wait_for(self.store.wait_job(prompt_id, since, wait)):
+            if not await self.wait_unless_gone(self.store.wait_job(prompt_id, since, wait)):
                 return
             job = self.job_or_404(prompt_id)
         self.write_json(self.job_json(job))
@@ -136,7 +117,7 @@ class JobsHandler(WorkerHandler):
         since = self.get_number_argument("since", int, 0)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         if wait > 0 and since == self.store.seq:  # nothing new (seq 0: no job yet): hold the request
-            if not await self.wait_for(self.store.wait_feed(since, wait)):
+            if not await self.wait_unless_gone(self.store.wait_feed(since, wait)):
                 return
         full, jobs, removed = self.store.changes_since(since)
         self.write_json({"epoch": self.store.epoch, "seq": self.store.seq, "full": full,

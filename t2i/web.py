@@ -83,6 +83,8 @@ class JSONHandler(web.RequestHandler):
         self._client_gone = True
         if self._long_poll is not None:
             self._long_poll.cancel()
+        # Tornado's own: a handler still waiting for a streamed body stops waiting for it.
+        super().on_connection_close()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")

@@ -98,3 +98,26 @@ async def test_request_log_levels_and_no_tokens(server, caplog):
     assert levels["/health"] == logging.DEBUG
     assert levels["/echo"] == logging.INFO
     assert "s3cret-token" not in caplog.text
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_an_upload_cut_short_leaves_no_handler_behind(server):
+    """A client that sends half its body and hangs up: the handler must not wait for the rest forever."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    def stuck_handlers():
+        return [task for task in asyncio.all_tasks() if "_execute" in repr(task.get_coro())]
+
+    before = len(stuck_handlers())
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(server).port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"{" * 100)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+    for _ in range(50):
+        if len(stuck_handlers()) == before:
+            break
+        await asyncio.sleep(0.02)
+    assert len(stuck_handlers()) == before

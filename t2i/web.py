@@ -132,9 +132,13 @@ class JSONBodyHandler(JSONHandler):
         if self._size <= self.max_body_bytes:
             self._chunks.append(chunk)
 
-    def get_json_body(self) -> Any:
+    def check_body_size(self) -> None:
+        """413 for a streamed (chunked) body that went over the cap."""
         if self._size > self.max_body_bytes:
             raise APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.")
+
+    def get_json_body(self) -> Any:
+        self.check_body_size()
         self.request.body = b"".join(self._chunks)
         return super().get_json_body()
 

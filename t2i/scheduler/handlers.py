@@ -31,12 +31,16 @@ class SchedulerHandler(JSONHandler):
         self.write_json(reply.body, reply.status)
 
 
-class GenerateHandler(JSONBodyHandler, SchedulerHandler):
+class SchedulerBodyHandler(JSONBodyHandler, SchedulerHandler):
+    """A scheduler route with a (capped, streamed) request body."""
+
     def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter,
                    max_body_bytes: int | None = None, **kwargs: Any) -> None:
         JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
         SchedulerHandler.initialize(self, registry, mirror, router)
 
+
+class GenerateHandler(SchedulerBodyHandler):
     async def post(self) -> None:
         """Validate the request and place it on the least-loaded healthy worker."""
         self.write_reply(await self.router.generate(self.get_json_body()))
@@ -76,14 +80,10 @@ class ResultHandler(SchedulerHandler):
         self.write_reply(await self.router.result(prompt_id))
 
 
-class CancelHandler(JSONBodyHandler, SchedulerHandler):
-    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter,
-                   max_body_bytes: int | None = None, **kwargs: Any) -> None:
-        JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
-        SchedulerHandler.initialize(self, registry, mirror, router)
-
+class CancelHandler(SchedulerBodyHandler):
     async def post(self, prompt_id: str) -> None:
         """Cancel the job on its worker (409 when it already ended)."""
+        self.check_body_size()
         self.write_reply(await self.router.cancel(prompt_id))
 
 

@@ -43,11 +43,15 @@ class WorkerHandler(JSONHandler):
         return job.to_json(self.config.public_url)
 
 
-class GenerateHandler(JSONBodyHandler, WorkerHandler):
+class WorkerBodyHandler(JSONBodyHandler, WorkerHandler):
+    """A worker route with a (capped, streamed) request body."""
+
     def initialize(self, **kwargs: Any) -> None:
         WorkerHandler.initialize(self, **kwargs)
         JSONBodyHandler.initialize(self, max_body_bytes=kwargs["config"].max_body_bytes)
 
+
+class GenerateHandler(WorkerBodyHandler):
     async def post(self) -> None:
         """Check a request, queue it in ComfyUI, answer with the job's id and URLs."""
         require_token(self, self.config.auth_token)
@@ -92,9 +96,10 @@ class ResultHandler(WorkerHandler):
         self.write_json(body, status=code)
 
 
-class CancelHandler(WorkerHandler):
+class CancelHandler(WorkerBodyHandler):
     async def post(self, prompt_id: str) -> None:
         """Stop a pending or running job in ComfyUI; it ends ``cancelled``."""
+        self.check_body_size()
         require_token(self, self.config.auth_token)
         self.job_or_404(prompt_id)
         try:

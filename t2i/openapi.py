@@ -55,6 +55,14 @@ def match_path(path: str) -> str | None:
     return None
 
 
+def expects_json(method: str, path: str, status: int) -> bool:
+    """Does the document promise a JSON body for this response?"""
+    template = match_path(path)
+    operation = document()["paths"].get(template, {}).get(method.lower()) if template else None
+    response = (operation or {}).get("responses", {}).get(str(status)) or {}
+    return "application/json" in response.get("content", {})
+
+
 def check_response(method: str, path: str, status: int, body: Any) -> list[str]:
     """Problems with one response ([] when it matches the document)."""
     template = match_path(path)

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from tornado import web
 
 TESTS = Path(__file__).resolve().parent
@@ -34,12 +35,19 @@ def _recording_finish(self, chunk=None):
 def _record(handler, chunk):
     request = handler.request
     template = openapi.match_path(request.path)
-    if template is None:
-        return
+    stream = getattr(request.connection, "stream", None)
+    if template is None or (stream is not None and stream.closed()):
+        return  # nothing reaches a client that hung up (an abandoned long-poll finishes empty)
     status = handler.get_status()
     SEEN.add((request.method, template, status))
     body = None
-    if "json" in (handler._headers.get("Content-Type") or ""):
+    is_json = "json" in (handler._headers.get("Content-Type") or "")
+    if openapi.expects_json(request.method, request.path, status) and (not is_json or not chunk):
+        PROBLEMS.append(f"{request.method} {template} {status}: documented as JSON, sent "
+                        f"{handler._headers.get('Content-Type')!r} with {'a' if chunk else 'no'} body "
+                        f"(in {request.uri})")
+        return
+    if is_json:
         try:
             if isinstance(chunk, dict):
                 body = chunk
@@ -55,6 +63,15 @@ def _record(handler, chunk):
 web.RequestHandler.finish = _recording_finish
 
 
+@pytest.fixture(autouse=True)
+def _responses_match_the_openapi_document():
+    """Fail the test that made a response the document does not describe, not only the session."""
+    before = len(PROBLEMS)
+    yield
+    new = PROBLEMS[before:]
+    assert not new, "responses that do not match t2i/openapi.yaml:\n" + "\n".join(new)
+
+
 def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     write = reporter.write_line if reporter else print
@@ -63,7 +80,8 @@ def pytest_sessionfinish(session, exitstatus):
         for problem in sorted(set(PROBLEMS))[:50]:
             write(f"  {problem}")
         session.exitstatus = 1
-    whole_suite = not session.config.option.keyword and session.config.args in ([], ["tests"], [str(TESTS)])
+    args = [str(Path(arg).resolve()) for arg in session.config.args]
+    whole_suite = not session.config.option.keyword and args in ([], [str(TESTS)])
     if whole_suite and session.testscollected and not session.shouldfail:
         missing = sorted(openapi.documented_responses() - SEEN)
         if missing:

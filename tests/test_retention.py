@@ -508,15 +508,14 @@ async def test_pass_yields_to_the_loop(tmp_path):
     for _ in range(300):
         await finished_job(store, images, data=b"t")
     clock.advance(1)
-    worst = 0.0
+    turns = 0
     stop = False
 
     async def watch():
-        nonlocal worst
+        nonlocal turns
         while not stop:
-            before = time.perf_counter()
             await asyncio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - before - 0.001)
+            turns += 1
 
     watcher = asyncio.ensure_future(watch())
     await asyncio.sleep(0.005)
@@ -524,8 +523,9 @@ async def test_pass_yields_to_the_loop(tmp_path):
     stop = True
     await watcher
     assert report["tasks_removed"] == 20300 and report["images_removed"] == 300
-    # Generous for a shared 2-core machine; the bench holds the 20 ms target.
-    assert worst < 0.2, worst
+    # The other task ran again and again during the pass: it was sliced. (How long each slice
+    # took is a speed target: bench/prune_bench.py measures it; tests do not time things.)
+    assert turns >= 3, turns
 
 
 # --- through the worker's HTTP API ---------------------------------------------
@@ -552,8 +552,8 @@ async def test_pruned_job_and_image_are_gone_over_http(tmp_path):
         assert (await get(f"/images/{name}")).code == 200
 
         report = await worker.pruner.prune_once()
-        assert report["tasks_removed"] >= 1 and report["images_removed"] >= 1, report
-        assert (await get(f"/status/{job.prompt_id}")).code in (404, 410)
+        assert report["tasks_removed"] == 1 and report["images_removed"] == 1, report
+        assert (await get(f"/status/{job.prompt_id}")).code == 410  # the worker remembers it pruned it
         image = await get(f"/images/{name}")
         assert image.code == 404 and image.headers["Content-Type"].startswith("application/json")
         health = await get("/health")

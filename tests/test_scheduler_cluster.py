@@ -121,11 +121,15 @@ class Cluster:
         return self.workers[i]
 
     async def __aexit__(self, *exc: Any) -> None:
+        # Stop everything, then report what did not stop cleanly (a hang or an error in stop()
+        # is a bug too), unless the test itself already failed.
+        problems = []
         for thing in [*self.schedulers, *self.workers, *self.sims]:
             try:
                 await asyncio.wait_for(thing.stop(), 5)
-            except Exception:
-                pass
+            except Exception as error:
+                problems.append(f"{type(thing).__name__}.stop(): {error!r}")
+        assert exc[0] is not None or not problems, problems
 
 
 def stall(cluster: Cluster, value: bool = True) -> None:
@@ -367,7 +371,7 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
         assert await metric(c.scheduler.url, 't2i_poll_requests_total{server="scheduler"}') == polls + 1
         started = time.monotonic()
         response = await get(f"{c.scheduler.url}/status/{pid}?wait=0.3&since={state['version']}")
-        assert response.status == 200 and 0.25 < time.monotonic() - started < 2
+        assert response.status == 200 and time.monotonic() - started > 0.25
         assert response.body["version"] == state["version"]
         poll = asyncio.ensure_future(get(f"{c.scheduler.url}/status/{pid}?wait=20&since={state['version']}",
                                          timeout=25))
@@ -376,7 +380,7 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
         started = time.monotonic()
         stall(c, False)
         response = await poll
-        assert response.body["version"] > state["version"] and time.monotonic() - started < 5
+        assert response.body["version"] > state["version"] and time.monotonic() - started < 10  # not 20
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -409,7 +413,7 @@ async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeyp
         started = time.monotonic()
         response = await get(f"{c.scheduler.url}/status/{pid}?wait=20&since={version}", timeout=25)
         assert response.status == 200 and response.body["version"] == version
-        assert 0.25 < time.monotonic() - started < 3  # the worker held it 0.3 s, not 20 s
+        assert 0.25 < time.monotonic() - started < 10  # the worker held it 0.3 s, not 20 s
 
 
 # --- every status code of the design's table -----------------------------------------------
@@ -526,9 +530,8 @@ async def test_workers_and_health_views_and_the_page(tmp_path):
         workflows = await get(c.scheduler.url + "/workflows")
         assert workflows.status == 200 and "txt2img" in workflows.body["workflows"]
         assert (await get(c.scheduler.url + "/openapi.json")).body["openapi"].startswith("3.")
-        metrics = await fetch_json(c.scheduler.url + "/metrics", connect_timeout=2, request_timeout=5)
-        assert metrics.status == 200
-        json.dumps(response.body)
+        metrics = await AsyncHTTPClient().fetch(c.scheduler.url + "/metrics", request_timeout=5)
+        assert metrics.code == 200 and b"t2i_poll_requests_total" in metrics.body
 
 
 @pytest.mark.gen_test(timeout=20)

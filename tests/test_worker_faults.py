@@ -64,7 +64,7 @@ async def test_comfyui_down_at_submit_is_503_then_recovers(tmp_path):
         assert await worker.runner.comfy.wait_connected(12)
         prompt_id = (await call("POST", f"{worker.url}/generate", {"prompt": "x", "steps": 2})).json["prompt_id"]
         assert (await wait_status(worker.url, prompt_id))["status"] == "completed"
-        worker.runner.health_ttl = 0
+        worker.runner.probe.ttl = 0
         health = await call("GET", f"{worker.url}/health")
         assert health.code == 200 and health.json["comfyui"]["websocket_connected"] is True
     finally:

@@ -251,7 +251,9 @@ async def test_messages_that_beat_the_post_reply_find_their_job(tmp_path, monkey
         request = {"prompt": "cached", "seed": 3, "steps": 2}
         for _ in range(2):  # the second run is cached in ComfyUI except for the save node
             prompt_id = await c.submit(request)
-            state = (await call("GET", f"{c.url}/status/{prompt_id}")).json
+            # Every message came before the reply, so nothing more will arrive over the websocket:
+            # it completes from them (the 20 s full reconcile would be far too late for this wait).
+            state = await c.wait(prompt_id, timeout=5)
             assert state["status"] == "completed", state
             assert (await call("GET", state["image_url"])).code == 200
 

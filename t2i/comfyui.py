@@ -451,9 +451,16 @@ class ComfyUIClient:
         """Take a prompt out of ComfyUI wherever it is: delete it if pending, interrupt it if running.
 
         Delete first, then interrupt: whichever state it is in by then, one of them takes.
+        Both are tried even when the first fails; the first failure is raised.
         """
-        await self.delete_queued([prompt_id])
-        await self.interrupt(prompt_id)
+        failures = []
+        for step in (lambda: self.delete_queued([prompt_id]), lambda: self.interrupt(prompt_id)):
+            try:
+                await step()
+            except ComfyUIError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     async def interrupt(self, prompt_id: str) -> None:
         """Targeted interrupt: stops ``prompt_id`` only if it is the one running."""

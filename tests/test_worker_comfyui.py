@@ -114,14 +114,20 @@ class Script:
         self.first_messages: list[str] = []
         self.sockets: list[websocket.WebSocketHandler] = []
         self.frames: list = []  # sent to each new socket after its first message
+        self.slow_prompt_ids: list[str] = []
+        self.withdrawals: list = []  # bodies of POST /queue and /interrupt
 
 
 class StubPrompt(web.RequestHandler):
     def initialize(self, script):
         self.script = script
 
-    def post(self):
+    async def post(self):
         code, body = self.script.prompt_answers.pop(0)
+        if body == b"slow":  # queued, but the answer comes too late
+            self.script.slow_prompt_ids.append(json.loads(self.request.body)["prompt_id"])
+            await asyncio.sleep(1.0)
+            body = b"echo"
         if code == 200 and body == b"echo-other":
             body = json.dumps({"prompt_id": "not-yours", "number": 0, "node_errors": {}}).encode()
         elif code == 200 and body == b"echo":
@@ -132,7 +138,12 @@ class StubPrompt(web.RequestHandler):
 
 
 class StubBroken(web.RequestHandler):
+    def initialize(self, script=None):
+        self.script = script
+
     def post(self):
+        if self.script is not None:
+            self.script.withdrawals.append((self.request.path, json.loads(self.request.body or b"null")))
         self.set_status(500)
         self.finish(b"500 Internal Server Error\n\nServer got itself in trouble")
 
@@ -172,7 +183,7 @@ class Recorder:
 
 async def start_stub(script):
     app = web.Application([(r"/prompt", StubPrompt, {"script": script}), (r"/ws", StubSocket, {"script": script}),
-                           (r"/(?:queue|interrupt)", StubBroken)])
+                           (r"/(?:queue|interrupt)", StubBroken, {"script": script})])
     sockets = bind_sockets(0, "127.0.0.1")
     server = HTTPServer(app)
     server.add_sockets(sockets)
@@ -256,8 +267,9 @@ async def test_submit_answers_that_are_not_acceptance():
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_worker_answers_502_with_comfyuis_500_text(tmp_path):
+async def test_worker_answers_502_with_comfyuis_500_text(tmp_path, monkeypatch):
     from support.cluster import call, start_worker
+    from t2i import comfyui
 
     script = Script()
     server, url = await start_stub(script)
@@ -275,6 +287,17 @@ async def test_worker_answers_502_with_comfyuis_500_text(tmp_path):
         reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
         assert reply.code == 503 and "upgrade" in reply.json["error"] and reply.headers["Retry-After"]
         assert len(worker.store) == 0
+
+        # POST /prompt unanswered in time: 503, and the prompt (which ComfyUI may have queued
+        # anyway) is withdrawn, so no job runs without an owner.
+        monkeypatch.setattr(comfyui, "SUBMIT_TIMEOUT", 0.3)
+        script.prompt_answers.append((200, b"slow"))
+        reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
+        assert reply.code == 503 and len(worker.store) == 0
+        slow_id = script.slow_prompt_ids[-1]
+        await eventually(lambda: ("/interrupt", {"prompt_id": slow_id}) in script.withdrawals)
+        assert ("/queue", {"delete": [slow_id]}) in script.withdrawals
+        monkeypatch.undo()
 
         # ComfyUI takes the job but fails the cancel: 502, and the job is left as it was.
         script.prompt_answers.append((200, b"echo"))

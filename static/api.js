@@ -111,8 +111,9 @@ const longPollSlots = { free: 3 };
  *
  * Plain polling every `interval` ms; once a response carried a `version`, every
  * request is a long-poll (`?wait=&since=`). A long-poll answered with a newer
- * version is followed at once; a server that answers at once with nothing new
- * is taken not to long-poll, and is polled every `interval` ms.
+ * version is followed at once; a server that answers at once with nothing new,
+ * three times running, is taken not to long-poll, and is polled every `interval`
+ * ms (one quick answer can be a hiccup: a scheduler whose copy went stale).
  * HTTP 5xx and network errors are retried with exponential backoff.
  *
  * Callbacks: onUpdate(state) for every new state (the last one final),
@@ -130,6 +131,7 @@ export class JobWatcher {
     this.onGone = onGone;
     this.stopped = false;
     this.longPoll = true; // until the server shows it ignores ?wait
+    this.quickAnswers = 0; // long-polls answered at once with nothing new, in a row
     this.startedAt = Date.now();
     this.wake = new AbortController();
   }
@@ -196,7 +198,10 @@ export class JobWatcher {
           return;
         }
         if (newer) this.onUpdate(data);
-        if (useWait && !newer && elapsed < 1000) this.longPoll = false;
+        if (useWait) {
+          this.quickAnswers = !newer && elapsed < 1000 ? this.quickAnswers + 1 : 0;
+          if (this.quickAnswers >= 3) this.longPoll = false;
+        }
         since = version;
         const followAtOnce = useWait && (newer || elapsed >= 1000);
         if (!followAtOnce) await sleep(this.interval, this.wake.signal);

@@ -80,6 +80,7 @@ function startJob(job) {
 /** POST /generate, waiting out 503s (Retry-After) and network errors until it is taken or refused. */
 async function submit(card) {
   const backoff = new Backoff(1500, 30000);
+  const busy = new Backoff(1000, 10000);
   while (!card.abandoned) {
     card.showSubmitting();
     let answer;
@@ -92,22 +93,22 @@ async function submit(card) {
     }
     const { status, data } = answer;
     if (status === 200 && data.prompt_id) {
+      if (card.abandoned) {
+        // Cancel (or Dismiss) was pressed while the request was on its way: the job exists
+        // now, so stop it on the server too. The card already says so; nothing to watch.
+        api.cancel(data.prompt_id).catch(() => {});
+        return;
+      }
       card.accepted(data);
       remember(card);
-      if (card.abandoned) {
-        // Cancel was pressed while the request was on its way.
-        card.abandoned = false;
-        watch(card);
-        cancel(card);
-      } else {
-        watch(card);
-      }
+      watch(card);
       return;
     }
     if (card.abandoned) return;
     if (status === 503) {
-      const wait = answer.retryAfter !== null ? answer.retryAfter * 1000 : backoff.next();
-      await card.showWaiting((n) => `No worker available — retrying in ${n} s`, Math.max(wait, 1000));
+      // The server's Retry-After, stretched while the pool stays full (many tabs, many jobs).
+      const wait = Math.max((answer.retryAfter ?? 0) * 1000, busy.next());
+      await card.showWaiting((n) => `No worker available — retrying in ${n} s`, wait);
       continue;
     }
     if (status === 400) {
@@ -282,8 +283,8 @@ async function checkHealth() {
   }
 }
 
-resume();
-checkHealth();
+// Jobs of before a reload are resumed once the server's poll interval is known.
+checkHealth().then(resume);
 loadCatalogue().then(() => {
   document.documentElement.dataset.ready = "true";
 });

@@ -109,15 +109,18 @@ export class Gallery {
     return node;
   }
 
-  /** The image did not load: expired, unless the job says its image is still there. */
+  /**
+   * The image did not load. Expired for good only when the server says so (the job is gone,
+   * or its image expired); an outage (5xx, no network) is shown as such and tried again later.
+   */
   async onImageError(node, item) {
     this.showExpired(node, item);
-    let confirmed = true;
+    let confirmed = false;
     try {
       const { status, data } = await api.status(item.id, "", { timeout: 5000 });
-      if (status === 200 && data.image_url && !data.image_expired) confirmed = false;
+      confirmed = status === 404 || status === 410 || (status === 200 && (!data.image_url || data.image_expired));
     } catch {
-      // Cannot ask: the image is gone from where it was, call it expired.
+      // Cannot ask now: not a reason to forget the image.
     }
     if (confirmed) {
       this.markExpired(item.id);

@@ -134,7 +134,10 @@ export class JobCard {
   showWaiting(message, ms, kind = "waiting") {
     this.stopCountdown();
     const until = Date.now() + ms;
-    this.setState(kind, message(seconds(ms)), { announce: true });
+    // Announced once per kind of wait, not at every retry (that would drown other cards' news).
+    const announce = this.announcedWait !== kind;
+    this.announcedWait = kind;
+    this.setState(kind, message(seconds(ms)), { announce });
     return new Promise((resolve) => {
       const tick = () => {
         const left = until - Date.now();

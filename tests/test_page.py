@@ -384,3 +384,39 @@ def test_network_down_then_back(cluster, page):
     expect_state(job, "completed", timeout=20000)
     expect(trouble).to_be_hidden()
     wait_image_loaded(job)
+
+
+def test_cancel_while_the_submission_is_on_its_way(cluster, page, monkeypatch):
+    """Cancel pressed before POST /generate answers: once the job exists, it is cancelled there too."""
+    import time as _time
+
+    from t2i.worker.runner import Runner
+
+    original = Runner.submit
+
+    async def slow_submit(self, request):
+        import asyncio
+        await asyncio.sleep(1.5)  # the answer is still on its way when the user cancels
+        return await original(self, request)
+
+    monkeypatch.setattr(Runner, "submit", slow_submit)
+    before = {job.prompt_id for worker in cluster.workers for job in worker.store._jobs.values()}
+    open_page(page, cluster.url)
+    submit(page, "changed my mind", steps=150)
+    job = card(page, "changed my mind")
+    expect_state(job, "submitting", timeout=5000)
+    job.locator("button.cancel").click()
+    expect_state(job, "cancelled", timeout=5000)
+
+    def new_jobs():
+        return [j for worker in cluster.workers for j in list(worker.store._jobs.values())
+                if j.prompt_id not in before]
+
+    deadline = _time.monotonic() + 10
+    while _time.monotonic() < deadline and not [j for j in new_jobs() if j.status == "cancelled"]:
+        _time.sleep(0.1)
+    assert [j.status for j in new_jobs()] == ["cancelled"]  # cancelled on the worker, not left running
+    page.wait_for_timeout(1000)
+    expect_state(job, "cancelled", timeout=1000)  # and the card did not come back to life
+    assert page.evaluate("sessionStorage.length") == 0 or "changed my mind" not in json.dumps(
+        page.evaluate("Object.assign({}, sessionStorage)"))

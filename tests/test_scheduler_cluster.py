@@ -399,6 +399,27 @@ async def test_a_long_poll_stops_waiting_when_the_browser_goes_away(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_crafted_id_never_reaches_another_worker_route(tmp_path, monkeypatch):
+    """The id is one path segment all the way: it cannot turn a status lookup into a /jobs listing."""
+    from t2i.worker import handlers as worker_handlers
+
+    listings = []
+    original = worker_handlers.JobsHandler.get
+
+    async def watching_get(self, *args):
+        if "since=0" in self.request.uri and "wait" not in self.request.uri:
+            listings.append(self.request.uri)
+        return await original(self, *args)
+
+    async with Cluster(tmp_path, n=1) as c:
+        monkeypatch.setattr(worker_handlers.JobsHandler, "get", watching_get)
+        for crafted in ("..%2Fjobs%3Fsince%3D0", "%2E%2E%2Fjobs%3Fsince%3D0", "x%23y"):
+            response = await get(f"{c.scheduler.url}/status/{crafted}")
+            assert response.status == 404 and response.body["error"], (crafted, response.body)
+        assert listings == []
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeypatch):
     from t2i.scheduler import forward
 

@@ -68,7 +68,16 @@ export class Gallery {
 
   render() {
     const items = read();
+    // A keyboard user on a gallery button keeps their place when another job adds an image.
+    const focused = this.list.contains(document.activeElement) ? document.activeElement : null;
+    const focusedItem = focused && focused.closest("[data-id]");
+    const focusedClass = focused && focused.classList[0];
     this.list.replaceChildren(...items.map((item) => this.renderItem(item)));
+    if (focusedItem && focusedClass) {
+      const again = this.list.querySelector(
+        `[data-id="${CSS.escape(focusedItem.dataset.id)}"] .${CSS.escape(focusedClass)}`);
+      if (again) again.focus();
+    }
     this.count.textContent = items.length ? `(${items.length})` : "";
     this.clearButton.hidden = items.length === 0;
     this.empty.hidden = items.length > 0;

@@ -420,3 +420,30 @@ def test_cancel_while_the_submission_is_on_its_way(cluster, page, monkeypatch):
     expect_state(job, "cancelled", timeout=1000)  # and the card did not come back to life
     assert page.evaluate("sessionStorage.length") == 0 or "changed my mind" not in json.dumps(
         page.evaluate("Object.assign({}, sessionStorage)"))
+
+
+def test_gallery_keeps_keyboard_focus_when_another_tab_adds_an_image(cluster, page):
+    open_page(page, cluster.url)
+    submit(page, "a lighthouse at dawn", steps=4)
+    expect_state(card(page, "a lighthouse at dawn"), "completed")
+    item = page.locator("#gallery .gallery-item").filter(has_text="a lighthouse at dawn")
+    item.locator("button.reuse").focus()
+    other = page.context.new_page()
+    try:
+        other.goto(f"{cluster.url}/?poll={POLL_MS}")
+        other.wait_for_selector("html[data-ready]")
+        # The other tab finishes a job: the gallery is re-drawn here from the storage event.
+        other.evaluate("""() => {
+          const items = JSON.parse(localStorage.getItem('t2i.gallery.v1') || '[]');
+          items.unshift({id: 'othertab1', prompt: 'from the other tab', image_url: location.origin + '/x.png',
+                         width: 64, height: 64, steps: 4, seed: 1, created_at: Date.now() / 1000});
+          localStorage.setItem('t2i.gallery.v1', JSON.stringify(items));
+        }""")
+        expect(page.locator("#gallery .gallery-item").filter(has_text="from the other tab")).to_have_count(1)
+        focused = page.evaluate("""() => {
+          const el = document.activeElement;
+          return {cls: el.className, item: el.closest('[data-id]') && el.closest('[data-id]').textContent};
+        }""")
+        assert "reuse" in focused["cls"] and "a lighthouse at dawn" in (focused["item"] or ""), focused
+    finally:
+        other.close()

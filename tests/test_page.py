@@ -447,3 +447,23 @@ def test_gallery_keeps_keyboard_focus_when_another_tab_adds_an_image(cluster, pa
         assert "reuse" in focused["cls"] and "a lighthouse at dawn" in (focused["item"] or ""), focused
     finally:
         other.close()
+
+
+def test_gallery_does_not_forget_an_image_during_an_outage(cluster, page):
+    """The image fails to load and the server answers 503: unavailable now, not expired for good."""
+    open_page(page, cluster.url)
+    page.route("**/status/outage01*", lambda route: route.fulfill(
+        status=503, content_type="application/json", headers={"Retry-After": "1"},
+        body=json.dumps({"error": "Worker gpu-a cannot be reached now."})))
+    page.evaluate("""() => {
+      localStorage.setItem('t2i.gallery.v1', JSON.stringify([{id: 'outage01', prompt: 'during an outage',
+        image_url: 'http://127.0.0.1:9/images/outage01.png', width: 64, height: 64, steps: 4, seed: 1,
+        created_at: Date.now() / 1000}]));
+    }""")
+    page.reload()
+    page.wait_for_selector("html[data-ready]")
+    item = page.locator("#gallery .gallery-item").filter(has_text="during an outage")
+    expect(item.locator(".expired-label")).to_have_text("Image unavailable right now", timeout=10000)
+    stored = page.evaluate("JSON.parse(localStorage.getItem('t2i.gallery.v1'))")
+    assert stored[0]["id"] == "outage01" and not stored[0].get("expired")
+    page.evaluate("localStorage.removeItem('t2i.gallery.v1')")

@@ -137,6 +137,15 @@ def stall(cluster: Cluster, value: bool = True) -> None:
         sim.stall = value
 
 
+async def frozen_running_job(cluster: Cluster) -> tuple[str, int]:
+    """A job that is running and will not change until ``stall(cluster, False)``: (id, version)."""
+    stall(cluster)
+    pid = (await generate(cluster.scheduler)).body["prompt_id"]
+    await until(lambda: _is(cluster.scheduler.url, pid, "running"), what="running (then frozen)")
+    await asyncio.sleep(0.1)  # the last progress message of the step in flight has arrived
+    return pid, (await get(f"{cluster.scheduler.url}/status/{pid}")).body["version"]
+
+
 # --- routing --------------------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=30)
@@ -362,12 +371,10 @@ async def test_status_survives_scheduler_restart_and_replicas_agree(tmp_path):
 @pytest.mark.gen_test(timeout=20)
 async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
     async with Cluster(tmp_path, n=1) as c:
-        stall(c)
-        pid = (await generate(c.scheduler)).body["prompt_id"]
-        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
-        await asyncio.sleep(0.1)
+        pid, version = await frozen_running_job(c)
         polls = await metric(c.scheduler.url, 't2i_poll_requests_total{server="scheduler"}')
         state = (await get(f"{c.scheduler.url}/status/{pid}")).body
+        assert state["version"] == version
         assert await metric(c.scheduler.url, 't2i_poll_requests_total{server="scheduler"}') == polls + 1
         started = time.monotonic()
         response = await get(f"{c.scheduler.url}/status/{pid}?wait=0.3&since={state['version']}")
@@ -386,10 +393,7 @@ async def test_long_poll_answers_on_change_and_after_wait(tmp_path):
 @pytest.mark.gen_test(timeout=30)
 async def test_a_long_poll_stops_waiting_when_the_browser_goes_away(tmp_path):
     async with Cluster(tmp_path, n=1) as c:
-        stall(c)
-        pid = (await generate(c.scheduler)).body["prompt_id"]
-        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
-        version = (await get(f"{c.scheduler.url}/status/{pid}")).body["version"]
+        pid, version = await frozen_running_job(c)
         reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(c.scheduler.url).port)
         writer.write(f"GET /status/{pid}?wait=30&since={version} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         await writer.drain()
@@ -425,10 +429,7 @@ async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeyp
 
     monkeypatch.setattr(forward, "FORWARDED_WAIT_MAX", 0.3)
     async with Cluster(tmp_path, n=1) as c:
-        stall(c)
-        pid = (await generate(c.scheduler)).body["prompt_id"]
-        await until(lambda: _is(c.scheduler.url, pid, "running"), what="running (then frozen)")
-        version = (await get(f"{c.scheduler.url}/status/{pid}")).body["version"]
+        pid, version = await frozen_running_job(c)
         c.scheduler.mirror.unfollow("gpu-0")  # no mirror copy: the poll is forwarded to the worker
         assert c.scheduler.mirror.fresh(pid) is None
         started = time.monotonic()

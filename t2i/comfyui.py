@@ -25,7 +25,7 @@ from tornado.iostream import StreamClosedError
 from tornado.util import TimeoutError as TornadoTimeoutError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from t2i.httpclient import fetch
+from t2i.httpclient import fetch, json_request
 
 log = logging.getLogger(__name__)
 
@@ -383,16 +383,8 @@ class ComfyUIClient:
 
     async def _fetch(self, method: str, path: str, body: Any = None, *,
                      request_timeout: float | None = None) -> HTTPResponse:
-        data = None
-        headers = {}
-        if body is not None:
-            data = json.dumps(body)
-            headers["Content-Type"] = "application/json"
-        elif method == "POST":
-            data = b""
-        request = HTTPRequest(self.url + path, method=method, body=data, headers=headers,
-                              connect_timeout=self.connect_timeout,
-                              request_timeout=request_timeout or self.request_timeout)
+        request = json_request(self.url + path, method, body, connect_timeout=self.connect_timeout,
+                               request_timeout=request_timeout or self.request_timeout)
         try:
             response = await fetch(request)
         except (HTTPClientError, OSError, TornadoTimeoutError) as exc:  # StreamClosedError is an OSError

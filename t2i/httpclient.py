@@ -63,6 +63,20 @@ async def fetch(request: HTTPRequest, client: AsyncHTTPClient | None = None) -> 
     return await detached((client or AsyncHTTPClient()).fetch(request, raise_error=False))
 
 
+def json_request(url: str, method: str = "GET", body: Any = None, *, headers: dict[str, str] | None = None,
+                 connect_timeout: float, request_timeout: float) -> HTTPRequest:
+    """A request with ``body`` as JSON (a POST without one sends an empty body, as Tornado wants)."""
+    headers = dict(headers or {})
+    data: str | bytes | None = None
+    if body is not None:
+        data = json.dumps(body)
+        headers["Content-Type"] = "application/json"
+    elif method == "POST":
+        data = b""
+    return HTTPRequest(url, method=method, body=data, headers=headers,
+                       connect_timeout=connect_timeout, request_timeout=request_timeout)
+
+
 class UpstreamUnavailable(Exception):
     """The peer could not be reached (refused, timed out, reset)."""
 
@@ -72,16 +86,10 @@ async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: 
                      client: AsyncHTTPClient | None = None) -> JSONResponse:
     """Call a JSON API; any HTTP status is returned, transport failures raise UpstreamUnavailable."""
     headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body)
-        headers["Content-Type"] = "application/json"
-    elif method == "POST":
-        data = b""
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = HTTPRequest(url, method=method, body=data, headers=headers,
-                          connect_timeout=connect_timeout, request_timeout=request_timeout)
+    request = json_request(url, method, body, headers=headers, connect_timeout=connect_timeout,
+                           request_timeout=request_timeout)
     try:
         response = await fetch(request, client)
     except HTTPClientError as exc:  # raised for 599 by some clients even with raise_error=False

@@ -19,6 +19,10 @@ log = logging.getLogger("t2i.access")
 QUIET_ROUTES = re.compile(r"^/(status|jobs|health|workflows|metrics|previews|images)(/|$|\?)")
 
 
+# A job id in a route: one path segment (the same string in the scheduler, the worker and ComfyUI).
+PROMPT_ID = r"(?P<prompt_id>[^/]+)"
+
+
 class APIError(web.HTTPError):
     """An error answered as ``{"error": message, **details}``."""
 

@@ -12,7 +12,7 @@ from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.registry import Registry
-from t2i.web import APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
+from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
 
 _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
@@ -128,13 +128,11 @@ class StaticHandler(web.StaticFileHandler):
     write_error = JSONHandler.write_error
 
 
-_ID = r"(?P<prompt_id>[^/]+)"
-
 default_handlers = [
     (r"/generate", GenerateHandler),
-    (rf"/status/{_ID}", StatusHandler),
-    (rf"/result/{_ID}", ResultHandler),
-    (rf"/cancel/{_ID}", CancelHandler),
+    (rf"/status/{PROMPT_ID}", StatusHandler),
+    (rf"/result/{PROMPT_ID}", ResultHandler),
+    (rf"/cancel/{PROMPT_ID}", CancelHandler),
     (r"/workers", WorkersHandler),
     (r"/health", HealthHandler),
     (r"/workflows", WorkflowsHandler),

@@ -10,7 +10,7 @@ from t2i.jobstate import MAX_WAIT, result_of
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
-from t2i.web import APIError, JSONBodyHandler, JSONHandler, require_token
+from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token
 from t2i.worker.images import ImageHandler
 from t2i.worker.jobs import Job, JobStore
 from t2i.worker.runner import JobFinished, Runner
@@ -173,17 +173,15 @@ def url_table(config: WorkerConfig, store: JobStore, runner: Runner,
     return table
 
 
-_id = r"(?P<prompt_id>[^/]+)"
-
 default_handlers = [
     (r"/generate", GenerateHandler),
-    (rf"/status/{_id}", StatusHandler),
-    (rf"/result/{_id}", ResultHandler),
-    (rf"/cancel/{_id}", CancelHandler),
+    (rf"/status/{PROMPT_ID}", StatusHandler),
+    (rf"/result/{PROMPT_ID}", ResultHandler),
+    (rf"/cancel/{PROMPT_ID}", CancelHandler),
     (r"/jobs", JobsHandler),
     (r"/workflows", WorkflowsHandler),
     (r"/health", HealthHandler),
-    (rf"/previews/{_id}", PreviewHandler),
+    (rf"/previews/{PROMPT_ID}", PreviewHandler),
     (r"/images/(.*)", ImageHandler),
     (r"/metrics", MetricsHandler),
     (r"/openapi.json", OpenAPIHandler),

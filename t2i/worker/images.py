@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from tornado import web
 
-from t2i.web import APIError
+from t2i.web import APIError, JSONHandler
 
 IMAGE_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}_\d+\.(png|jpg|jpeg|webp|gif)$")
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
@@ -124,16 +124,9 @@ class ImageHandler(web.StaticFileHandler):
         return url_path
 
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
-        name = os.path.basename(absolute_path)
-        if not IMAGE_NAME.match(name) or os.path.dirname(absolute_path) != os.path.abspath(root):
-            raise APIError(404, "No such image.")
+        # parse_url_path let only a flat image name through: the path is inside the root.
         if not os.path.isfile(absolute_path):
             raise APIError(404, "No such image (it may have expired).")
         return super().validate_absolute_path(root, absolute_path)
 
-    def write_error(self, status_code: int, **kwargs) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        self.clear_header("Cache-Control")
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        message = exc.message if isinstance(exc, APIError) else "No such image."
-        self.finish({"error": message})
+    write_error = JSONHandler.write_error

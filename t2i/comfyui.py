@@ -113,6 +113,8 @@ class ComfyUIListener(Protocol):
 
     def on_preview(self, prompt_id: str | None, image: bytes, content_type: str) -> None: ...
 
+    def on_unreachable(self, reason: str) -> None: ...
+
 
 # --- reading ComfyUI's shapes ----------------------------------------------------
 
@@ -306,6 +308,8 @@ class ComfyUIClient:
                 self.last_error = f"cannot open ComfyUI's websocket at {self.ws_url}: {_describe(exc)}"
                 # One line when it goes away, then quietly until it is back.
                 (log.warning if failures == 1 else log.debug)("%s; retrying", self.last_error)
+                if failures == 1:
+                    self._notify("on_unreachable", self.last_error)
                 await self._sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue

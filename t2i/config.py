@@ -77,6 +77,8 @@ class ComfyUIConfig:
     output_dir: Path | None = None
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
+    stall_timeout: float = 120.0
+    max_resubmits: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class WorkerConfig:
     retention: RetentionConfig
     default_workflow: str
     workflows: dict[str, WorkflowConfig]
+    state_dir: Path = Path("state")
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,15 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         output_dir=comfy.path("output_dir"),
         connect_timeout=comfy.get("connect_timeout", float, 5.0, minimum=0.1),
         request_timeout=comfy.get("request_timeout", float, 30.0, minimum=0.1),
+        stall_timeout=comfy.get("stall_timeout", float, 120.0, minimum=0.1),
+        max_resubmits=comfy.get("max_resubmits", int, 1, minimum=0),
     )
     comfy.finish()
 
     images = root.section("images")
     images_dir = images.path("dir", "images")
     images.finish()
+    state_dir = root.path("state_dir", "state")
 
     ret = root.section("retention")
     retention = RetentionConfig(
@@ -212,6 +218,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         retention=retention,
         default_workflow=default_workflow,
         workflows=workflows,
+        state_dir=state_dir,
     )
     root.finish()
     return config

@@ -18,6 +18,14 @@ QUEUE_DEPTH = Gauge("t2i_queue_depth", "Jobs waiting or running, by state", ["wo
 POLL_REQUESTS = Counter("t2i_poll_requests_total", "GET /status requests served", ["server"])
 COMFYUI_RECONNECTS = Counter("t2i_comfyui_ws_reconnects_total",
                              "Websocket (re)connections to ComfyUI after the first", ["worker"])
+COMFYUI_STALLS = Counter("t2i_comfyui_stalls_total",
+                         "Jobs failed because ComfyUI made no progress for stall_timeout", ["worker"])
+JOBS_RESUBMITTED = Counter("t2i_jobs_resubmitted_total",
+                           "Jobs submitted again after ComfyUI lost them (it restarted)", ["worker"])
+JOBS_REATTACHED = Counter("t2i_jobs_reattached_total",
+                          "Unfinished jobs read back from the journal at start-up and followed again", ["worker"])
+JOURNAL_WRITES = Counter("t2i_journal_writes_total", "Job rows written to the journal", ["worker"])
+JOURNAL_ERRORS = Counter("t2i_journal_errors_total", "Journal commits that failed", ["worker"])
 PRUNED = Counter("t2i_pruned_total", "Items removed by retention, by kind (tasks, images, comfyui_files)",
                  ["worker", "kind"])
 PRUNED_BYTES = Counter("t2i_pruned_bytes_total", "Image bytes removed by retention", ["worker"])

@@ -8,26 +8,52 @@ from support.cluster import (WorkerCluster, call, sim_interrupted_ids, sim_pendi
                              wait_status)
 from support.net import free_port
 from t2i.worker.images import ImageStore
+from t2i.worker import lifecycle as lc
 from t2i.worker.runner import Runner
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_comfyui_restart_mid_job_fails_the_lost_jobs(tmp_path):
+async def test_comfyui_restart_mid_job_resubmits_the_lost_jobs(tmp_path):
     async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
-        running = await c.submit({"prompt": "long", "steps": 100})
-        pending = await c.submit({"prompt": "queued", "steps": 100})
+        running = await c.submit({"prompt": "long", "steps": 30})
+        pending = await c.submit({"prompt": "queued", "steps": 30})
         await c.wait(running, "running")
         old_client = c.worker.runner.comfy.client_id
-        await c.sim.restart()
+        await c.sim.restart()  # ComfyUI forgets its queue and history (PROTOCOL §9)
         for prompt_id in (running, pending):
             state = await c.wait(prompt_id)
-            assert state["status"] == "failed"
-            assert state["error"] == "ComfyUI lost this job (it restarted or its queue was cleared)."
-        # Reconnected under a fresh clientId, and new work goes through.
+            assert state["status"] == "completed", state
+            assert state["attempt"] == 2 and state["error"] is None
+            assert (await call("GET", state["image_url"])).code == 200
+        # The same prompt_ids went to the new ComfyUI, under a fresh clientId.
+        assert {running, pending} <= {prompt_id for prompt_id, _, _ in c.sim.submitted}
         assert c.worker.runner.comfy.client_id != old_client
-        assert (await c.wait(await c.submit({"prompt": "again", "steps": 2})))["status"] == "completed"
-        metrics = await call("GET", f"{c.url}/metrics")
-        assert b't2i_comfyui_ws_reconnects_total{worker="gpu-a"}' in metrics.body
+        metrics = (await call("GET", f"{c.url}/metrics")).body
+        assert b't2i_comfyui_ws_reconnects_total{worker="gpu-a"}' in metrics
+        assert b't2i_jobs_resubmitted_total{worker="gpu-a"} 2.0' in metrics
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_job_that_crashes_comfyui_every_time_fails_after_max_resubmits(tmp_path):
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}, comfyui={"max_resubmits": 1}) as c:
+        prompt_id = await c.submit({"prompt": "poison", "steps": 30})
+        for attempt in (1, 2):
+            await c.wait(prompt_id, predicate=lambda s, a=attempt: s["status"] == "running" and s["attempt"] == a)
+            await c.sim.restart()  # as if this workflow took ComfyUI down with it
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed" and state["attempt"] == 2
+        assert state["error"] == lc.lost_sentence(1) and "giving up" in state["error"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_with_no_resubmits_a_lost_job_fails_at_once(tmp_path):
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}, comfyui={"max_resubmits": 0}) as c:
+        prompt_id = await c.submit({"prompt": "long", "steps": 30})
+        await c.wait(prompt_id, "running")
+        await c.sim.restart()
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed"
+        assert state["error"] == "ComfyUI lost this job (it restarted or its queue was cleared)."
 
 
 @pytest.mark.gen_test(timeout=30)

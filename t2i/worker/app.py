@@ -18,6 +18,7 @@ from t2i.web import NotFoundHandler, body_size_limit, log_request
 from t2i.worker.handlers import url_table
 from t2i.worker.images import ImageStore
 from t2i.worker.jobs import JobStore
+from t2i.worker.journal import Journal
 from t2i.worker.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ class Worker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.store = JobStore()
+        self.journal = Journal(config.state_dir)
+        self.store = JobStore(on_remove=self.journal.forget)
         self.images = ImageStore(config.images_dir)
-        self.runner = Runner(config, self.store, self.images)
+        self.runner = Runner(config, self.store, self.images, journal=self.journal)
         self.pruner: Any = None
         self.server: HTTPServer | None = None
         self.port: int | None = None
@@ -58,13 +60,24 @@ class Worker:
         return getattr(self.pruner, "last_report", None)
 
     async def start(self) -> None:
-        """Raises ConfigError when images.dir is unusable, OSError when the port is taken."""
+        """Raises ConfigError when images.dir or state_dir is unusable, OSError when the port is taken."""
         try:
             self.images.ensure_directory()
         except OSError as exc:
             raise ConfigError(self.config.file, f"cannot use {self.config.images_dir} for images: "
                               f"{exc.strerror or exc}", key="images.dir") from None
+        try:
+            jobs, tombstones = await self.journal.open()
+        except OSError as exc:
+            raise ConfigError(self.config.file, f"cannot keep the job journal in {self.config.state_dir}: "
+                              f"{exc.strerror or exc}", key="state_dir") from None
         found = await self.images.take_stock()
+        for job in jobs:
+            # An image retention removed while we were down: the job says it expired.
+            if job.images and not all(name in self.images.index for name in job.images):
+                job.image_expired = True
+        # Before the pruner's first pass: ComfyUI outputs of unfinished jobs must not go.
+        self.store.restore(jobs, tombstones)
         app = make_app(self.config, self.store, self.runner, self.prune_report)
         sockets = bind_sockets(self.config.listen_port, address=self.config.listen_host)
         self.port = sockets[0].getsockname()[1]
@@ -73,10 +86,12 @@ class Worker:
         self.server.add_sockets(sockets)
         await self.runner.start()
         self.pruner = await _start_pruner(self)
-        log.info("worker %s listening on %s (public %s), ComfyUI at %s, %d image(s) on disk",
-                 self.config.name, self.url, self.config.public_url, self.config.comfyui.url, found)
+        log.info("worker %s listening on %s (public %s), ComfyUI at %s, %d image(s) on disk, %d job(s) journaled",
+                 self.config.name, self.url, self.config.public_url, self.config.comfyui.url, found, len(jobs))
 
     async def stop(self) -> None:
+        """Stop taking jobs, let image collections in flight finish (bounded), write the journal.
+        Jobs in ComfyUI carry on there; the next start picks them up."""
         if self.server is not None:
             self.server.stop()
         if self.pruner is not None:
@@ -89,6 +104,7 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("some HTTP connections did not close within 2 s")
             self.server = None
+        await self.journal.close()
 
 
 async def _maybe_await(result: Any) -> Any:

@@ -6,14 +6,21 @@ import asyncio
 import logging
 import os
 
-from t2i.comfyui import ComfyUIClient, ComfyUIError, ImageRef
+from t2i.comfyui import ComfyUIClient, ComfyUIError, ComfyUIUnavailable, ImageRef
 from t2i.worker.images import ImageStore
 
 log = logging.getLogger(__name__)
 
 
 class CollectError(Exception):
-    """The images could not be copied; ``str()`` is the sentence the job fails with."""
+    """The images could not be copied; ``str()`` is the sentence the job fails with.
+
+    ``retry``: ComfyUI could not be reached, so its files may still be fetched once it is back.
+    """
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: str,
@@ -30,7 +37,8 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
         except ComfyUIError as exc:
             await discard_images(images, saved)
             log.error("job %s: could not fetch image %s: %s", prompt_id, ref.filename, exc)
-            raise CollectError(f"Could not fetch the image from ComfyUI: {exc}") from None
+            raise CollectError(f"Could not fetch the image from ComfyUI: {exc}",
+                               retry=isinstance(exc, ComfyUIUnavailable)) from None
         name = ImageStore.filename_for(prompt_id, number, content_type)
         try:
             await images.save(name, data)

@@ -13,6 +13,7 @@ from t2i.validation import ValidationError, catalogue_of, validate_generate
 from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token
 from t2i.worker.images import ImageHandler
 from t2i.worker.jobs import Job, JobStore
+from t2i.worker.journal import JournalError
 from t2i.worker.runner import JobFinished, Runner
 
 RETRY_AFTER = "5"
@@ -61,7 +62,7 @@ class GenerateHandler(WorkerBodyHandler):
             raise APIError(400, str(exc), field=exc.field) from None
         try:
             job = await self.runner.submit(request)
-        except ComfyUIUnavailable as exc:
+        except (ComfyUIUnavailable, JournalError) as exc:
             raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
         except PromptRejected as exc:
             raise APIError(502, exc.message, node_errors=exc.node_errors, comfyui_error=exc.comfyui_error) from None
@@ -137,8 +138,8 @@ class WorkflowsHandler(WorkerHandler):
 
 class HealthHandler(WorkerHandler):
     async def get(self) -> None:
-        """200 when ComfyUI answers and its websocket is up, else 503; its queue, the jobs held."""
-        comfyui = dict(await self.runner.probe.state())
+        """200 when ComfyUI answers, its websocket is up and it is not stalled, else 503 with the reason."""
+        comfyui = await self.runner.health()
         ok = bool(comfyui.pop("ok"))
         self.write_json({"ok": ok, "name": self.config.name, "comfyui": comfyui, "jobs": self.store.counts(),
                          "prune": self.prune_report()}, status=200 if ok else 503)

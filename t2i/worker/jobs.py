@@ -13,62 +13,116 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
+from t2i.jobstate import CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RUNNING, UNFINISHED  # noqa: F401
 from t2i.waiters import Waiters
 
 FEED = object()  # the key feed followers wait on
 
-from t2i.jobstate import CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RUNNING, UNFINISHED  # noqa: F401
+# A job's phase: where it is in its lifecycle (t2i.worker.lifecycle moves it). Its public
+# ``status`` is a function of the phase, so the two can never disagree.
+SUBMITTING = "submitting"   # POST /prompt in flight
+QUEUED = "queued"           # in ComfyUI's queue
+STARTED = "running"         # ComfyUI runs it
+FINISHING = "finishing"     # the run ended; reading its history
+COLLECTING = "collecting"   # copying its images into images/
+PHASE_STATUS = {SUBMITTING: PENDING, QUEUED: PENDING, STARTED: RUNNING, FINISHING: RUNNING,
+                COLLECTING: RUNNING, COMPLETED: COMPLETED, FAILED: FAILED, CANCELLED: CANCELLED}
+PHASES = tuple(PHASE_STATUS)
 
 
 class Job:
-    """One job's state. Flat slots: a worker holds many thousands of these."""
+    """One job's state: every fact about it lives here, none in side tables.
 
-    __slots__ = ("prompt_id", "status", "version", "progress_value", "progress_max", "queue_position",
-                 "images", "preview_version", "error", "created_at", "started_at", "finished_at",
-                 "image_expired", "seed", "workflow", "client_id")
+    Flat slots, copied (never changed in place) by the lifecycle: a worker holds many
+    thousands of these and readers may keep a reference across an ``await``.
+    """
+
+    __slots__ = (
+        # what was asked
+        "prompt_id", "created_at", "workflow", "seed", "params", "graph",
+        # where it is (lifecycle)
+        "phase", "attempt", "client_id", "error", "ending", "outputs",
+        "queued_at", "running_at", "active_at",  # monotonic seconds: timeouts and the stall watchdog
+        # what /status shows
+        "version", "progress_value", "progress_max", "queue_position", "images", "preview_version",
+        "started_at", "finished_at", "image_expired",
+        # kept for the features that build on the journal
+        "client", "idempotency_key", "webhook",
+    )
 
     def __init__(self, prompt_id: str, created_at: float, workflow: str | None = None,
-                 seed: int | None = None, client_id: str | None = None):
+                 seed: int | None = None, client_id: str | None = None, *, phase: str = SUBMITTING,
+                 graph: dict[str, Any] | None = None, params: dict[str, Any] | None = None, **fields: Any):
         self.prompt_id = prompt_id
-        self.status = PENDING
+        self.created_at = created_at
+        self.workflow = workflow
+        self.seed = seed
+        self.params = params
+        self.graph = graph  # the built ComfyUI workflow, kept until the job ends (to resubmit it)
+        self.phase = phase
+        self.attempt = 0  # how many times ComfyUI accepted it (a resubmit after a ComfyUI restart adds one)
+        self.client_id = client_id  # the websocket clientId it was submitted under
+        self.error: str | None = None  # finished: why it failed; unfinished: a problem right now
+        self.ending: tuple[str, str] | None = None  # a stop in flight: (final phase, error)
+        self.outputs: tuple = ()  # ImageRefs named by `executed` messages
+        self.queued_at = self.running_at = self.active_at = 0.0
         self.version = 0
         self.progress_value: int | None = None
         self.progress_max: int | None = None
         self.queue_position: int | None = None
         self.images: tuple[str, ...] = ()
         self.preview_version = 0
-        self.error: str | None = None
-        self.created_at = created_at
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.image_expired = False
-        self.seed = seed
-        self.workflow = workflow
-        self.client_id = client_id
+        self.client: str | None = None
+        self.idempotency_key: str | None = None
+        self.webhook: Any = None
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    @property
+    def status(self) -> str:
+        return PHASE_STATUS[self.phase]
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED
+        return self.phase in FINISHED
+
+    def evolve(self, **changes: Any) -> "Job":
+        """A copy with ``changes`` applied (the original is left as it was)."""
+        job = Job.__new__(Job)
+        for name in Job.__slots__:
+            setattr(job, name, changes[name] if name in changes else getattr(self, name))
+        return job
+
+    def differs(self, changes: dict[str, Any]) -> bool:
+        return any(getattr(self, name) != value for name, value in changes.items())
+
+    def __repr__(self) -> str:
+        return f"<Job {self.prompt_id} {self.phase} attempt {self.attempt} v{self.version}>"
 
     def to_json(self, public_url: str) -> dict[str, Any]:
         """The job as ``GET /status`` shows it."""
+        status = self.status
         image_urls = [f"{public_url}/images/{name}" for name in self.images] if not self.image_expired else []
         progress = None
         if self.progress_max:
             progress = {"value": self.progress_value or 0, "max": self.progress_max}
         preview_url = None
-        if self.status == RUNNING and self.preview_version:
+        if status == RUNNING and self.preview_version:
             preview_url = f"{public_url}/previews/{self.prompt_id}?v={self.preview_version}"
         state = {
             "prompt_id": self.prompt_id,
-            "status": self.status,
+            "status": status,
             "version": self.version,
             "progress": progress,
-            "queue_position": self.queue_position if self.status == PENDING else None,
-            "image_url": image_urls[0] if image_urls and self.status == COMPLETED else None,
-            "image_urls": image_urls if self.status == COMPLETED else [],
+            "queue_position": self.queue_position if status == PENDING else None,
+            "image_url": image_urls[0] if image_urls and status == COMPLETED else None,
+            "image_urls": image_urls if status == COMPLETED else [],
             "preview_url": preview_url,
             "error": self.error,
+            "attempt": max(self.attempt, 1),
             "workflow": self.workflow,
             "seed": self.seed,
             "created_at": self.created_at,
@@ -83,11 +137,15 @@ class Job:
 class JobStore:
     """All jobs of one worker process, in memory."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, tombstone_limit: int = 20000):
+    def __init__(self, clock: Callable[[], float] = time.time, tombstone_limit: int = 20000,
+                 on_remove: Callable[[list[str]], None] | None = None):
         self.clock = clock
-        # A worker restart starts the sequence again; followers see a new epoch and re-list.
+        # A worker restart starts a new epoch; followers see it and re-list. The sequence starts
+        # from the wall clock in milliseconds, so a job's version still grows across a restart
+        # (a client long-polling with an old ``since`` is answered, not held).
         self.epoch = uuid.uuid4().hex[:12]
-        self.seq = 0
+        self.seq = int(clock() * 1000)
+        self.on_remove = on_remove  # the journal forgets removed jobs (and keeps their tombstones)
         self._jobs: dict[str, Job] = {}
         # prompt_id -> version, oldest change first: the feed walks it from the end.
         self._changes: OrderedDict[str, int] = OrderedDict()
@@ -114,7 +172,10 @@ class JobStore:
         return prompt_id in self._tombstones
 
     def unfinished(self) -> list[Job]:
-        return [job for job in self._jobs.values() if job.status in UNFINISHED]
+        return [job for job in self._jobs.values() if job.phase not in FINISHED]
+
+    def tombstones(self) -> list[str]:
+        return list(self._tombstones)
 
     def counts(self) -> dict[str, int]:
         counts = {PENDING: 0, RUNNING: 0}
@@ -157,36 +218,42 @@ class JobStore:
     def add(self, job: Job) -> Job:
         if job.prompt_id in self._jobs:
             raise KeyError(f"job {job.prompt_id} exists")
-        self._jobs[job.prompt_id] = job
         self._tombstones.pop(job.prompt_id, None)
+        return self.put(job)
+
+    def restore(self, jobs: Iterable[Job], tombstones: Iterable[str]) -> None:
+        """Jobs and tombstones read back from the journal at start-up (oldest first)."""
+        for prompt_id in tombstones:
+            self.seq += 1
+            self._tombstones[prompt_id] = self.seq
+        for job in jobs:
+            self._tombstones.pop(job.prompt_id, None)
+            self.put(job)
+
+    def put(self, job: Job) -> Job:
+        """Hold ``job`` as the current state of its id: a new version, waiters woken."""
+        if job.phase in FINISHED:
+            if job.finished_at is None:
+                job.finished_at = self.clock()
+            self._finished.setdefault(job.prompt_id, job.finished_at)
+        self._jobs[job.prompt_id] = job
         self._touch(job)
         return job
 
-    def update(self, job: Job, **changes: Any) -> bool:
-        """Apply changes; returns False (and bumps nothing) when nothing changed."""
-        if job.prompt_id not in self._jobs:
-            return False
-        changed = False
-        for name, value in changes.items():
-            if getattr(job, name) != value:
-                setattr(job, name, value)
-                changed = True
-        if not changed:
-            return False
-        if job.status in FINISHED and job.finished_at is None:
-            job.finished_at = self.clock()
-        if job.status in FINISHED and job.prompt_id not in self._finished:
-            self._finished[job.prompt_id] = job.finished_at
-        self._touch(job)
-        return True
+    def update(self, job: Job | str, **changes: Any) -> Job | None:
+        """The held job with ``changes`` applied; None (and no new version) when nothing changed."""
+        current = self._jobs.get(job if isinstance(job, str) else job.prompt_id)
+        if current is None or not current.differs(changes):
+            return None
+        return self.put(current.evolve(**changes))
 
     def remove(self, prompt_ids: Iterable[str]) -> int:
-        removed = 0
+        removed_ids = []
         for prompt_id in prompt_ids:
             job = self._jobs.pop(prompt_id, None)
             if job is None:
                 continue
-            removed += 1
+            removed_ids.append(prompt_id)
             self._changes.pop(prompt_id, None)
             self._finished.pop(prompt_id, None)
             self.seq += 1
@@ -196,11 +263,15 @@ class JobStore:
         while len(self._tombstones) > self._tombstone_limit:
             _, seq = self._tombstones.popitem(last=False)
             self._forgotten_before = seq + 1
-        if removed:
+        if removed_ids:
             self._waiters.wake(FEED)
-        return removed
+            if self.on_remove is not None:
+                self.on_remove(removed_ids)
+        return len(removed_ids)
 
     def _touch(self, job: Job) -> None:
+        # The feed walks _changes and finds the current job in _jobs; the version is set on
+        # the new copy only, which no reader has seen yet.
         self.seq += 1
         job.version = self.seq
         self._changes[job.prompt_id] = self.seq

@@ -269,13 +269,12 @@ class Pruner:
         grace_cutoff = now - self.comfy_grace
         victims = []
         for i, (name, prompt_id, mtime) in enumerate(found):
-            if mtime < age_cutoff:
+            job = self.store.get(prompt_id)
+            if job is not None and not job.finished:
+                continue  # not collected yet (a job the journal brought back may be days old)
+            # Copied into images/ (finished) or forgotten: ComfyUI's copy is no longer needed.
+            if mtime < age_cutoff or mtime < grace_cutoff:
                 victims.append(name)
-            elif mtime < grace_cutoff:
-                # Copied into images/ (finished) or forgotten: ComfyUI's copy is no longer needed.
-                job = self.store.get(prompt_id)
-                if job is None or job.finished:
-                    victims.append(name)
             if i & 255 == 0:
                 await slicer.tick()
         failures: list[tuple[str, OSError]] = []

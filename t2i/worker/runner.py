@@ -1,11 +1,15 @@
-"""The job lifecycle: submit to ComfyUI, follow its messages, reconcile, time out, store images.
+"""Drives one ComfyUI for one worker: turns I/O into lifecycle events and carries out their effects.
 
-:class:`Runner` is the ComfyUI client's listener. Every state change goes
-through the :class:`~t2i.worker.jobs.JobStore`, so ``/status`` long-polls and
-the ``/jobs`` feed hear of it. Messages are never replayed by ComfyUI, so after
-every reconnect (and every few seconds for jobs submitted under an older
-websocket, whose messages ComfyUI now drops) unfinished jobs are checked
-against ``GET /queue`` and ``GET /history/{id}``.
+What a job's state is and how it changes is written in :mod:`t2i.worker.lifecycle`
+(pure); every per-job fact lives on the job record in the
+:class:`~t2i.worker.jobs.JobStore`. This module only listens (websocket messages,
+``/queue`` and ``/history`` snapshots, timer ticks, requests), calls
+:func:`~t2i.worker.lifecycle.advance`, and does what the effects say: talk to
+ComfyUI, copy images, write the journal.
+
+ComfyUI never replays messages, so after every reconnect (and every few seconds
+for jobs submitted under an older websocket, whose messages ComfyUI now drops)
+unfinished jobs are checked against ``GET /queue`` and ``GET /history/{id}``.
 """
 
 from __future__ import annotations
@@ -20,22 +24,24 @@ from tornado.ioloop import PeriodicCallback
 
 from t2i import metrics
 from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, ComfyUITimeout, ComfyUIUnavailable,
-                         ImageRef, PromptRejected,
-                         describe_rejection, error_sentence, images_of, outcome_of)
+                         PromptRejected, describe_rejection, error_sentence, images_of, outcome_of)
 from t2i.config import WorkerConfig
 from t2i.validation import GenerateRequest
+from t2i.worker import lifecycle as lc
 from t2i.worker.collect import CollectError, collect_images, discard_images
 from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
-from t2i.worker.jobs import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Job, JobStore
+from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
+from t2i.worker.journal import Journal
 from t2i.worker.workflow import build_workflow
 
 log = logging.getLogger(__name__)
 
-LOST = "ComfyUI lost this job (it restarted or its queue was cleared)."
-INTERRUPTED = "The job was interrupted in ComfyUI (not by t2i)."
-CANCELLED_BY_REQUEST = "Cancelled by request."
-QUEUE_TIMEOUT_FACTOR = 4  # a job may wait in ComfyUI's queue this many job_timeouts
+# Kept for callers that name them here.
+LOST = lc.lost_sentence(0)
+INTERRUPTED = lc.INTERRUPTED
+CANCELLED_BY_REQUEST = lc.CANCELLED_BY_REQUEST
+QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR
 
 
 class JobFinished(Exception):
@@ -46,47 +52,131 @@ class JobFinished(Exception):
         self.job = job
 
 
+class WorkerStarting(ComfyUIUnavailable):
+    """Journaled jobs are still being checked against ComfyUI: no new job yet."""
+
+
 class Runner:
     """Drives one ComfyUI for one worker's :class:`JobStore`."""
 
     reconcile_interval = 2.0  # seconds between safety-net checks of jobs we get no messages for
     full_reconcile_interval = 20.0  # seconds between checks of every unfinished job
-    tick_interval = 0.5  # seconds between job_timeout checks
+    tick_interval = 0.5  # seconds between timer checks (timeouts, the stall watchdog)
     queue_refresh_delay = 0.05  # debounce of GET /queue after `status` messages
+    stop_grace = 5.0  # seconds a graceful stop waits for image collections in flight
 
     def __init__(self, config: WorkerConfig, store: JobStore, images: ImageStore,
-                 comfy: ComfyUIClient | None = None, clock: Callable[[], float] = time.time):
+                 comfy: ComfyUIClient | None = None, journal: Journal | None = None,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
         self.config = config
         self.store = store
         self.images = images
+        self.journal = journal
         self.clock = clock
+        self.monotonic = monotonic
+        self.limits = lc.Limits(job_timeout=config.job_timeout, stall_timeout=config.comfyui.stall_timeout,
+                                max_resubmits=config.comfyui.max_resubmits,
+                                queue_timeout_factor=QUEUE_TIMEOUT_FACTOR)
         self.comfy = comfy or ComfyUIClient(
             config.comfyui.url, connect_timeout=config.comfyui.connect_timeout,
             request_timeout=config.comfyui.request_timeout)
         self.comfy.listener = self
         self.name = config.name
-        # Newest live preview per running job: prompt_id -> (bytes, content type).
+        # Newest live preview per running job: prompt_id -> (bytes, content type). Bytes, not state:
+        # the job's preview_version says whether there is one.
         self.previews: dict[str, tuple[bytes, str]] = {}
-        self._executed: dict[str, list[ImageRef]] = {}  # images named in `executed` messages
-        self._submitting: set[str] = set()  # POST /prompt in flight: reconcile keeps off
-        self._finishing: set[str] = set()  # reading history / downloading images
-        self._ending: dict[str, tuple[str, str]] = {}  # we interrupted it: the end it gets
+        self.stalled: dict[str, Any] | None = None  # the watchdog fired: {prompt_id, error} until ComfyUI moves
+        self.ready = asyncio.Event()  # journaled jobs reconciled: /generate may go ahead
         self._running_id: str | None = None  # whom legacy previews (no prompt_id) belong to
-        self._queued_since: dict[str, float] = {}  # monotonic time of submission, for timeouts
-        self._running_since: dict[str, float] = {}  # monotonic time ComfyUI started it
         self._queue_refresh: asyncio.TimerHandle | None = None
         self._queue_refreshing = False
         self._queue_dirty = False
         self._reconcile_task: asyncio.Task | None = None
         self._reconcile_again = False
-        self._last_full_reconcile = time.monotonic()
+        self._last_full_reconcile = self.monotonic()
         self._tasks: set[asyncio.Task] = set()
+        self._finishing: set[asyncio.Task] = set()  # history reads and image copies: a stop waits for them
         self._callbacks: list[PeriodicCallback] = []
         self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
 
-    # --- lifecycle ------------------------------------------------------------------
+    # --- the one way a job changes ------------------------------------------------------
+
+    def now(self) -> lc.Now:
+        return lc.Now(self.monotonic(), self.clock())
+
+    def apply(self, prompt_id: str, event: Any, skip: tuple[lc.Effect, ...] = ()) -> Job | None:
+        """Advance the held job by ``event`` and carry out the effects (but ``skip``); the job after."""
+        job = self.store.get(prompt_id)
+        if job is None:
+            return None
+        new, effects = lc.advance(job, event, self.now(), self.limits)
+        if new is not job:
+            self.store.put(new)
+        for effect in effects:
+            if effect not in skip:
+                self._carry_out(new, effect)
+        return new
+
+    def _carry_out(self, job: Job, effect: lc.Effect) -> None:
+        kind = effect.kind
+        if kind == "journal":
+            if self.journal is not None:
+                self.journal.save(job)
+                metrics.JOURNAL_WRITES.labels(self.name).inc()
+        elif kind == "finished":
+            self._finished(job)
+        elif kind == "withdraw":
+            self._spawn(self._withdraw(job.prompt_id))
+        elif kind == "fetch_history":
+            self._spawn(self._fetch_history(job.prompt_id), finishing=True)
+        elif kind == "collect":
+            self._spawn(self._collect(job.prompt_id, list(effect.refs)), finishing=True)
+        elif kind == "submit":
+            metrics.JOBS_RESUBMITTED.labels(self.name).inc()
+            log.warning("job %s: ComfyUI lost it; submitting it again (attempt %d)", job.prompt_id, job.attempt + 1)
+            self._spawn(self._resubmit(job.prompt_id), finishing=True)
+        elif kind == "stalled":
+            metrics.COMFYUI_STALLS.labels(self.name).inc()
+            self.stalled = {"prompt_id": job.prompt_id, "error": job.error}
+            log.error("job %s: %s Interrupting it; this worker reports unhealthy until ComfyUI moves",
+                      job.prompt_id, job.error)
+        elif kind == "drop":
+            self.store.remove([job.prompt_id])
+            self.previews.pop(job.prompt_id, None)
+        elif kind == "discard":
+            self._spawn(discard_images(self.images, list(effect.refs)))
+        else:  # a new effect in lifecycle.py without a line here is a bug worth hearing of at once
+            raise AssertionError(f"unknown effect {effect}")
+
+    def _finished(self, job: Job) -> None:
+        """Log, metrics, memory freed: once per job, when it reaches a final phase."""
+        metrics.JOBS_FINISHED.labels(self.name, job.status).inc()
+        if job.status == COMPLETED:
+            metrics.JOB_DURATION.labels(self.name).observe(max(0.0, (job.finished_at or self.clock()) - job.created_at))
+            log.info("job %s: completed, %d image(s)", job.prompt_id, len(job.images))
+        elif job.status == CANCELLED:
+            log.info("job %s: cancelled", job.prompt_id)
+        else:
+            log.warning("job %s: failed: %s", job.prompt_id, job.error)
+        self.previews.pop(job.prompt_id, None)
+        if self._running_id == job.prompt_id:
+            self._running_id = None
+
+    # --- start and stop -------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start following ComfyUI; the store already holds what the journal had."""
+        reattached = 0
+        for job in self.store.unfinished():
+            after = self.apply(job.prompt_id, lc.Restored())
+            if after is not None and self.store.get(job.prompt_id) is not None:
+                reattached += 1
+        if reattached:
+            metrics.JOBS_REATTACHED.labels(self.name).inc(reattached)
+            log.info("%d unfinished job(s) from the journal: checking them against ComfyUI before taking new ones",
+                     reattached)
+        else:
+            self.ready.set()
         self.comfy.start()
         self._callbacks = [
             PeriodicCallback(self._tick, self.tick_interval * 1000, jitter=0.1),
@@ -96,11 +186,17 @@ class Runner:
             callback.start()
 
     async def stop(self) -> None:
+        """Stop following ComfyUI. Image collections in flight get ``stop_grace`` seconds to finish;
+        jobs left in ComfyUI carry on there and are picked up by the next start."""
         for callback in self._callbacks:
             callback.stop()
         self._callbacks = []
         if self._queue_refresh is not None:
             self._queue_refresh.cancel()
+        finishing = [task for task in self._finishing if not task.done()]
+        if finishing:
+            log.info("waiting up to %g s for %d image collection(s) in flight", self.stop_grace, len(finishing))
+            await asyncio.wait(finishing, timeout=self.stop_grace)
         await self.comfy.stop()
         tasks = list(self._tasks)
         if self._reconcile_task is not None:
@@ -109,40 +205,74 @@ class Runner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro, finishing: bool = False) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
+        if finishing:
+            self._finishing.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        self._finishing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    # --- submitting -----------------------------------------------------------------
+    # --- submitting -----------------------------------------------------------------------
 
     async def submit(self, request: GenerateRequest) -> Job:
-        """Queue a checked request in ComfyUI; the job is in the store before the POST goes out.
+        """Queue a checked request in ComfyUI; answers once ComfyUI took it and the journal holds it.
 
-        Raises ComfyUIUnavailable (503; ComfyUIIncompatible and ComfyUITimeout are kinds
-        of it) or PromptRejected (502); in every case the job is removed again.
+        Raises ComfyUIUnavailable (503; WorkerStarting, ComfyUIIncompatible and ComfyUITimeout
+        are kinds of it), PromptRejected (502) or JournalError (503); then no job remains.
         """
         wait = min(self.config.comfyui.connect_timeout, 2.0)
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), wait)
+            except asyncio.TimeoutError:
+                held = len(self.store.unfinished())
+                raise WorkerStarting(f"The worker is starting: it is checking {held} job(s) from its journal "
+                                     "against ComfyUI.") from None
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
             raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")
         prompt_id = str(uuid.uuid4())
-        workflow = build_workflow(self.config, request, prompt_id)
-        client_id = self.comfy.client_id
+        graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
-                  seed=request.params.get("seed"), client_id=client_id)
+                  seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,
+                  params=dict(request.params))
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
-        self._queued_since[prompt_id] = time.monotonic()
-        self._submitting.add(prompt_id)
+        if self.journal is not None:
+            self.journal.save(job)  # committed while POST /prompt is in flight: a kill then can withdraw it
+        await self._post(prompt_id)
+        if self.journal is not None:
+            try:
+                await self.journal.flush()
+            except Exception:
+                # Not on disk, so not accepted: a restart would not know it. Take it back.
+                self._spawn(self._withdraw(prompt_id))
+                self.store.remove([prompt_id])
+                raise
+        job = self.store.get(prompt_id) or job
+        metrics.JOBS_SUBMITTED.labels(self.name).inc()
+        log.info("job %s: queued in ComfyUI (workflow %s, seed %s)", prompt_id, job.workflow, job.seed)
+        if job.status == PENDING:
+            self._schedule_queue_refresh()
+        return job
+
+    async def _post(self, prompt_id: str) -> None:
+        """POST /prompt of the job's graph under our current websocket; the answer becomes an event."""
+        job = self.store.get(prompt_id)
+        if job is None or job.graph is None:
+            return
+        client_id = self.comfy.client_id
+        if job.client_id != client_id:
+            self.store.update(job, client_id=client_id)  # messages of this run come to this websocket
         try:
-            reply = await self.comfy.submit(prompt_id, workflow, client_id)
+            reply = await self.comfy.submit(prompt_id, job.graph, client_id)
             if reply.get("node_errors"):
                 # 200 with node_errors: some output nodes were dropped. A template job
                 # that silently loses an output is wrong, so this is a rejection too.
@@ -152,36 +282,31 @@ class Runner:
                     reply["node_errors"], {"type": "partially_invalid", "message": "some outputs failed validation"})
         except PromptRejected as exc:
             log.warning("job %s: %s", prompt_id, exc.message)
-            self._drop(prompt_id)
+            self.apply(prompt_id, lc.SubmitRefused(exc.message))
             raise
         except ComfyUIIncompatible as exc:
             log.error("job %s: %s", prompt_id, exc)
-            self._drop(prompt_id)
+            self.apply(prompt_id, lc.SubmitRefused(str(exc), unavailable=True))
             if exc.other_prompt_id:
                 self._spawn(self._withdraw(exc.other_prompt_id))  # queued under ComfyUI's own id: adopt nothing
             raise
         except ComfyUIUnavailable as exc:
             log.warning("job %s: not submitted: %s", prompt_id, exc)
-            self._drop(prompt_id)
-            if isinstance(exc, ComfyUITimeout):
-                # Sent but unanswered: ComfyUI may have queued it anyway; an owner-less run helps nobody.
-                self._spawn(self._withdraw(prompt_id))
+            # Sent but unanswered: ComfyUI may have queued it anyway; an owner-less run helps nobody.
+            self.apply(prompt_id, lc.SubmitRefused(str(exc), unavailable=True,
+                                                   maybe_queued=isinstance(exc, ComfyUITimeout)))
             raise
         except BaseException:
-            self._drop(prompt_id)
+            self.apply(prompt_id, lc.SubmitRefused("the submission was abandoned", unavailable=True,
+                                                   maybe_queued=True))
             raise
-        finally:
-            self._submitting.discard(prompt_id)
-        metrics.JOBS_SUBMITTED.labels(self.name).inc()
-        log.info("job %s: queued in ComfyUI as number %s (workflow %s, seed %s)", prompt_id,
-                 reply.get("number"), job.workflow, job.seed)
-        if job.status == PENDING:
-            self._schedule_queue_refresh()
-        return job
+        self.apply(prompt_id, lc.Submitted())
 
-    def _drop(self, prompt_id: str) -> None:
-        self.store.remove([prompt_id])
-        self._forget(prompt_id)
+    async def _resubmit(self, prompt_id: str) -> None:
+        try:
+            await self._post(prompt_id)
+        except ComfyUIError as exc:
+            log.warning("job %s: submitting it again failed: %s", prompt_id, exc)
 
     async def _withdraw(self, prompt_id: str) -> None:
         """Take a prompt back out of ComfyUI, best effort (it is not ours to run)."""
@@ -190,7 +315,7 @@ class Runner:
         except ComfyUIError as exc:
             log.warning("job %s: could not withdraw it from ComfyUI: %s", prompt_id, exc)
 
-    # --- cancel and timeouts --------------------------------------------------------
+    # --- cancel ----------------------------------------------------------------------------
 
     async def cancel(self, prompt_id: str) -> Job:
         """Stop a job in ComfyUI and mark it cancelled; KeyError unknown, JobFinished when it ended."""
@@ -199,235 +324,134 @@ class Runner:
             raise KeyError(prompt_id)
         if job.finished:
             raise JobFinished(job)
-        if prompt_id in self._finishing:
-            raise JobFinished(job, f"Job {prompt_id} already finished in ComfyUI; its images are being stored.")
-        await self._stop_in_comfyui(job, CANCELLED, CANCELLED_BY_REQUEST)
-        if job.status != CANCELLED:
-            raise JobFinished(job, f"Job {prompt_id} finished in ComfyUI before the cancel took effect.")
-        return job
+        before = job
+        job = self.apply(prompt_id, lc.CancelRequested(), skip=(lc.WITHDRAW,))
+        asked_comfyui = job is not None and not job.finished and before.phase in lc.FOLLOWED
+        if asked_comfyui:
+            try:
+                await self.comfy.withdraw(prompt_id)
+            except ComfyUIError as exc:
+                self.apply(prompt_id, lc.StopFailed(str(exc)))
+                if isinstance(exc, ComfyUIUnavailable):
+                    raise ComfyUIUnavailable(f"{exc}; the job was not stopped.") from None
+                raise
+            self.apply(prompt_id, lc.StopDone())
+        job = await self._until_finished(prompt_id)
+        if job.phase == CANCELLED:
+            return job
+        raise JobFinished(job, f"Job {prompt_id} finished in ComfyUI before the cancel took effect ({job.status}).")
 
-    async def _stop_in_comfyui(self, job: Job, status: str, error: str) -> None:
-        self._ending[job.prompt_id] = (status, error)
-        try:
-            await self.comfy.withdraw(job.prompt_id)
-        except ComfyUIUnavailable as exc:
-            self._ending.pop(job.prompt_id, None)
-            raise ComfyUIUnavailable(f"{exc}; the job was not stopped.") from None
-        except ComfyUIError:
-            self._ending.pop(job.prompt_id, None)
-            raise
-        if not job.finished and job.prompt_id not in self._finishing:
-            self._end(job, status, error=error)
+    async def _until_finished(self, prompt_id: str) -> Job:
+        """The job once final: a run that ended before the cancel is still storing its images."""
+        deadline = self.monotonic() + self.config.comfyui.request_timeout * 2
+        while True:
+            job = self.store.get(prompt_id)
+            if job is None:
+                raise KeyError(prompt_id)
+            left = deadline - self.monotonic()
+            if job.finished or left <= 0:
+                return job
+            await self.store.wait_job(prompt_id, job.version, left)
+
+    # --- timers --------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        """Every tick: jobs past their time, and the queue gauges.
-
-        A job may run for ``job_timeout`` (from when ComfyUI started it), and wait in the
-        queue for QUEUE_TIMEOUT_FACTOR times that: a deep queue is not a fault, a queue
-        that does not move is. Monotonic time: a clock step must not fail every job.
-        """
-        now = time.monotonic()
-        limit = self.config.job_timeout
+        """Every tick: jobs past their time or stalled, and the queue gauges."""
+        event = lc.Tick(self.comfy.client_id if self.comfy.connected else None)
         for job in self.store.unfinished():
-            prompt_id = job.prompt_id
-            if prompt_id in self._submitting or prompt_id in self._finishing or prompt_id in self._ending:
-                continue
-            if prompt_id in self._running_since:
-                if now - self._running_since[prompt_id] > limit:
-                    self._spawn(self._time_out(job, f"Timed out after {limit:g} s."))
-            elif now - self._queued_since.get(prompt_id, now) > limit * QUEUE_TIMEOUT_FACTOR:
-                self._spawn(self._time_out(job, f"Timed out after {limit * QUEUE_TIMEOUT_FACTOR:g} s in "
-                                                "ComfyUI's queue without starting."))
+            self.apply(job.prompt_id, event)
         counts = self.store.counts()
         metrics.QUEUE_DEPTH.labels(self.name, PENDING).set(counts[PENDING])
         metrics.QUEUE_DEPTH.labels(self.name, RUNNING).set(counts[RUNNING])
 
-    async def _time_out(self, job: Job, error: str) -> None:
-        log.warning("job %s: %s (%s); stopping it in ComfyUI", job.prompt_id, error, job.status)
-        try:
-            await self._stop_in_comfyui(job, FAILED, error)
-        except ComfyUIError as exc:
-            log.warning("job %s: %s", job.prompt_id, exc)
-            if not job.finished:
-                self._end(job, FAILED, error=error)
-
-    # --- websocket events (ComfyUIListener) -----------------------------------------
+    # --- websocket events (ComfyUIListener) -----------------------------------------------
 
     def on_connected(self, client_id: str, reconnect: bool) -> None:
         if reconnect:
             metrics.COMFYUI_RECONNECTS.labels(self.name).inc()
         self._running_id = None
+        for job in self.store.unfinished():
+            self.apply(job.prompt_id, lc.ComfyUp())
         # Nothing is replayed: whatever happened while we were away is in /queue and /history.
         self.request_reconcile()
 
     def on_disconnected(self, reason: str) -> None:
         self._running_id = None
 
+    def on_unreachable(self, reason: str) -> None:
+        """ComfyUI refuses connections (its process is gone): say so in every unfinished job now."""
+        for job in self.store.unfinished():
+            self.apply(job.prompt_id, lc.ComfyDown(reason))
+
     def on_message(self, msg_type: str, data: dict[str, Any]) -> None:
         if msg_type == "status":
             self._schedule_queue_refresh()
             return
-        handler = self._message_handlers.get(msg_type)
-        if handler is None:
+        prompt_id = data.get("prompt_id")
+        if not isinstance(prompt_id, str):
+            return
+        if self.stalled is not None:
+            self._unstall(f"ComfyUI sent {msg_type}")
+        event = _event_of(msg_type, data)
+        if event is None:
             return  # progress_state, feature_flags, custom nodes' types: not needed
-        job = self._live(data.get("prompt_id"))
-        if job is not None:
-            handler(self, job, data)
+        if isinstance(event, (lc.Started, lc.Progress)):
+            self._running_id = prompt_id
+        self.apply(prompt_id, event)
 
     def on_preview(self, prompt_id: str | None, image: bytes, content_type: str) -> None:
-        job = self._live(prompt_id or self._running_id)
-        if job is None or job.status != RUNNING:
+        prompt_id = prompt_id or self._running_id
+        job = self.store.get(prompt_id) if prompt_id else None
+        if job is None or job.phase != STARTED:
             return
         self.previews[job.prompt_id] = (image, content_type)
-        self.store.update(job, preview_version=job.preview_version + 1)
-
-    def _live(self, prompt_id: Any) -> Job | None:
-        job = self.store.get(prompt_id) if isinstance(prompt_id, str) else None
-        return job if job is not None and not job.finished else None
-
-    def _mark_running(self, job: Job) -> None:
-        self._running_id = job.prompt_id
-        if job.status == PENDING:
-            self._running_since[job.prompt_id] = time.monotonic()
-            self.store.update(job, status=RUNNING, started_at=self.clock(), queue_position=None)
-
-    def _on_execution_start(self, job: Job, data: dict[str, Any]) -> None:
-        self._mark_running(job)
-
-    def _on_executing(self, job: Job, data: dict[str, Any]) -> None:
-        if data.get("node") is None:
-            # The end of the run; its history entry is written by now (PROTOCOL §5).
-            self._begin_finish(job, self._finish_after_run(job))
-        else:
-            self._mark_running(job)
-
-    def _on_progress(self, job: Job, data: dict[str, Any]) -> None:
-        value, maximum = data.get("value"), data.get("max")
-        if isinstance(value, (int, float)) and isinstance(maximum, (int, float)) and maximum > 0:
-            self._mark_running(job)
-            self.store.update(job, progress_value=int(value), progress_max=int(maximum))
-
-    def _on_executed(self, job: Job, data: dict[str, Any]) -> None:
-        refs = images_of(data.get("output"))
-        if refs:
-            self._executed.setdefault(job.prompt_id, []).extend(refs)
-
-    def _on_execution_error(self, job: Job, data: dict[str, Any]) -> None:
-        if job.prompt_id in self._finishing:
-            return
-        error = error_sentence(data)
-        log.warning("job %s: failed in ComfyUI: %s", job.prompt_id, error)
-        self._end(job, FAILED, error=error)
-
-    def _on_execution_interrupted(self, job: Job, data: dict[str, Any]) -> None:
-        if job.prompt_id in self._finishing:
-            return
-        status, error = self._ending.get(job.prompt_id, (FAILED, INTERRUPTED))
-        if status == FAILED:
-            log.warning("job %s: %s", job.prompt_id, error)
-        self._end(job, status, error=error)
-
-    _message_handlers: dict[str, Callable[["Runner", Job, dict[str, Any]], None]] = {
-        "execution_start": _on_execution_start,
-        "execution_cached": _on_execution_start,
-        "executing": _on_executing,
-        "progress": _on_progress,
-        "executed": _on_executed,
-        "execution_error": _on_execution_error,
-        "execution_interrupted": _on_execution_interrupted,
-    }
-
-    # --- finishing ------------------------------------------------------------------
-
-    def _begin_finish(self, job: Job, coro) -> None:
-        if job.prompt_id in self._finishing or job.finished:
-            coro.close()
-            return
-        self._finishing.add(job.prompt_id)
-        self._spawn(self._guarded_finish(job, coro))
-
-    async def _guarded_finish(self, job: Job, coro) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("job %s: could not be finished", job.prompt_id)
-            if not job.finished:
-                self._end(job, FAILED, error=f"The worker could not finish the job: {exc}")
-        finally:
-            self._finishing.discard(job.prompt_id)
-
-    async def _finish_after_run(self, job: Job) -> None:
-        """After ``executing null``: the outcome from history, images from history or ``executed``."""
-        try:
-            entry = await self.comfy.history(job.prompt_id)
-        except ComfyUIError as exc:
-            log.warning("job %s: reading its history failed (%s); using the websocket's report", job.prompt_id, exc)
-            entry = None
-        if entry is not None:
-            await self._finish_from_history(job, entry)
-            return
-        refs = self._executed.get(job.prompt_id, [])
-        if refs:
-            await self._collect_images(job, refs)
-        else:
-            self._end(job, FAILED, error="ComfyUI finished the job without reporting any image.")
-
-    async def _finish_from_history(self, job: Job, entry: dict[str, Any]) -> None:
-        outcome = outcome_of(entry)
-        if outcome.status == "success":
-            refs = outcome.images or self._executed.get(job.prompt_id, [])
-            if refs:
-                await self._collect_images(job, refs)
-            else:
-                self._end(job, FAILED, error="ComfyUI finished the job without saving any image.")
-        elif outcome.status == "interrupted":
-            status, error = self._ending.get(job.prompt_id, (FAILED, INTERRUPTED))
-            self._end(job, status, error=error)
-        else:
-            log.warning("job %s: failed in ComfyUI: %s", job.prompt_id, outcome.error)
-            self._end(job, FAILED, error=outcome.error)
-
-    async def _collect_images(self, job: Job, refs: list[ImageRef]) -> None:
-        """Copy the outputs into images/; then the job is completed."""
-        try:
-            saved = await collect_images(self.comfy, self.images, job.prompt_id, refs)
-        except CollectError as exc:
-            self._end(job, FAILED, error=str(exc))
-            return
-        if job.finished or job.prompt_id not in self.store:
-            await discard_images(self.images, saved)  # cancelled or pruned while we downloaded
-            return
-        steps = max(job.progress_max or 1, 1)
-        self._end(job, COMPLETED, images=tuple(saved), progress_value=steps, progress_max=steps)
-
-    def _end(self, job: Job, status: str, **changes: Any) -> None:
-        """The one way a job finishes: state, metrics, log, memory freed."""
-        if job.finished:
-            return
-        self.store.update(job, status=status, queue_position=None, **changes)
-        metrics.JOBS_FINISHED.labels(self.name, status).inc()
-        if status == COMPLETED:
-            metrics.JOB_DURATION.labels(self.name).observe(max(0.0, (job.finished_at or self.clock()) - job.created_at))
-            log.info("job %s: completed, %d image(s)", job.prompt_id, len(job.images))
-        elif status == CANCELLED:
-            log.info("job %s: cancelled", job.prompt_id)
-        self._forget(job.prompt_id)
-
-    def _forget(self, prompt_id: str) -> None:
-        self._queued_since.pop(prompt_id, None)
-        self._running_since.pop(prompt_id, None)
-        self.previews.pop(prompt_id, None)
-        self._executed.pop(prompt_id, None)
-        self._ending.pop(prompt_id, None)
-        if self._running_id == prompt_id:
-            self._running_id = None
+        self.apply(job.prompt_id, lc.Preview())
 
     def preview(self, prompt_id: str) -> tuple[bytes, str] | None:
         return self.previews.get(prompt_id)
 
-    # --- queue positions ------------------------------------------------------------
+    # --- finishing -----------------------------------------------------------------------
+
+    async def _fetch_history(self, prompt_id: str) -> None:
+        """After ``executing null``: the outcome from history (or, failing that, the `executed` reports)."""
+        try:
+            entry = await self.comfy.history(prompt_id)
+        except ComfyUIError as exc:
+            log.warning("job %s: reading its history failed (%s); using the websocket's report", prompt_id, exc)
+            self.apply(prompt_id, lc.HistoryUnreadable(str(exc)))
+            return
+        if entry is None:
+            self.apply(prompt_id, lc.HistoryUnreadable("no history entry"))
+        else:
+            self.apply(prompt_id, lc.HistoryRead(outcome_of(entry)))
+
+    async def _collect(self, prompt_id: str, refs: list) -> None:
+        """Copy the outputs into images/; then the job is completed."""
+        try:
+            saved = await collect_images(self.comfy, self.images, prompt_id, refs)
+        except CollectError as exc:
+            self.apply(prompt_id, lc.CollectFailed(str(exc), retry=exc.retry))
+            return
+        if self.apply(prompt_id, lc.Collected(tuple(saved))) is None:
+            await discard_images(self.images, saved)  # pruned while we downloaded
+
+    # --- the stall watchdog ------------------------------------------------------------------
+
+    def _unstall(self, why: str) -> None:
+        log.info("ComfyUI moves again (%s): this worker is healthy again", why)
+        self.stalled = None
+
+    async def health(self) -> dict[str, Any]:
+        """The probe's view of ComfyUI, plus what only the runner knows: a stall, a start-up check."""
+        state = dict(await self.probe.state())
+        if self.stalled is not None:
+            state.update(ok=False, stalled=True, error=f"{self.stalled['error']} (job {self.stalled['prompt_id']}); "
+                                                       "healthy again when ComfyUI moves")
+        elif not self.ready.is_set() and state["ok"]:
+            state.update(ok=False, error="checking the jobs of its journal against ComfyUI")
+        return state
+
+    # --- queue positions --------------------------------------------------------------------
 
     def _schedule_queue_refresh(self) -> None:
         """Debounced ``GET /queue``: a burst of `status` messages costs one call."""
@@ -440,7 +464,7 @@ class Runner:
 
     async def _refresh_queue(self) -> None:
         self._queue_refresh = None
-        if not any(job.status == PENDING for job in self.store.unfinished()):
+        if not any(job.phase == lc.QUEUED for job in self.store.unfinished()) and self.stalled is None:
             return
         self._queue_refreshing = True
         try:
@@ -450,20 +474,30 @@ class Runner:
             return
         finally:
             self._queue_refreshing = False
+        self._check_stall(queue)
         for job in self.store.unfinished():
-            if job.status != PENDING:
-                continue
-            if job.prompt_id in queue.running:
-                self._mark_running(job)
-            else:
-                position = queue.position(job.prompt_id)
-                if position is not None:
-                    self.store.update(job, queue_position=position)
+            if job.phase == lc.QUEUED:
+                self._apply_queue(job, queue)
         if self._queue_dirty:
             self._queue_dirty = False
             self._schedule_queue_refresh()
 
-    # --- reconciling ----------------------------------------------------------------
+    def _apply_queue(self, job: Job, queue) -> bool:
+        """An InQueue event when the snapshot shows the job; False when it does not."""
+        if job.prompt_id in queue.running:
+            self.apply(job.prompt_id, lc.InQueue(running=True))
+            return True
+        position = queue.position(job.prompt_id)
+        if position is None:
+            return False
+        self.apply(job.prompt_id, lc.InQueue(running=False, position=position))
+        return True
+
+    def _check_stall(self, queue) -> None:
+        if self.stalled is not None and self.stalled["prompt_id"] not in queue.running:
+            self._unstall("the stalled prompt is no longer running")
+
+    # --- reconciling --------------------------------------------------------------------
 
     def request_reconcile(self) -> None:
         """Check every unfinished job against /queue and /history (one pass at a time)."""
@@ -476,11 +510,15 @@ class Runner:
         while True:
             self._reconcile_again = False
             try:
-                await self.reconcile()
+                done = await self.reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reconciling jobs with ComfyUI failed")
+                done = False
+            if done and not self.ready.is_set():
+                log.info("journaled jobs checked against ComfyUI; taking new jobs")
+                self.ready.set()
             if not self._reconcile_again:
                 return
 
@@ -490,51 +528,64 @@ class Runner:
         if not self.comfy.connected:
             return
         unfinished = self.store.unfinished()
-        now = time.monotonic()
-        if unfinished and now - self._last_full_reconcile >= self.full_reconcile_interval:
+        now = self.monotonic()
+        if (unfinished or self.stalled) and now - self._last_full_reconcile >= self.full_reconcile_interval:
             self._last_full_reconcile = now
             self.request_reconcile()
-        elif any(job.client_id != self.comfy.client_id for job in unfinished):
+        elif self.stalled is not None or any(job.client_id != self.comfy.client_id for job in unfinished):
             self.request_reconcile()
 
-    async def reconcile(self, jobs: list[Job] | None = None) -> None:
-        jobs = [job for job in (jobs if jobs is not None else self.store.unfinished()) if not self._busy(job)]
-        if not jobs:
-            return
+    async def reconcile(self) -> bool:
+        """One pass; False when ComfyUI could not be asked (the pass is tried again later)."""
+        jobs = [job for job in self.store.unfinished() if job.phase in lc.FOLLOWED]
+        if not jobs and self.stalled is None:
+            return True
         try:
             queue = await self.comfy.queue()  # before history: a job leaves the queue after its history is written
         except ComfyUIError as exc:
             log.info("cannot reconcile %d job(s) yet: %s", len(jobs), exc)
-            return
+            return False
+        self._check_stall(queue)
         for job in jobs:
-            if self._busy(job) or job.finished:
-                continue
-            if job.prompt_id in queue.running:
-                self._mark_running(job)
-                continue
-            position = queue.position(job.prompt_id)
-            if position is not None:
-                self.store.update(job, queue_position=position)
+            job = self.store.get(job.prompt_id)
+            if job is None or job.phase not in lc.FOLLOWED or self._apply_queue(job, queue):
                 continue
             try:
                 entry = await self.comfy.history(job.prompt_id)
             except ComfyUIError as exc:
                 log.info("job %s: cannot read its history yet: %s", job.prompt_id, exc)
-                return
-            if self._busy(job) or job.finished:
-                continue
+                return False
             if entry is not None:
                 log.info("job %s: finished while we were not listening; taking the result from history",
                          job.prompt_id)
-                self._begin_finish(job, self._finish_from_history(job, entry))
+                self.apply(job.prompt_id, lc.HistoryRead(outcome_of(entry)))
             else:
-                log.warning("job %s: %s", job.prompt_id, LOST)
-                self._end(job, FAILED, error=LOST)
+                self.apply(job.prompt_id, lc.Absent())
+        return True
 
-    def _busy(self, job: Job) -> bool:
-        return job.prompt_id in self._submitting or job.prompt_id in self._finishing
+
+def _event_of(msg_type: str, data: dict[str, Any]) -> Any:
+    """A ComfyUI websocket message (that names a prompt) as a lifecycle event, or None."""
+    if msg_type in ("execution_start", "execution_cached"):
+        return lc.Started()
+    if msg_type == "executing":
+        return lc.RunEnded() if data.get("node") is None else lc.Started()
+    if msg_type == "progress":
+        value, maximum = data.get("value"), data.get("max")
+        if isinstance(value, (int, float)) and isinstance(maximum, (int, float)) and maximum > 0:
+            return lc.Progress(int(value), int(maximum))
+        return None
+    if msg_type == "executed":
+        refs = images_of(data.get("output"))
+        return lc.Executed(tuple(refs)) if refs else None
+    if msg_type == "execution_error":
+        return lc.RunFailed(error_sentence(data))
+    if msg_type == "execution_interrupted":
+        return lc.RunInterrupted()
+    return None
 
 
 def _node_error_summary(node_errors: dict[str, Any]) -> str:
     return describe_rejection(None, node_errors).split(": ", 1)[1]
+
 

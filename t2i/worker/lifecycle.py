@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+from t2i.comfyui import error_sentence, images_of
 from t2i.worker.jobs import (CANCELLED, COLLECTING, COMPLETED, FAILED, FINISHED, FINISHING, QUEUED, STARTED,
                              SUBMITTING, Job)
 
@@ -436,6 +437,28 @@ TRANSITIONS: dict[type, dict[str, Rule]] = {
     ComfyUp: _cells(_on_comfy_up, FOLLOWED + (FINISHING, COLLECTING)),
     Restored: _cells(_on_restored, UNFINISHED_PHASES),
 }
+
+
+def event_of(msg_type: str, data: dict[str, Any]) -> Any:
+    """A ComfyUI websocket message that names a prompt, as a lifecycle event (None: not one we need)."""
+    if msg_type in ("execution_start", "execution_cached"):
+        return lc.Started()
+    if msg_type == "executing":
+        return lc.RunEnded() if data.get("node") is None else lc.Started()
+    if msg_type == "progress":
+        value, maximum = data.get("value"), data.get("max")
+        if isinstance(value, (int, float)) and isinstance(maximum, (int, float)) and maximum > 0:
+            return lc.Progress(int(value), int(maximum))
+        return None
+    if msg_type == "executed":
+        refs = images_of(data.get("output"))
+        return lc.Executed(tuple(refs)) if refs else None
+    if msg_type == "execution_error":
+        return lc.RunFailed(error_sentence(data))
+    if msg_type == "execution_interrupted":
+        return lc.RunInterrupted()
+    return None
+
 
 
 def advance(job: Job, event: Any, now: Now, limits: Limits) -> tuple[Job, tuple[Effect, ...]]:

@@ -24,7 +24,7 @@ from tornado.ioloop import PeriodicCallback
 
 from t2i import metrics
 from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, ComfyUITimeout, ComfyUIUnavailable,
-                         PromptRejected, describe_rejection, error_sentence, images_of, outcome_of)
+                         PromptRejected, describe_rejection, outcome_of)
 from t2i.config import WorkerConfig
 from t2i.validation import GenerateRequest
 from t2i.worker import lifecycle as lc
@@ -392,7 +392,7 @@ class Runner:
             return
         if self.stalled is not None:
             self._unstall(f"ComfyUI sent {msg_type}")
-        event = _event_of(msg_type, data)
+        event = lc.event_of(msg_type, data)
         if event is None:
             return  # progress_state, feature_flags, custom nodes' types: not needed
         if isinstance(event, (lc.Started, lc.Progress)):
@@ -562,27 +562,6 @@ class Runner:
             else:
                 self.apply(job.prompt_id, lc.Absent())
         return True
-
-
-def _event_of(msg_type: str, data: dict[str, Any]) -> Any:
-    """A ComfyUI websocket message (that names a prompt) as a lifecycle event, or None."""
-    if msg_type in ("execution_start", "execution_cached"):
-        return lc.Started()
-    if msg_type == "executing":
-        return lc.RunEnded() if data.get("node") is None else lc.Started()
-    if msg_type == "progress":
-        value, maximum = data.get("value"), data.get("max")
-        if isinstance(value, (int, float)) and isinstance(maximum, (int, float)) and maximum > 0:
-            return lc.Progress(int(value), int(maximum))
-        return None
-    if msg_type == "executed":
-        refs = images_of(data.get("output"))
-        return lc.Executed(tuple(refs)) if refs else None
-    if msg_type == "execution_error":
-        return lc.RunFailed(error_sentence(data))
-    if msg_type == "execution_interrupted":
-        return lc.RunInterrupted()
-    return None
 
 
 def _node_error_summary(node_errors: dict[str, Any]) -> str:

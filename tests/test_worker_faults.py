@@ -7,6 +7,7 @@ import pytest
 from support.cluster import (WorkerCluster, call, sim_interrupted_ids, sim_pending_ids, start_sim, start_worker,
                              wait_status)
 from support.net import free_port
+from support.timing import until
 from t2i.worker.images import ImageStore
 from t2i.worker import lifecycle as lc
 from t2i.worker.runner import Runner
@@ -106,7 +107,8 @@ async def test_job_timeout_interrupts_in_comfyui_and_fails(tmp_path):
         prompt_id = await c.submit({"prompt": "stuck", "steps": 3})
         state = await c.wait(prompt_id)
         assert state["status"] == "failed" and state["error"] == "Timed out after 1 s."
-        assert prompt_id in sim_interrupted_ids(c.sim) and prompt_id not in sim_pending_ids(c.sim)
+        await until(lambda: prompt_id in sim_interrupted_ids(c.sim), what="the targeted interrupt")
+        assert prompt_id not in sim_pending_ids(c.sim)
         c.sim.stall = False
 
 
@@ -128,7 +130,7 @@ async def test_a_job_stuck_in_the_queue_times_out_after_the_queue_allowance(tmp_
         state = await c.wait(prompt_id)
         assert state["status"] == "failed", state
         assert state["error"] == "Timed out after 2 s in ComfyUI's queue without starting."
-        assert prompt_id not in sim_pending_ids(c.sim)  # withdrawn from ComfyUI's queue
+        await until(lambda: prompt_id not in sim_pending_ids(c.sim), what="withdrawn from ComfyUI's queue")
         c.sim.stall = False
 
 

@@ -442,21 +442,21 @@ TRANSITIONS: dict[type, dict[str, Rule]] = {
 def event_of(msg_type: str, data: dict[str, Any]) -> Any:
     """A ComfyUI websocket message that names a prompt, as a lifecycle event (None: not one we need)."""
     if msg_type in ("execution_start", "execution_cached"):
-        return lc.Started()
+        return Started()
     if msg_type == "executing":
-        return lc.RunEnded() if data.get("node") is None else lc.Started()
+        return RunEnded() if data.get("node") is None else Started()
     if msg_type == "progress":
         value, maximum = data.get("value"), data.get("max")
         if isinstance(value, (int, float)) and isinstance(maximum, (int, float)) and maximum > 0:
-            return lc.Progress(int(value), int(maximum))
+            return Progress(int(value), int(maximum))
         return None
     if msg_type == "executed":
         refs = images_of(data.get("output"))
-        return lc.Executed(tuple(refs)) if refs else None
+        return Executed(tuple(refs)) if refs else None
     if msg_type == "execution_error":
-        return lc.RunFailed(error_sentence(data))
+        return RunFailed(error_sentence(data))
     if msg_type == "execution_interrupted":
-        return lc.RunInterrupted()
+        return RunInterrupted()
     return None
 
 

@@ -118,13 +118,6 @@ async def submit(sim: ComfySim, workflow: dict, client_id: str | None = "t", **e
     return (await post(sim, "/prompt", body))["prompt_id"]
 
 
-async def until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
 @pytest.fixture
 def sim(io_loop, tmp_path):
     sim = ComfySim(step_time=0.01, output_dir=str(tmp_path / "output"))

@@ -4,19 +4,12 @@ import asyncio
 
 import pytest
 
-from t2i.worker.jobs import COMPLETED, RUNNING, Job, JobStore
+from support.timing import FakeClock
+from t2i.worker.jobs import COMPLETED, STARTED, SUBMITTING, Job, JobStore
 
 
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-def make_store(n=0, **kwargs):
-    store = JobStore(clock=Clock(), **kwargs)
+def make_store(n=0, clock=None, **kwargs):
+    store = JobStore(clock=clock or FakeClock(1000.0), **kwargs)
     jobs = [store.add(Job(f"job-{i}", created_at=store.clock())) for i in range(n)]
     return store, jobs
 
@@ -24,11 +17,23 @@ def make_store(n=0, **kwargs):
 def test_versions_grow_with_every_change_and_not_without_one():
     store, (job,) = make_store(1)
     first = job.version
-    assert store.update(job, status=RUNNING)
-    assert job.version > first
-    before = job.version
-    assert not store.update(job, status=RUNNING)  # no change, no new version
-    assert job.version == before
+    running = store.update(job, phase=STARTED)
+    assert running is not None and running.version > first
+    assert store.get("job-0") is running
+    assert job.phase == SUBMITTING and job.version == first  # the old copy is left as it was
+    before = running.version
+    assert store.update(running, phase=STARTED) is None  # no change, no new version
+    assert store.get("job-0") is running and running.version == before
+
+
+def test_versions_grow_across_a_restart():
+    clock = FakeClock(1000.0)
+    old, (job,) = make_store(1, clock=clock)
+    old.update(job, phase=STARTED)
+    clock.advance(1)
+    new, (job,) = make_store(1, clock=clock)  # a new process: a new store, the clock moved on
+    assert new.epoch != old.epoch
+    assert new.seq > old.seq and job.version > old.get("job-0").version
 
 
 def test_feed_lists_changes_after_a_cursor_and_removals():
@@ -36,11 +41,11 @@ def test_feed_lists_changes_after_a_cursor_and_removals():
     full, listed, removed = store.changes_since(0)
     assert full and {j.prompt_id for j in listed} == {"job-0", "job-1", "job-2"} and removed == []
     cursor = store.seq
-    store.update(jobs[1], status=RUNNING)
+    running = store.update(jobs[1], phase=STARTED)
     store.remove(["job-2"])
     full, listed, removed = store.changes_since(cursor)
     assert not full
-    assert [j.prompt_id for j in listed] == ["job-1"]
+    assert [j.prompt_id for j in listed] == ["job-1"] and listed[0] is running
     assert removed == ["job-2"]
     assert store.changes_since(store.seq) == (False, [], [])
 
@@ -58,20 +63,20 @@ def test_feed_falls_back_to_a_full_list_when_the_cursor_is_too_old_or_ahead():
 def test_finished_jobs_are_listed_in_finish_order_for_pruning():
     store, jobs = make_store(3)
     store.clock.now = 1010
-    store.update(jobs[2], status=COMPLETED)
+    done = store.update(jobs[2], phase=COMPLETED)
     store.clock.now = 1020
-    store.update(jobs[0], status=COMPLETED)
-    assert jobs[2].finished_at == 1010
+    store.update(jobs[0], phase=COMPLETED)
+    assert done.finished_at == 1010 and store.get("job-0").finished_at == 1020
     assert list(store.finished_before(1015)) == ["job-2"]
     assert list(store.finished_before(2000)) == ["job-2", "job-0"]
 
 
 def test_status_json_hides_the_image_once_expired():
     store, (job,) = make_store(1)
-    store.update(job, status=COMPLETED, images=("job-0_0.png",))
+    job = store.update(job, phase=COMPLETED, images=("job-0_0.png",))
     state = job.to_json("http://w:1")
     assert state["image_url"] == "http://w:1/images/job-0_0.png"
-    store.update(job, image_expired=True)
+    job = store.update(job, image_expired=True)
     state = job.to_json("http://w:1")
     assert state["image_url"] is None and state["image_expired"] is True
 
@@ -85,7 +90,7 @@ async def test_wait_job_returns_on_change_and_times_out_otherwise():
     assert loop.time() - started >= 0.04
     waiter = asyncio.ensure_future(store.wait_job("job-0", job.version, 5))
     await asyncio.sleep(0.01)
-    store.update(job, status=RUNNING)
+    store.update(job, phase=STARTED)
     await asyncio.wait_for(waiter, 1)
     # An already newer version returns at once.
     await asyncio.wait_for(store.wait_job("job-0", 0, 5), 0.1)

@@ -7,39 +7,24 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
+from support.timing import T0, FakeClock
 from t2i.config import RetentionConfig
 from t2i.worker import retention
 from t2i.worker.images import ImageStore
-from t2i.worker.jobs import COMPLETED, FAILED, PENDING, RUNNING, Job, JobStore
+from t2i.worker.jobs import COLLECTING, COMPLETED, FAILED, PENDING, RUNNING, STARTED, Job, JobStore
 from t2i.worker.retention import Pruner
-
-T0 = float(int(time.time()))
-
-
-class Clock:
-    """A clock the test moves by hand (no sleeping)."""
-
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 _worker_names = iter(range(1_000_000))
 
 
-def make(tmp_path: Path, clock: Clock, comfy_output_dir: Path | None = None, **limits):
+def make(tmp_path: Path, clock: FakeClock, comfy_output_dir: Path | None = None, **limits):
     settings = dict(interval=60, task_ttl=3600, image_max_age=86400, image_max_count=1000, image_max_bytes=None)
     settings.update(limits)
     store = JobStore(clock=clock)
@@ -50,15 +35,15 @@ def make(tmp_path: Path, clock: Clock, comfy_output_dir: Path | None = None, **l
     return store, images, pruner
 
 
-async def finished_job(store: JobStore, images: ImageStore | None = None, status: str = COMPLETED,
+async def finished_job(store: JobStore, images: ImageStore | None = None, phase: str = COMPLETED,
                        data: bytes = b"x" * 100) -> Job:
-    """A job that finishes now (the store's clock), with one saved image when ``images`` is given."""
+    """A job that finishes now (the store's clock), with one saved image when ``images`` is given;
+    returns the job as the store now holds it."""
     job = store.add(Job(str(uuid.uuid4()), created_at=store.clock()))
     names: tuple[str, ...] = ()
     if images is not None:
         names = (await images.save(ImageStore.filename_for(job.prompt_id, 0), data),)
-    store.update(job, status=status, images=names)
-    return job
+    return store.update(job, phase=phase, images=names)
 
 
 def pruned(worker: str, kind: str) -> float:
@@ -69,7 +54,7 @@ def pruned(worker: str, kind: str) -> float:
 
 @pytest.mark.gen_test
 async def test_task_ttl_boundaries(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=3600)
     job = await finished_job(store)
     since = store.seq
@@ -91,12 +76,12 @@ async def test_task_ttl_boundaries(tmp_path):
 
 @pytest.mark.gen_test
 async def test_unfinished_jobs_are_never_pruned(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=0)
     pending = store.add(Job(str(uuid.uuid4()), created_at=clock()))
     running = store.add(Job(str(uuid.uuid4()), created_at=clock()))
-    store.update(running, status=RUNNING, started_at=clock())
-    failed = await finished_job(store, status=FAILED)
+    store.update(running, phase=STARTED, started_at=clock())
+    failed = await finished_job(store, phase=FAILED)
 
     clock.advance(10 * 86400)
     report = await pruner.prune_once()
@@ -108,7 +93,7 @@ async def test_unfinished_jobs_are_never_pruned(tmp_path):
 
 @pytest.mark.gen_test
 async def test_many_tasks_removed_in_batches_oldest_first(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=100)
     jobs = []
     for _ in range(2 * retention.TASK_BATCH + 7):
@@ -125,7 +110,7 @@ async def test_many_tasks_removed_in_batches_oldest_first(tmp_path):
 
 @pytest.mark.gen_test
 async def test_task_state_removal_leaves_its_image(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=60)
     job = await finished_job(store, images)
     name = job.images[0]
@@ -146,7 +131,7 @@ async def test_task_state_removal_leaves_its_image(tmp_path):
 
 @pytest.mark.gen_test
 async def test_image_max_age(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=1000)
     old = await finished_job(store, images)
     clock.advance(500)
@@ -165,7 +150,7 @@ async def test_image_max_age(tmp_path):
 
 @pytest.mark.gen_test
 async def test_image_max_count_oldest_first(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_count=3)
     jobs = []
     for _ in range(5):
@@ -176,17 +161,17 @@ async def test_image_max_count_oldest_first(tmp_path):
     assert list(images.index) == [job.images[0] for job in jobs[2:]]
     for job in jobs[:2]:
         assert not (images.directory / job.images[0]).exists()
-        assert job.image_expired
+        assert store.get(job.prompt_id).image_expired
     for job in jobs[2:]:
         assert (images.directory / job.images[0]).exists()
-        assert not job.image_expired
+        assert store.get(job.prompt_id) is job and not job.image_expired
     assert pruned(pruner.worker_name, "images") == 2
     assert REGISTRY.get_sample_value("t2i_pruned_bytes_total", {"worker": pruner.worker_name}) == 200
 
 
 @pytest.mark.gen_test
 async def test_image_max_bytes_oldest_first(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_bytes=250)
     sizes = [100, 50, 100, 100]
     jobs = []
@@ -204,7 +189,7 @@ async def test_image_max_bytes_oldest_first(tmp_path):
 
 @pytest.mark.gen_test
 async def test_out_of_order_index_is_pruned_by_mtime(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_count=2)
     jobs = [await finished_job(store, images) for _ in range(3)]
     # Pretend the index was built out of age order: the last entry is the oldest.
@@ -214,12 +199,12 @@ async def test_out_of_order_index_is_pruned_by_mtime(tmp_path):
     images.index[names[2]] = (100, T0 + 1)
     report = await pruner.prune_once()
     assert report["images_removed"] == 1
-    assert names[2] not in images.index and jobs[2].image_expired
+    assert names[2] not in images.index and store.get(jobs[2].prompt_id).image_expired
 
 
 @pytest.mark.gen_test
 async def test_image_expiry_marks_held_job(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=100)
     job = await finished_job(store, images)
     version = job.version
@@ -232,32 +217,33 @@ async def test_image_expiry_marks_held_job(tmp_path):
     assert state["status"] == COMPLETED
     assert state["image_expired"] is True
     assert state["image_url"] is None and state["image_urls"] == []
-    assert job.version > version
+    expired = store.get(job.prompt_id)
+    assert expired.version > version
     full, changed, removed = store.changes_since(seq)
-    assert not full and changed == [job] and removed == []
+    assert not full and changed == [expired] and removed == []
 
     # Nothing left to do: the next pass changes nothing.
-    version = job.version
+    version = expired.version
     await pruner.prune_once()
-    assert job.version == version
+    assert store.get(job.prompt_id) is expired and expired.version == version
 
 
 @pytest.mark.gen_test
 async def test_image_of_a_job_not_yet_showing_it_does_not_expire_the_job(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_count=0)
     job = store.add(Job(str(uuid.uuid4()), created_at=clock()))
-    store.update(job, status=RUNNING)
+    job = store.update(job, phase=STARTED)
     await images.save(ImageStore.filename_for(job.prompt_id, 0), b"p")  # saved, job not yet updated
     version = job.version
     report = await pruner.prune_once()
     assert report["images_removed"] == 1
-    assert not job.image_expired and job.version == version
+    assert store.get(job.prompt_id) is job and not job.image_expired and job.version == version
 
 
 @pytest.mark.gen_test
 async def test_files_from_a_previous_run(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=86400, image_max_count=3)
     ages = {str(uuid.uuid4()): age for age in (3 * 86400, 2 * 86400, 3600, 1800, 60)}
     for prompt_id, age in ages.items():
@@ -285,7 +271,7 @@ async def test_files_from_a_previous_run(tmp_path):
 
 @pytest.mark.gen_test
 async def test_file_deleted_by_hand_meanwhile(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=100)
     job = await finished_job(store, images)
     (images.directory / job.images[0]).unlink()
@@ -294,12 +280,12 @@ async def test_file_deleted_by_hand_meanwhile(tmp_path):
     assert report["errors"] == []
     assert report["images_removed"] == 1 and report["bytes_removed"] == 0
     assert images.index == {}
-    assert job.image_expired
+    assert store.get(job.prompt_id).image_expired
 
 
 @pytest.mark.gen_test
 async def test_read_only_images_folder(tmp_path, monkeypatch, caplog):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_age=100)
     jobs = [await finished_job(store, images) for _ in range(5)]
     clock.advance(101)
@@ -327,18 +313,18 @@ async def test_read_only_images_folder(tmp_path, monkeypatch, caplog):
     assert len(report["errors"]) == 1 and "5 of 5" in report["errors"][0]
     assert report["images_removed"] == 0
     assert len(images.index) == 5  # kept, so the next pass retries them
-    assert not any(job.image_expired for job in jobs)
+    assert not any(store.get(job.prompt_id).image_expired for job in jobs)
     assert pruner.last_report is report
 
     # Writable again: the next pass removes them.
     report = await pruner.prune_once()
     assert report["errors"] == [] and report["images_removed"] == 5
-    assert all(job.image_expired for job in jobs)
+    assert all(store.get(job.prompt_id).image_expired for job in jobs)
 
 
 @pytest.mark.gen_test
 async def test_unlinks_are_batched_off_the_loop(tmp_path, monkeypatch):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=10**9, image_max_count=0)
     for _ in range(450):
         await finished_job(store, images, data=b"q")
@@ -361,13 +347,15 @@ async def test_unlinks_are_batched_off_the_loop(tmp_path, monkeypatch):
 
 @pytest.mark.gen_test
 async def test_comfyui_output_files(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     comfy = tmp_path / "comfy-output"
     comfy.mkdir()
     store, images, pruner = make(tmp_path, clock, comfy, task_ttl=10**9, image_max_age=86400)
     done = await finished_job(store, images)
     running = store.add(Job(str(uuid.uuid4()), created_at=clock()))
-    store.update(running, status=RUNNING)
+    store.update(running, phase=STARTED)
+    collecting = store.add(Job(str(uuid.uuid4()), created_at=clock()))
+    store.update(collecting, phase=COLLECTING)
     unknown = str(uuid.uuid4())
 
     def put(name: str, age: float) -> Path:
@@ -379,11 +367,14 @@ async def test_comfyui_output_files(tmp_path):
     gone = [
         put(f"t2i_{done.prompt_id}_00001_.png", 61),        # finished, copied, past the grace
         put(f"t2i_{unknown}_00001_.jpg", 61),               # job no longer held
-        put(f"t2i_{running.prompt_id}_00002_.webp", 2 * 86400),   # older than image_max_age
     ]
     kept = [
         put(f"t2i_{done.prompt_id}_00002_.png", 30),        # within the grace
         put(f"t2i_{running.prompt_id}_00001_.png", 3600),   # job still running
+        # A held, unfinished job's file is not collected yet: never removed, even older than
+        # image_max_age (a job the journal brought back after a restart may be days old).
+        put(f"t2i_{running.prompt_id}_00002_.webp", 2 * 86400),
+        put(f"t2i_{collecting.prompt_id}_00001_.png", 2 * 86400),   # being copied into images/ right now
         # Not t2i's: never touched, however old.
         put("ComfyUI_00001_.png", 10 * 86400),
         put("t2i_00001_.png", 10 * 86400),
@@ -403,21 +394,21 @@ async def test_comfyui_output_files(tmp_path):
     nested = put(f"nested/t2i_{unknown}_00005_.png", 10 * 86400)
 
     report = await pruner.prune_once()
-    assert report["comfyui_files_removed"] == 3, report
+    assert report["comfyui_files_removed"] == 2, report
     assert report["errors"] == []
     for path in gone:
         assert not path.exists(), path.name
     for path in kept + [link_target, nested]:
         assert path.exists(), path.name
     assert sub.is_dir() and link.is_symlink()
-    assert pruned(pruner.worker_name, "comfyui_files") == 3
+    assert pruned(pruner.worker_name, "comfyui_files") == 2
     # The job's own image is untouched by this.
     assert (images.directory / done.images[0]).exists()
 
 
 @pytest.mark.gen_test
 async def test_missing_comfyui_output_dir_is_quiet(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, tmp_path / "nowhere")
     report = await pruner.prune_once()
     assert report["errors"] == [] and report["comfyui_files_removed"] == 0
@@ -427,7 +418,7 @@ async def test_missing_comfyui_output_dir_is_quiet(tmp_path):
 
 @pytest.mark.gen_test
 async def test_report_shape_and_last_report(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock)
     assert pruner.last_report is None
     report = await pruner.prune_once()
@@ -439,7 +430,7 @@ async def test_report_shape_and_last_report(tmp_path):
 
 @pytest.mark.gen_test
 async def test_tick_is_skipped_while_a_pass_runs(tmp_path, caplog):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, image_max_count=0)
     for _ in range(3):
         await finished_job(store, images)
@@ -465,7 +456,7 @@ async def test_tick_is_skipped_while_a_pass_runs(tmp_path, caplog):
 
 @pytest.mark.gen_test
 async def test_start_runs_a_pass_now_and_stop_stops(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=0)
     await finished_job(store)
     clock.advance(1)
@@ -481,7 +472,7 @@ async def test_start_runs_a_pass_now_and_stop_stops(tmp_path):
 
 @pytest.mark.gen_test
 async def test_a_failing_step_is_reported_and_the_rest_runs(tmp_path, monkeypatch, caplog):
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=0, image_max_count=0)
     job = await finished_job(store, images)
     clock.advance(1)
@@ -493,18 +484,18 @@ async def test_a_failing_step_is_reported_and_the_rest_runs(tmp_path, monkeypatc
     with caplog.at_level(logging.ERROR, logger="t2i.worker.retention"):
         report = await pruner.prune_once()
     assert report["errors"] == ["prune_tasks: store on fire"]
-    assert report["images_removed"] == 1 and job.image_expired
+    assert report["images_removed"] == 1 and store.get(job.prompt_id).image_expired
     assert any(r.exc_info for r in caplog.records)
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_pass_yields_to_the_loop(tmp_path):
     """A big pass lets other callbacks run often (the bench measures the exact stall)."""
-    clock = Clock()
+    clock = FakeClock()
     store, images, pruner = make(tmp_path, clock, task_ttl=0, image_max_count=0)
     for _ in range(20000):
         job = store.add(Job(str(uuid.uuid4()), created_at=clock()))
-        store.update(job, status=COMPLETED)
+        store.update(job, phase=COMPLETED)
     for _ in range(300):
         await finished_job(store, images, data=b"t")
     clock.advance(1)

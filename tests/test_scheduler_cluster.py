@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 from typing import Any
@@ -14,6 +13,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
 from support.net import free_port
+from support.timing import until
 from t2i.config import PACKAGE_WORKFLOWS
 from t2i.httpclient import JSONResponse, fetch_json
 from t2i.openapi import check_response
@@ -33,20 +33,6 @@ async def call(method: str, url: str, body: Any = None, *, timeout: float = 10.0
 
 async def get(url: str, **kw: Any) -> JSONResponse:
     return await call("GET", url, **kw)
-
-
-async def until(predicate, timeout: float = 10.0, interval: float = 0.03, what: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def workers_of(scheduler) -> dict[str, dict[str, Any]]:

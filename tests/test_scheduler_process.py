@@ -15,6 +15,7 @@ import yaml
 
 from support.cluster import start_sim, start_worker
 from support.net import free_port
+from support.timing import until
 from t2i.httpclient import UpstreamUnavailable, fetch_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,13 +73,7 @@ async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path, http_client)
                 return None
             return response.body["workers"]
 
-        async def until(predicate, timeout):
-            deadline = time.monotonic() + timeout
-            while not await predicate():
-                assert time.monotonic() < deadline, "timed out"
-                await asyncio.sleep(0.05)
-
-        await until(lambda: _feed_up(workers), 20)  # a loaded 2-core box starts Python slowly
+        await until(lambda: _feed_up(workers), 20, what="feed up")  # a loaded 2-core box starts Python slowly
         (tmp_path / "workers.yaml").write_text(yaml.safe_dump({"workers": [
             {"name": "gpu-a", "url": worker.url}, {"name": "b", "url": "http://127.0.0.1:2"}]}))
         proc.send_signal(signal.SIGHUP)  # reload_interval is 60 s: only the signal can explain a reload
@@ -86,7 +81,7 @@ async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path, http_client)
         async def two():
             return len(await workers() or ()) == 2
 
-        await until(two, 5)
+        await until(two, 5, what="two workers after the reload")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 10)

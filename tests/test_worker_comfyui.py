@@ -102,6 +102,7 @@ from tornado import web, websocket  # noqa: E402
 from tornado.httpserver import HTTPServer  # noqa: E402
 from tornado.netutil import bind_sockets  # noqa: E402
 
+from support.timing import until  # noqa: E402
 from t2i.comfyui import ComfyUIClient, ComfyUIIncompatible, ComfyUIUnavailable, PromptRejected  # noqa: E402
 
 
@@ -190,14 +191,6 @@ async def start_stub(script):
     return server, f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
 
 
-async def eventually(condition, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
-
-
 @pytest.mark.gen_test(timeout=20)
 async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
     script = Script()
@@ -217,7 +210,7 @@ async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
     client.start()
     try:
         assert await client.wait_connected(5)
-        await eventually(lambda: len([e for e in recorder.events if e[0] == "preview"]) == 2)
+        await until(lambda: len([e for e in recorder.events if e[0] == "preview"]) == 2, timeout=5.0)
         assert json.loads(script.first_messages[0]) == {"type": "feature_flags",
                                                         "data": {"supports_preview_metadata": True}}
         first_id = script.client_ids[0]
@@ -230,7 +223,7 @@ async def test_websocket_handshake_fresh_client_id_per_connection_and_frames():
 
         # The server drops the socket (no close frame): the client comes back under a new clientId.
         script.sockets[0].ws_connection.stream.close()  # an abort, like a kill
-        await eventually(lambda: len(script.client_ids) == 2 and client.connected)
+        await until(lambda: len(script.client_ids) == 2 and client.connected, timeout=5.0)
         assert script.client_ids[1] != first_id and client.client_id == script.client_ids[1]
         assert ("disconnected",) in recorder.events
         connects = [e for e in recorder.events if e[0] == "connected"]
@@ -295,7 +288,7 @@ async def test_worker_answers_502_with_comfyuis_500_text(tmp_path, monkeypatch):
         reply = await call("POST", f"{worker.url}/generate", {"prompt": "x"})
         assert reply.code == 503 and len(worker.store) == 0
         slow_id = script.slow_prompt_ids[-1]
-        await eventually(lambda: ("/interrupt", {"prompt_id": slow_id}) in script.withdrawals)
+        await until(lambda: ("/interrupt", {"prompt_id": slow_id}) in script.withdrawals, timeout=5.0)
         assert ("/queue", {"delete": [slow_id]}) in script.withdrawals
         monkeypatch.undo()
 

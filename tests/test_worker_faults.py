@@ -162,8 +162,9 @@ async def test_cancel_while_comfyui_is_down_is_503_and_changes_nothing(tmp_path)
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_job_dropped_from_comfyuis_queue_by_someone_else_ends_failed(tmp_path, monkeypatch):
-    # No message says so; the periodic check of every unfinished job notices.
+async def test_job_dropped_from_comfyuis_queue_by_someone_else_is_resubmitted_then_fails(tmp_path, monkeypatch):
+    # No message says so; the periodic check of every unfinished job notices. ComfyUI "lost" it:
+    # submitted again once (max_resubmits 1), and when it is dropped again, it fails.
     monkeypatch.setattr(Runner, "reconcile_interval", 0.2)
     monkeypatch.setattr(Runner, "full_reconcile_interval", 0.2)
     async with WorkerCluster(tmp_path) as c:
@@ -172,8 +173,11 @@ async def test_job_dropped_from_comfyuis_queue_by_someone_else_ends_failed(tmp_p
         pending = await c.submit({"prompt": "b", "steps": 3})
         await c.wait(pending, predicate=lambda s: s["queue_position"] == 1)
         assert (await call("POST", f"{c.sim.url}/queue", {"clear": True})).code == 200
+        await c.wait(pending, predicate=lambda s: s["attempt"] == 2 and s["queue_position"] == 1)
+        assert pending in sim_pending_ids(c.sim)
+        assert (await call("POST", f"{c.sim.url}/queue", {"clear": True})).code == 200
         state = await c.wait(pending)
-        assert state["status"] == "failed" and "ComfyUI lost this job" in state["error"]
+        assert state["status"] == "failed" and "ComfyUI lost this job again" in state["error"]
         assert (await call("GET", f"{c.url}/status/{running}")).json["status"] == "running"
         c.sim.stall = False
         assert (await c.wait(running))["status"] == "completed"
@@ -206,3 +210,44 @@ async def test_health_is_503_while_comfyuis_websocket_is_down(tmp_path):
         assert broken.json["comfyui"]["reachable"] is True
         assert broken.json["comfyui"]["websocket_connected"] is False
         assert "websocket" in broken.json["comfyui"]["error"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stalled_comfyui_fails_the_job_and_the_worker_is_unhealthy_until_it_moves(tmp_path):
+    async with WorkerCluster(tmp_path, comfyui={"stall_timeout": 0.5}) as c:
+        c.worker.runner.probe.ttl = 0
+        prompt_id = await c.submit({"prompt": "hangs", "steps": 40})
+        await c.wait(prompt_id, predicate=lambda s: (s["progress"] or {}).get("value", 0) >= 1)
+        c.sim.stall = True  # the websocket stays open; nothing moves
+        state = await c.wait(prompt_id)
+        assert state["status"] == "failed" and state["error"] == "ComfyUI made no progress for 0.5 s."
+        await until(lambda: prompt_id in sim_interrupted_ids(c.sim), what="the targeted interrupt")
+        health = await call("GET", f"{c.url}/health")
+        assert health.code == 503 and health.json["ok"] is False
+        assert health.json["comfyui"]["stalled"] is True and "no progress" in health.json["comfyui"]["error"]
+        refused = await call("POST", f"{c.url}/generate", {"prompt": "x"})
+        assert refused.code == 503 and "no progress" in refused.json["error"] and refused.headers["Retry-After"]
+
+        c.sim.stall = False  # ComfyUI moves: the interrupt lands, the queue runs
+        await until(lambda: _healthy(c.url), what="healthy again")
+        assert (await c.wait(await c.submit({"prompt": "after", "steps": 2})))["status"] == "completed"
+        metrics = (await call("GET", f"{c.url}/metrics")).body
+        assert b't2i_comfyui_stalls_total{worker="gpu-a"} 1.0' in metrics
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_comfyui_gone_mid_job_is_reported_at_once_and_the_job_resumes_when_it_is_back(tmp_path):
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
+        prompt_id = await c.submit({"prompt": "interrupted by an outage", "steps": 30})
+        await c.wait(prompt_id, "running")
+        port = c.sim.port
+        await c.sim.stop()  # the process is gone: connections are refused
+        state = await c.wait(prompt_id, predicate=lambda s: s["error"] is not None)
+        assert state["status"] == "running" and "ComfyUI is not reachable" in state["error"]
+        await c.sim.start(port=port)  # back, with an empty queue and history
+        state = await c.wait(prompt_id)
+        assert state["status"] == "completed" and state["error"] is None and state["attempt"] == 2
+
+
+async def _healthy(url: str) -> bool:
+    return (await call("GET", f"{url}/health")).code == 200

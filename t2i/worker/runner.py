@@ -235,6 +235,8 @@ class Runner:
                 held = len(self.store.unfinished())
                 raise WorkerStarting(f"The worker is starting: it is checking {held} job(s) from its journal "
                                      "against ComfyUI.") from None
+        if self.stalled is not None:
+            raise ComfyUIUnavailable(f"{self.stalled['error']} This worker takes jobs again when ComfyUI moves.")
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
             raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")

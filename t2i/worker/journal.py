@@ -128,6 +128,7 @@ class Journal:
         self._writer: asyncio.Task | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self.last_error: str | None = None
+        self._closed = False
 
     # --- start-up -----------------------------------------------------------------
 
@@ -267,7 +268,10 @@ class Journal:
     # --- shutdown -------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Commit what is queued, then close the database and the writer thread."""
+        """Commit what is queued, then close the database and the writer thread (once; again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self._pending or (self._writer is not None and not self._writer.done()):
                 await self.flush()

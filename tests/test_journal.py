@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,7 @@ async def test_forget_deletes_rows_and_keeps_tombstones(tmp_path, journals):
     restored, tombstones = await reopen(journals, tmp_path)
     assert [job.prompt_id for job in restored] == ["job-2", "job-3", "job-5"]
     assert sorted(tombstones[:2]) == ["job-1", "job-4"] and tombstones[2] == "job-0"  # oldest first
-    with sqlite3.connect(tmp_path / FILENAME) as db:
+    with closing(sqlite3.connect(tmp_path / FILENAME)) as db:
         assert db.execute("SELECT count(*) FROM jobs WHERE prompt_id IN ('job-0', 'job-1', 'job-4')"
                           ).fetchone()[0] == 0
 
@@ -208,7 +209,7 @@ async def test_tombstones_are_capped_oldest_dropped(tmp_path, journals):
     assert len(tombstones) == 3
     assert tombstones[1:] == ["job-4", "job-5"]
     assert tombstones[0] in ("job-2", "job-3")  # same batch as the one dropped: either may stay
-    with sqlite3.connect(tmp_path / FILENAME) as db:
+    with closing(sqlite3.connect(tmp_path / FILENAME)) as db:
         assert db.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 3
 
 
@@ -233,7 +234,8 @@ async def test_save_after_forget_in_one_batch_keeps_the_job(tmp_path, journals):
 # --- unreadable journals are moved aside -----------------------------------------------------
 
 def asides(directory: Path) -> list[Path]:
-    return sorted(directory.glob(f"{FILENAME}.corrupt-*"))
+    """Journals moved aside (not their -wal and -shm files, moved along when SQLite had made them)."""
+    return sorted(path for path in directory.glob(f"{FILENAME}.corrupt-*") if path.name.endswith("Z"))
 
 
 async def write_real_journal(make, directory: Path, n: int = 300) -> bytes:
@@ -313,9 +315,8 @@ async def test_database_with_a_garbled_row_is_moved_aside(tmp_path, journals, ca
 @pytest.mark.gen_test(timeout=10)
 async def test_database_with_a_row_of_bad_json_is_moved_aside(tmp_path, journals, caplog):
     await write_real_journal(journals, tmp_path, n=3)
-    with sqlite3.connect(tmp_path / FILENAME) as db:
+    with closing(sqlite3.connect(tmp_path / FILENAME)) as db, db:
         db.execute("UPDATE jobs SET images = '[\"job-1_0.png\", tru' WHERE prompt_id = 'job-1'")
-    db.close()
     bad = (tmp_path / FILENAME).read_bytes()
     await assert_moved_aside_and_usable(journals, tmp_path, bad, caplog)
 

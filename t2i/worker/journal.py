@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     images TEXT NOT NULL,          -- JSON list of stored image names
     outputs TEXT NOT NULL,         -- JSON list of ComfyUI output refs named by `executed`
-    seed INTEGER,
+    seed TEXT,                     -- text: ComfyUI seeds go up to 2**64-1, past SQLite's INTEGER
     workflow TEXT,
     params TEXT,                   -- JSON: the request's parameters
     graph TEXT,                    -- JSON: the built ComfyUI workflow, until the job ends
@@ -84,6 +84,7 @@ def _row_of(job: Job) -> tuple:
 def _encode(row: tuple) -> tuple:
     values = dict(zip(COLUMNS, row))
     values["images"] = json.dumps(list(values["images"]))
+    values["seed"] = None if values["seed"] is None else str(values["seed"])
     values["outputs"] = json.dumps([[ref.filename, ref.subfolder, ref.type] for ref in values["outputs"]])
     for key in ("params", "graph", "webhook"):
         if values[key] is not None:
@@ -95,7 +96,8 @@ def _job_of(row: sqlite3.Row) -> Job:
     def loads(value: str | None) -> Any:
         return json.loads(value) if value is not None else None
 
-    job = Job(row["prompt_id"], row["created_at"], workflow=row["workflow"], seed=row["seed"],
+    seed = None if row["seed"] is None else int(row["seed"])
+    job = Job(row["prompt_id"], row["created_at"], workflow=row["workflow"], seed=seed,
               client_id=row["client_id"], phase=row["phase"], graph=loads(row["graph"]), params=loads(row["params"]))
     job.attempt = row["attempt"]
     job.started_at = row["started_at"]
@@ -120,7 +122,7 @@ class Journal:
         self.tombstone_limit = tombstone_limit
         self.writes = 0  # rows written, for metrics and the bench
         self.commits = 0
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-journal")
+        self._thread: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, tuple | None] = {}  # prompt_id -> row to write, or None: delete
         self._queued = 0      # writes queued so far (a counter, for flush)
@@ -134,6 +136,8 @@ class Journal:
 
     async def open(self) -> tuple[list[Job], list[str]]:
         """Open (or create) the journal; the jobs and tombstones it holds, oldest first."""
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-journal")
+        self._closed = False
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._open)
 
     def _open(self) -> tuple[list[Job], list[str]]:
@@ -158,23 +162,35 @@ class Journal:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db = db
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version} is newer than this t2i's {SCHEMA_VERSION}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        jobs = [_job_of(row) for row in db.execute("SELECT * FROM jobs ORDER BY created_at")]
+        # Bad bytes in a text column raise UnicodeDecodeError (a ValueError) for that row only.
+        db.text_factory = lambda data: data.decode("utf-8")
+        jobs = []
+        for prompt_id, in db.execute("SELECT prompt_id FROM jobs ORDER BY created_at").fetchall():
+            try:
+                jobs.append(_job_of(db.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()))
+            except (ValueError, TypeError, KeyError, sqlite3.DataError) as exc:
+                # One damaged row must not cost the others: log it, keep the rest.
+                log.error("journal %s: job %s cannot be read back (%s); skipping it", self.path, prompt_id, exc)
         tombstones = [row[0] for row in db.execute("SELECT prompt_id FROM tombstones ORDER BY removed_at")]
         return jobs, tombstones
 
     def _move_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():  # two bad files within a second: keep both
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self.path) + suffix)
             if source.exists():
@@ -231,7 +247,14 @@ class Journal:
         db = self._db
         if db is None:
             raise JournalError("the journal is closed")
-        upserts = [_encode(row) for row in batch.values() if row is not None]
+        upserts = []
+        for row in batch.values():
+            if row is None:
+                continue
+            try:
+                upserts.append(_encode(row))
+            except (TypeError, ValueError) as exc:  # a bug, not the disk: the other rows still go in
+                log.error("job %s: cannot be journaled: %s", row[0], exc)
         removed = [(prompt_id, time.time()) for prompt_id, row in batch.items() if row is None]
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -244,7 +267,8 @@ class Journal:
                            "ORDER BY removed_at DESC LIMIT -1 OFFSET ?)", (self.tombstone_limit,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # on SQLITE_FULL SQLite has rolled back already
+                db.execute("ROLLBACK")
             raise
         self.writes += len(batch)
         self.commits += 1
@@ -269,7 +293,7 @@ class Journal:
 
     async def close(self) -> None:
         """Commit what is queued, then close the database and the writer thread (once; again: nothing)."""
-        if self._closed:
+        if self._closed or self._thread is None:
             return
         self._closed = True
         try:

@@ -9,13 +9,13 @@ export function stateText(state) {
   switch (state.status) {
     case "pending": {
       const position = state.queue_position;
-      if (position === null || position === undefined) return "Queued";
-      return position === 0 ? "Queued — up next" : `Queued — position ${position}`;
+      if (position === null || position === undefined) return unfinished("Queued", state);
+      return unfinished(position === 0 ? "Queued — up next" : `Queued — position ${position}`, state);
     }
     case "running": {
       const progress = state.progress;
-      if (!progress || !progress.max) return "Generating — starting…";
-      return `Generating — step ${progress.value} of ${progress.max}`;
+      if (!progress || !progress.max) return unfinished("Generating — starting…", state);
+      return unfinished(`Generating — step ${progress.value} of ${progress.max}`, state);
     }
     case "completed":
       return "Done";
@@ -26,6 +26,14 @@ export function stateText(state) {
     default:
       return state.status || "Unknown";
   }
+}
+
+/** An unfinished job's words, with what the worker says is wrong right now and a second attempt. */
+function unfinished(text, state) {
+  const parts = [text];
+  if (state.attempt > 1) parts.push(`attempt ${state.attempt} (ComfyUI restarted)`);
+  if (state.error) parts.push(state.error);
+  return parts.join(" — ");
 }
 
 function seconds(ms) {

@@ -221,8 +221,10 @@ CASES = [
     case("after the run ended", FINISHING, lc.InQueue(True)),
 
     # HistoryRead: the prompt's history entry.
-    case("success", FINISHING, lc.HistoryRead(SUCCESS), {"phase": COLLECTING}, [JOURNAL, lc.collect((REF,))]),
-    case("success, images from executed", FINISHING, lc.HistoryRead(SUCCESS_NO_IMAGES), {"phase": COLLECTING},
+    case("success", FINISHING, lc.HistoryRead(SUCCESS), {"phase": COLLECTING, "started_at": W},
+         [JOURNAL, lc.collect((REF,))]),
+    case("success, images from executed", FINISHING, lc.HistoryRead(SUCCESS_NO_IMAGES),
+         {"phase": COLLECTING, "started_at": W},
          [JOURNAL, lc.collect((OLD_REF,))], outputs=(OLD_REF,)),
     case("success without images", FINISHING, lc.HistoryRead(SUCCESS_NO_IMAGES), ended(FAILED, lc.NO_IMAGE),
          [JOURNAL, FINISHED_EFFECT]),
@@ -231,9 +233,10 @@ CASES = [
          [JOURNAL, FINISHED_EFFECT]),
     case("interrupted by our cancel", FINISHING, lc.HistoryRead(INTERRUPTED),
          ended(CANCELLED, lc.CANCELLED_BY_REQUEST), [JOURNAL, FINISHED_EFFECT], ending=STOPPING),
-    case("reconcile found it done", QUEUED, lc.HistoryRead(SUCCESS), {"phase": COLLECTING, "queue_position": None},
+    case("reconcile found it done", QUEUED, lc.HistoryRead(SUCCESS),
+         {"phase": COLLECTING, "queue_position": None, "started_at": W},
          [JOURNAL, lc.collect((REF,))], queue_position=1),
-    case("reconcile found it done", STARTED, lc.HistoryRead(SUCCESS), {"phase": COLLECTING},
+    case("reconcile found it done", STARTED, lc.HistoryRead(SUCCESS), {"phase": COLLECTING, "started_at": W},
          [JOURNAL, lc.collect((REF,))]),
     case("reconcile found it failed", STARTED, lc.HistoryRead(ERROR), ended(FAILED, BOOM),
          [JOURNAL, FINISHED_EFFECT]),
@@ -288,8 +291,8 @@ CASES = [
     # CancelRequested (the races have their own tests below)
     case("during the POST", SUBMITTING, lc.CancelRequested(), ended(CANCELLED, lc.CANCELLED_BY_REQUEST),
          [JOURNAL, FINISHED_EFFECT]),
-    case("queued", QUEUED, lc.CancelRequested(), {"ending": STOPPING}, [WITHDRAW]),
-    case("running", STARTED, lc.CancelRequested(), {"ending": STOPPING}, [WITHDRAW]),
+    case("queued", QUEUED, lc.CancelRequested(), {"ending": STOPPING}, [JOURNAL, WITHDRAW]),
+    case("running", STARTED, lc.CancelRequested(), {"ending": STOPPING}, [JOURNAL, WITHDRAW]),
     case("asked again", STARTED, lc.CancelRequested(), {}, [WITHDRAW], ending=STOPPING),
 
     # StopDone / StopFailed: the withdraw of a stop answered.
@@ -299,8 +302,8 @@ CASES = [
          ending=STOPPING, queue_position=2),
     case("no stop asked", STARTED, lc.StopDone()),
     case("the run ended first", FINISHING, lc.StopDone(), ending=STOPPING),
-    case("the job carries on", STARTED, lc.StopFailed("HTTP 500"), {"ending": None}, ending=STOPPING),
-    case("the job carries on", QUEUED, lc.StopFailed("HTTP 500"), {"ending": None}, ending=STOPPING),
+    case("the job carries on", STARTED, lc.StopFailed("HTTP 500"), {"ending": None}, [JOURNAL], ending=STOPPING),
+    case("the job carries on", QUEUED, lc.StopFailed("HTTP 500"), {"ending": None}, [JOURNAL], ending=STOPPING),
     case("no stop asked", STARTED, lc.StopFailed("HTTP 500")),
     case("the run ended first", FINISHING, lc.StopFailed("HTTP 500"), ending=STOPPING),
 
@@ -339,7 +342,8 @@ CASES = [
     case("killed during its first POST", SUBMITTING, lc.Restored(), {}, [WITHDRAW, DROP]),
     case("killed during a resubmit", SUBMITTING, lc.Restored(), {"phase": QUEUED, **TIMERS, "error": None},
          attempt=1, error=DOWN),
-    case("queued, its stop forgotten", QUEUED, lc.Restored(), {**TIMERS, "ending": None}, ending=STOPPING),
+    # A cancel in flight is journaled and survives: once the prompt is gone, the job ends cancelled.
+    case("queued, its stop kept", QUEUED, lc.Restored(), TIMERS, ending=STOPPING),
     case("running", STARTED, lc.Restored(), TIMERS),
     case("reading the history", FINISHING, lc.Restored(), {"phase": STARTED, **TIMERS}),
     case("collecting", COLLECTING, lc.Restored(), {"phase": STARTED, **TIMERS}),
@@ -370,21 +374,19 @@ RUN_EVENTS = [lc.Started(), lc.Progress(1, 5), lc.Preview(), lc.Executed((REF,))
 @pytest.mark.parametrize("phase", sorted(FINISHED))
 @pytest.mark.parametrize("event", RUN_EVENTS, ids=lambda event: type(event).__name__)
 def test_a_final_phase_ignores_everything_else(phase, event):
-    job = make_job(phase, ending=None, error=BOOM if phase == FAILED else None)
-    assert step(job, event, t=10_000) == (job, ())
-    assert step(job, event, t=10_000)[0] is job
+    job = make_job(phase, error=BOOM if phase == FAILED else None)
+    new, effects = step(job, event, t=10_000)
+    assert new is job and effects == ()
 
 
 @pytest.mark.parametrize("job, event", [
     (make_job(QUEUED, queue_position=2), lc.InQueue(False, 2)),
     (make_job(STARTED, error=DOWN), lc.ComfyDown("Connection refused")),
     (make_job(STARTED, active_at=M), lc.Started()),
-    (make_job(COLLECTING, error=None), lc.ComfyUp(), ),
+    (make_job(COLLECTING, active_at=M), lc.ComfyUp()),
 ], ids=["same queue position", "same outage", "same instant", "nothing to clear"])
 def test_a_step_that_changes_no_field_returns_the_same_job(job, event):
     """The Runner stores (and versions, and wakes long-polls for) a job only when it is a new object."""
-    if isinstance(event, lc.ComfyUp):
-        job = job.evolve(active_at=M)
     new, effects = step(job, event)
     assert new is job and effects == ()
 
@@ -396,23 +398,6 @@ def test_the_same_job_comes_back_with_its_effects_when_only_effects_are_asked():
 
 
 # --- event_of: ComfyUI messages as events -------------------------------------------------------------
-
-@pytest.fixture
-def event_of(monkeypatch):
-    """``lc.event_of`` as the Runner calls it. It was moved out of runner.py with its ``lc.`` prefixes
-    left on, and lifecycle.py has no ``lc`` (see the xfail below): give the module that name, so the
-    mapping and the replays test the lifecycle rather than stop at the NameError."""
-    if not hasattr(lc, "lc"):
-        monkeypatch.setattr(lc, "lc", lc, raising=False)
-    return lc.event_of
-
-
-@pytest.mark.xfail(strict=True, raises=NameError,
-                   reason="lifecycle.event_of refers to lc.Started etc. but lifecycle.py never defines `lc` "
-                          "(moved from runner.py, where `lc` was the import alias): every message raises NameError")
-def test_event_of_runs_without_help():
-    assert lc.event_of("execution_start", {"prompt_id": "p-1"}) == lc.Started()
-
 
 @pytest.mark.parametrize("msg_type, data, event", [
     ("execution_start", {"prompt_id": "p"}, lc.Started()),
@@ -432,8 +417,8 @@ def test_event_of_runs_without_help():
     ("execution_success", {"prompt_id": "p"}, None),
     ("progress_state", {"prompt_id": "p", "nodes": {}}, None),
 ], ids=lambda value: value if isinstance(value, str) else None)
-def test_event_of(event_of, msg_type, data, event):
-    assert event_of(msg_type, data) == event
+def test_event_of(msg_type, data, event):
+    assert lc.event_of(msg_type, data) == event
 
 
 # --- the three races ---------------------------------------------------------------------------------
@@ -454,7 +439,7 @@ def test_a_timeout_never_fires_while_the_images_are_collected():
 def test_a_cancel_racing_the_end_of_the_run_loses_honestly():
     """The run ended before the withdraw took effect: the job completes, it is not called cancelled."""
     job = make_job(STARTED, progress_value=5, progress_max=5, outputs=(REF,))
-    job = assert_step(job, lc.CancelRequested(), {"ending": STOPPING}, [WITHDRAW])
+    job = assert_step(job, lc.CancelRequested(), {"ending": STOPPING}, [JOURNAL, WITHDRAW])
     job = assert_step(job, lc.RunEnded(), {"phase": FINISHING, "active_at": M}, [JOURNAL, FETCH_HISTORY])
     assert job.ending == STOPPING and job.status == RUNNING
     job = assert_step(job, lc.StopDone(), {}, [])  # the withdraw answered: too late, the run is over
@@ -467,8 +452,8 @@ def test_a_cancel_racing_the_end_of_the_run_loses_honestly():
 @pytest.mark.parametrize("phase", [FINISHING, COLLECTING])
 def test_a_cancel_after_the_run_ended_waits_for_the_real_end(phase):
     job = make_job(phase, outputs=(REF,))
-    assert step(job, lc.CancelRequested()) == (job, ())
-    assert step(job, lc.CancelRequested())[0] is job
+    new, effects = step(job, lc.CancelRequested())
+    assert new is job and effects == ()
 
 
 def test_a_cancel_during_post_prompt_ends_the_job_and_withdraws_the_prompt():
@@ -478,12 +463,10 @@ def test_a_cancel_during_post_prompt_ends_the_job_and_withdraws_the_prompt():
     assert job.status == CANCELLED
     job = assert_step(job, lc.Submitted(), {}, [WITHDRAW])
     assert job.phase == CANCELLED and job.error == lc.CANCELLED_BY_REQUEST
-    assert step(job, lc.Started()) == (job, ())  # its messages, should any come, change nothing
+    new, effects = step(job, lc.Started())
+    assert new is job and effects == ()  # its messages, should any come, change nothing
 
 
-@pytest.mark.xfail(strict=True, reason="TRANSITIONS[SubmitRefused][CANCELLED] ignores maybe_queued: a job cancelled "
-                                       "during a POST /prompt that then timed out is never withdrawn, so ComfyUI "
-                                       "may run it for nobody (the SUBMITTING cell does withdraw)")
 def test_a_cancel_during_a_post_prompt_that_timed_out_withdraws_the_prompt():
     job, _ = step(make_job(SUBMITTING), lc.CancelRequested())
     _, effects = step(job, lc.SubmitRefused("timed out", unavailable=True, maybe_queued=True))
@@ -535,7 +518,7 @@ def history_entries(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def request_seq(rec: dict[str, Any], **match: Any) -> dict[str, Any]:
+def request_of(rec: dict[str, Any], **match: Any) -> dict[str, Any]:
     """The first recorded request with these fields (method, path, json)."""
     return next(event for event in rec["events"]
                 if event["kind"] == "http_request" and all(event.get(k) == v for k, v in match.items()))
@@ -543,13 +526,13 @@ def request_seq(rec: dict[str, Any], **match: Any) -> dict[str, Any]:
 
 def before_request(name: str, prompt_id: str, event: Any, **match: Any) -> tuple[int, str, Any]:
     """Inject ``event`` just before the request that carries it out was sent."""
-    return request_seq(recording(name), **match)["seq"], prompt_id, event
+    return request_of(recording(name), **match)["seq"], prompt_id, event
 
 
 def after_answer(name: str, prompt_id: str, event: Any, **match: Any) -> tuple[int, str, Any]:
     """Inject ``event`` just after the answer to that request arrived."""
     rec = recording(name)
-    req = request_seq(rec, **match)["req"]
+    req = request_of(rec, **match)["req"]
     answer = next(e for e in rec["events"] if e["kind"] == "http_response" and e["req"] == req)
     return answer["seq"] + 1, prompt_id, event
 
@@ -560,9 +543,9 @@ class Replay:
     limits: lc.Limits
     history: dict[str, dict[str, Any]]
     jobs: dict[str, Job] = field(default_factory=dict)
-    fed: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    fed: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # the events that did something
     effects: dict[str, list] = field(default_factory=lambda: defaultdict(list))
-    statuses: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # repeats dropped
+    statuses: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # (each trace: repeats dropped)
     positions: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # queue positions shown
     progress: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # (value, max) while unfinished
     errors: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # notices shown while unfinished
@@ -579,12 +562,15 @@ class Replay:
         pending = [event]
         while pending:
             event = pending.pop(0)
-            job, effects = lc.advance(self.jobs[prompt_id], event, now, self.limits)
+            old = self.jobs[prompt_id]
+            job, effects = lc.advance(old, event, now, self.limits)
+            if job is old and not effects:
+                continue  # ignored in this phase (most Ticks, messages after the end)
             self.jobs[prompt_id] = job
             self.fed[prompt_id].append(event)
             self.effects[prompt_id].extend(effects)
             self._note(job, now)
-            pending.extend(answer for answer in map(lambda e: self._answer(prompt_id, e), effects) if answer)
+            pending.extend(answer for answer in (self._answer(prompt_id, e) for e in effects) if answer)
 
     def broadcast(self, event: Any, now: lc.Now) -> None:
         for prompt_id in list(self.jobs):
@@ -601,19 +587,24 @@ class Replay:
 
     def _note(self, job: Job, now: lc.Now) -> None:
         pid = job.prompt_id
-        if not self.statuses[pid] or self.statuses[pid][-1] != job.status:
-            self.statuses[pid].append(job.status)
+        _append_new(self.statuses[pid], job.status)
         self.entered[pid].setdefault(job.phase, now.wall)
         if not job.finished:
             if job.queue_position is not None:
-                self.positions[pid].append(job.queue_position)
+                _append_new(self.positions[pid], job.queue_position)
             if job.progress_max:
-                self.progress[pid].append((job.progress_value, job.progress_max))
+                _append_new(self.progress[pid], (job.progress_value, job.progress_max))
             if job.error:
-                self.errors[pid].append(job.error)
+                _append_new(self.errors[pid], job.error)
 
 
-def replay(name: str, label: str, event_of, *, via_submit: bool = False, inject=(),
+def _append_new(seen: list, value: Any) -> None:
+    """Keep a trace of what was shown: a value again right after itself is no news."""
+    if not seen or seen[-1] != value:
+        seen.append(value)
+
+
+def replay(name: str, label: str, *, via_submit: bool = False, inject=(),
            limits: lc.Limits = LIMITS) -> Replay:
     """Feed a recording through the lifecycle, for the prompts that the client ``label`` submitted.
 
@@ -658,7 +649,7 @@ def replay(name: str, label: str, event_of, *, via_submit: bool = False, inject=
             elif kind == "ws_close":
                 ws_up = False
             elif kind == "ws_text":
-                _on_message(r, ev["json"]["type"], ev["json"]["data"], now, event_of)
+                _on_message(r, ev["json"]["type"], ev["json"]["data"], now)
             elif kind == "ws_binary" and ev["event_type_name"].startswith("PREVIEW_IMAGE"):
                 pid = (ev["decoded"].get("metadata") or {}).get("prompt_id") or r.running_id
                 if pid in r.jobs:
@@ -671,11 +662,11 @@ def replay(name: str, label: str, event_of, *, via_submit: bool = False, inject=
     return r
 
 
-def _on_message(r: Replay, msg_type: str, data: dict[str, Any], now: lc.Now, event_of) -> None:
+def _on_message(r: Replay, msg_type: str, data: dict[str, Any], now: lc.Now) -> None:
     prompt_id = data.get("prompt_id")
     if prompt_id not in r.jobs:
         return
-    event = event_of(msg_type, data)
+    event = lc.event_of(msg_type, data)
     if event is None:
         return
     if isinstance(event, (lc.Started, lc.Progress)):
@@ -716,8 +707,8 @@ COMPLETED_RUNS = [
 
 @pytest.mark.parametrize("via_submit", [False, True], ids=["queued", "via-submit"])
 @pytest.mark.parametrize("name, label, expected", COMPLETED_RUNS, ids=[f"{n}-{c}" for n, c, _ in COMPLETED_RUNS])
-def test_a_recorded_successful_run_completes(event_of, name, label, expected, via_submit):
-    r = replay(name, label, event_of, via_submit=via_submit)
+def test_a_recorded_successful_run_completes(name, label, expected, via_submit):
+    r = replay(name, label, via_submit=via_submit)
     assert len(r.jobs) == len(expected)
     for (pid, job), (filename, steps) in zip(r.jobs.items(), expected):
         assert (job.phase, job.error, job.images, job.attempt) == (COMPLETED, None, ("x.png",), 1), pid
@@ -733,12 +724,11 @@ def test_a_recorded_successful_run_completes(event_of, name, label, expected, vi
             assert job.progress_value == job.progress_max == 1
 
 
-def test_a_success_completes_with_the_file_comfyui_served(event_of):
-    rec = recording("a_success")
-    view = request_seq(rec, method="GET", path=next(e["path"] for e in rec["events"]
-                                                     if e["kind"] == "http_request" and e["path"].startswith("/view")))
-    served = parse_qs(urlsplit(view["path"]).query)["filename"][0]
-    r = replay("a_success", "A", event_of)
+def test_a_success_completes_with_the_file_comfyui_served():
+    view = next(e["path"] for e in recording("a_success")["events"]
+                if e["kind"] == "http_request" and e["path"].startswith("/view?"))
+    served = parse_qs(urlsplit(view).query)["filename"][0]
+    r = replay("a_success", "A")
     (pid, job), = r.jobs.items()
     assert served in [ref.filename for ref in r.collected[pid]]
     assert job.phase == COMPLETED and job.progress_value == job.progress_max == 5
@@ -746,28 +736,28 @@ def test_a_success_completes_with_the_file_comfyui_served(event_of):
     assert job.started_at is not None and job.finished_at >= job.started_at
 
 
-def test_b_cached_rerun_completes_with_the_earlier_file_and_no_progress(event_of):
+def test_b_cached_rerun_completes_with_the_earlier_file_and_no_progress():
     earlier = images_of(history_entries(recording("a_success"))[prompts_of("a_success")[0]]["outputs"])
-    r = replay("b_cached_rerun", "A", event_of)
+    r = replay("b_cached_rerun", "A")
     cached = prompts_of("b_cached_rerun")[0]
     assert r.collected[cached] == tuple(earlier) and earlier[0].filename == "t2i_00001_.png"
     assert r.progress[cached] == [] and r.jobs[cached].phase == COMPLETED
 
 
-def test_b_cached_rerun_whose_messages_beat_the_post_reply(event_of):
+def test_b_cached_rerun_whose_messages_beat_the_post_reply():
     """execution_start came before the 200: the job was running while still submitting, then accepted."""
-    r = replay("b_cached_rerun", "A", event_of, via_submit=True)
+    r = replay("b_cached_rerun", "A", via_submit=True)
     cached = prompts_of("b_cached_rerun")[0]
     fed = [type(event) for event in r.fed[cached]]
     assert fed.index(lc.Started) < fed.index(lc.Submitted) < fed.index(lc.RunEnded)
     assert r.jobs[cached].phase == COMPLETED and r.jobs[cached].attempt == 1
 
 
-def test_c_failure_fails_with_the_node_type_and_the_exception(event_of):
+def test_c_failure_fails_with_the_node_type_and_the_exception():
     rec = recording("c_failure")
     reported = {e["json"]["data"]["prompt_id"]: e["json"]["data"] for e in rec["events"]
                 if e["kind"] == "ws_text" and e["json"]["type"] == "execution_error"}
-    r = replay("c_failure", "A", event_of)
+    r = replay("c_failure", "A")
     assert len(r.jobs) == 2  # the same failing workflow, submitted twice: failures are not cached
     for pid, job in r.jobs.items():
         data = reported[pid]
@@ -779,8 +769,8 @@ def test_c_failure_fails_with_the_node_type_and_the_exception(event_of):
         assert (job.progress_value, job.progress_max) == (2, 5)  # where it stopped
 
 
-def test_e_interrupt_by_someone_else_fails_the_job(event_of):
-    r = replay("e_interrupt", "A", event_of)
+def test_e_interrupt_by_someone_else_fails_the_job():
+    r = replay("e_interrupt", "A")
     (pid, job), = r.jobs.items()
     assert (job.phase, job.error) == (FAILED, lc.INTERRUPTED)
     assert r.statuses[pid] == [PENDING, RUNNING, FAILED]
@@ -788,19 +778,19 @@ def test_e_interrupt_by_someone_else_fails_the_job(event_of):
     assert outcome_of(r.history[pid]).status == "interrupted"  # as ComfyUI's history says
 
 
-def test_e_interrupt_with_our_cancel_in_flight_cancels_the_job(event_of):
+def test_e_interrupt_with_our_cancel_in_flight_cancels_the_job():
     pid = prompts_of("e_interrupt")[0]
     cancel = before_request("e_interrupt", pid, lc.CancelRequested(), method="POST", path="/interrupt")
-    r = replay("e_interrupt", "A", event_of, inject=[cancel])
+    r = replay("e_interrupt", "A", inject=[cancel])
     job = r.jobs[pid]
     assert (job.phase, job.error) == (CANCELLED, lc.CANCELLED_BY_REQUEST)
     assert WITHDRAW in r.effects[pid] and isinstance(r.fed[pid][-1], lc.RunInterrupted)
     assert r.statuses[pid] == [PENDING, RUNNING, CANCELLED]
 
 
-def test_e2_prompts_deleted_by_someone_else_are_lost_and_resubmitted(event_of):
+def test_e2_prompts_deleted_by_someone_else_are_lost_and_resubmitted():
     running, deleted, cleared, last = prompts_of("e2_targeted_interrupt_and_delete")
-    r = replay("e2_targeted_interrupt_and_delete", "A", event_of)
+    r = replay("e2_targeted_interrupt_and_delete", "A")
     assert (r.jobs[running].phase, r.jobs[running].error) == (FAILED, lc.INTERRUPTED)
     assert r.positions[deleted] == [1] and r.positions[cleared] == [2, 1]
     for pid in (deleted, cleared):
@@ -809,12 +799,12 @@ def test_e2_prompts_deleted_by_someone_else_are_lost_and_resubmitted(event_of):
     assert [ref.filename for ref in r.collected[last]] == ["t2i_empty_00001_.png"]
 
 
-def test_e2_with_our_cancels_the_stopped_prompts_end_cancelled(event_of):
+def test_e2_with_our_cancels_the_stopped_prompts_end_cancelled():
     name = "e2_targeted_interrupt_and_delete"
     running, deleted, cleared, last = prompts_of(name)
     delete = dict(method="POST", path="/queue", json={"delete": [deleted]})
     interrupt = dict(method="POST", path="/interrupt", json={"prompt_id": running})
-    r = replay(name, "A", event_of, inject=[
+    r = replay(name, "A", inject=[
         before_request(name, deleted, lc.CancelRequested(), **delete),
         after_answer(name, deleted, lc.StopDone(), **delete),
         before_request(name, running, lc.CancelRequested(), **interrupt),
@@ -828,9 +818,9 @@ def test_e2_with_our_cancels_the_stopped_prompts_end_cancelled(event_of):
     assert r.jobs[last].phase == COMPLETED
 
 
-def test_f_back_to_back_both_complete_one_after_the_other(event_of):
+def test_f_back_to_back_both_complete_one_after_the_other():
     first, second = prompts_of("f_back_to_back")
-    r = replay("f_back_to_back", "A", event_of)
+    r = replay("f_back_to_back", "A")
     assert r.jobs[first].phase == r.jobs[second].phase == COMPLETED
     assert r.positions[first] == [] and r.positions[second] == [1]  # behind the running one
     assert r.entered[first][STARTED] < r.entered[second][STARTED]
@@ -839,32 +829,32 @@ def test_f_back_to_back_both_complete_one_after_the_other(event_of):
 
 
 @pytest.mark.parametrize("label, frames", [("A_flags", 4), ("C_noflags", 4)])
-def test_i_previews_are_counted_and_the_websocket_report_replaces_the_history(event_of, label, frames):
+def test_i_previews_are_counted_and_the_websocket_report_replaces_the_history(label, frames):
     """Type 4 previews name their prompt, type 1 belong to the running one; no GET /history was recorded."""
-    r = replay("i_previews_and_text", label, event_of)
+    r = replay("i_previews_and_text", label)
     (pid, job), = r.jobs.items()
     assert job.preview_version == frames
     assert any(isinstance(event, lc.HistoryUnreadable) for event in r.fed[pid])
     assert job.phase == COMPLETED and r.collected[pid] == job.outputs
 
 
-def test_h_restart_loses_both_prompts_and_submits_them_again(event_of):
+def test_h_restart_loses_both_prompts_and_submits_them_again():
     running, pending, after = prompts_of("h_restart")
-    r = replay("h_restart", "A", event_of)
+    r = replay("h_restart", "A")
     for pid in (running, pending):
         job = r.jobs[pid]
         assert (job.phase, job.attempt, job.error) == (SUBMITTING, 1, None)
         assert r.effects[pid][-2:] == [JOURNAL, SUBMIT]
         assert any("Connection refused" in error for error in r.errors[pid])  # told while ComfyUI was down
-    assert job.progress_value is None and job.outputs == ()
+    assert r.progress[running] and r.jobs[running].progress_value is None  # the new run starts from nothing
     assert r.statuses[running] == [PENDING, RUNNING, PENDING]  # the one way back: a resubmit
     assert r.statuses[pending] == [PENDING]
     assert r.jobs[after].phase == COMPLETED
     assert [ref.filename for ref in r.collected[after]] == ["t2i_00020_.png"]
 
 
-def test_h_restart_without_resubmits_fails_the_lost_prompts(event_of):
+def test_h_restart_without_resubmits_fails_the_lost_prompts():
     running, pending, _ = prompts_of("h_restart")
-    r = replay("h_restart", "A", event_of, limits=lc.Limits(job_timeout=600, stall_timeout=120, max_resubmits=0))
+    r = replay("h_restart", "A", limits=lc.Limits(job_timeout=600, stall_timeout=120, max_resubmits=0))
     for pid in (running, pending):
         assert (r.jobs[pid].phase, r.jobs[pid].error) == (FAILED, lc.lost_sentence(0))

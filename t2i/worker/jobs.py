@@ -47,7 +47,7 @@ class Job:
         "version", "progress_value", "progress_max", "queue_position", "images", "preview_version",
         "started_at", "finished_at", "image_expired",
         # kept for the features that build on the journal
-        "client", "idempotency_key", "webhook",
+        "client", "idempotency_key", "request_hash", "webhook",
     )
 
     def __init__(self, prompt_id: str, created_at: float, workflow: str | None = None,
@@ -77,6 +77,7 @@ class Job:
         self.image_expired = False
         self.client: str | None = None
         self.idempotency_key: str | None = None
+        self.request_hash: str | None = None  # fingerprint of the request body, for Idempotency-Key
         self.webhook: Any = None
         for name, value in fields.items():
             setattr(self, name, value)

@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress_max INTEGER,
     client TEXT,                   -- who asked (client identity)
     idempotency_key TEXT,
-    webhook TEXT                   -- JSON: webhook delivery state
+    webhook TEXT,                  -- JSON: webhook delivery state
+    ending TEXT,                   -- JSON [phase, error]: a stop (cancel) in flight
+    request_hash TEXT              -- fingerprint of the request body (Idempotency-Key checks)
 );
 CREATE TABLE IF NOT EXISTS tombstones (
     prompt_id TEXT PRIMARY KEY,
@@ -64,7 +66,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
 
 COLUMNS = ("prompt_id", "phase", "attempt", "client_id", "created_at", "started_at", "finished_at", "error",
            "images", "outputs", "seed", "workflow", "params", "graph", "progress_max", "client",
-           "idempotency_key", "webhook")
+           "idempotency_key", "webhook", "ending", "request_hash")
 UPSERT = (f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) "
           f"VALUES ({', '.join('?' for _ in COLUMNS)})")
 
@@ -78,7 +80,7 @@ def _row_of(job: Job) -> tuple:
     return (job.prompt_id, job.phase, job.attempt, job.client_id, job.created_at, job.started_at,
             job.finished_at, job.error, job.images, job.outputs, job.seed, job.workflow, job.params,
             None if job.phase in FINISHED else job.graph, job.progress_max, job.client, job.idempotency_key,
-            job.webhook)
+            job.webhook, job.ending, job.request_hash)
 
 
 def _encode(row: tuple) -> tuple:
@@ -86,7 +88,7 @@ def _encode(row: tuple) -> tuple:
     values["images"] = json.dumps(list(values["images"]))
     values["seed"] = None if values["seed"] is None else str(values["seed"])
     values["outputs"] = json.dumps([[ref.filename, ref.subfolder, ref.type] for ref in values["outputs"]])
-    for key in ("params", "graph", "webhook"):
+    for key in ("params", "graph", "webhook", "ending"):
         if values[key] is not None:
             values[key] = json.dumps(values[key], separators=(",", ":"))
     return tuple(values[name] for name in COLUMNS)
@@ -111,6 +113,9 @@ def _job_of(row: sqlite3.Row) -> Job:
     job.client = row["client"]
     job.idempotency_key = row["idempotency_key"]
     job.webhook = loads(row["webhook"])
+    ending = loads(row["ending"])
+    job.ending = tuple(ending) if ending else None
+    job.request_hash = row["request_hash"]
     return job
 
 

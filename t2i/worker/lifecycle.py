@@ -306,7 +306,8 @@ def _on_history(job: Job, event: HistoryRead, now: Now, limits: Limits) -> Step:
         refs = tuple(outcome.images) or job.outputs
         if not refs:
             return _end(job, FAILED, now, NO_IMAGE)
-        return {"phase": COLLECTING, "queue_position": None}, (JOURNAL, collect(refs))
+        return ({"phase": COLLECTING, "queue_position": None, "started_at": job.started_at or now.wall},
+                (JOURNAL, collect(refs)))
     if outcome.status == "interrupted":
         return _stopped_end(job, now)
     return _end(job, FAILED, now, outcome.error)
@@ -353,7 +354,8 @@ def _on_cancel_before_accepted(job: Job, event: CancelRequested, now: Now, limit
 def _on_cancel(job: Job, event: CancelRequested, now: Now, limits: Limits) -> Step:
     if job.ending is not None:
         return {}, (WITHDRAW,)  # a stop is in flight: try again, the first one may have failed
-    return {"ending": (CANCELLED, CANCELLED_BY_REQUEST)}, (WITHDRAW,)
+    # Journaled: a worker killed right after the withdraw must still end the job cancelled.
+    return {"ending": (CANCELLED, CANCELLED_BY_REQUEST)}, (JOURNAL, WITHDRAW)
 
 
 def _on_stop_done(job: Job, event: StopDone, now: Now, limits: Limits) -> Step:
@@ -363,7 +365,7 @@ def _on_stop_done(job: Job, event: StopDone, now: Now, limits: Limits) -> Step:
 
 
 def _on_stop_failed(job: Job, event: StopFailed, now: Now, limits: Limits) -> Step:
-    return {"ending": None}, ()
+    return ({"ending": None}, (JOURNAL,)) if job.ending is not None else NOTHING
 
 
 def _on_tick(job: Job, event: Tick, now: Now, limits: Limits) -> Step:
@@ -401,7 +403,7 @@ def _on_restored(job: Job, event: Restored, now: Now, limits: Limits) -> Step:
     # (the queue, the history, or lost), as after a websocket reconnect.
     phase = QUEUED if job.phase == SUBMITTING else STARTED if job.phase in (FINISHING, COLLECTING) else job.phase
     return {"phase": phase, "queued_at": now.mono, "running_at": now.mono, "active_at": now.mono,
-            "ending": None, "error": None}, ()
+            "error": None}, ()
 
 
 Rule = Callable[[Job, Any, Now, Limits], Step]
@@ -415,7 +417,8 @@ def _cells(rule: Rule, phases: tuple[str, ...]) -> dict[str, Rule]:
 TRANSITIONS: dict[type, dict[str, Rule]] = {
     Submitted: {**_cells(_on_submitted, UNFINISHED_PHASES), **_cells(_on_submitted_after_end, (CANCELLED,))},
     SubmitRefused: {**_cells(_on_submit_refused, (SUBMITTING,)),
-                    CANCELLED: lambda job, event, now, limits: ({}, (DROP,) if job.attempt == 0 else ())},
+                    CANCELLED: lambda job, event, now, limits: (
+                        {}, ((DROP,) if job.attempt == 0 else ()) + ((WITHDRAW,) if event.maybe_queued else ()))},
     Started: _cells(_on_started, BEFORE_RUN_END),
     Progress: _cells(_on_progress, BEFORE_RUN_END),
     Preview: _cells(_on_preview, (STARTED,)),

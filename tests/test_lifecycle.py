@@ -443,7 +443,7 @@ def test_a_cancel_racing_the_end_of_the_run_loses_honestly():
     job = assert_step(job, lc.RunEnded(), {"phase": FINISHING, "active_at": M}, [JOURNAL, FETCH_HISTORY])
     assert job.ending == STOPPING and job.status == RUNNING
     job = assert_step(job, lc.StopDone(), {}, [])  # the withdraw answered: too late, the run is over
-    job = assert_step(job, lc.HistoryRead(SUCCESS), {"phase": COLLECTING}, [JOURNAL, lc.collect((REF,))])
+    job = assert_step(job, lc.HistoryRead(SUCCESS), {"phase": COLLECTING, "started_at": W}, [JOURNAL, lc.collect((REF,))])
     job = assert_step(job, lc.Collected(("a.png",)), ended(COMPLETED, None, images=("a.png",)),
                       [JOURNAL, FINISHED_EFFECT])
     assert job.ending is None and job.error is None

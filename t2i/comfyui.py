@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.iostream import StreamClosedError
@@ -433,6 +433,12 @@ class ComfyUIClient:
                 "client-chosen prompt ids (a ComfyUI older than 0.3.4x?), which t2i needs; upgrade it",
                 str(other) if other else None)
         return reply
+
+    async def object_info(self, class_type: str) -> dict[str, Any]:
+        """ComfyUI's description of one node class; ``{}`` when it has no such node."""
+        body = await self._get_json(f"/object_info/{quote(class_type, safe='')}")
+        info = body.get(class_type) if isinstance(body, dict) else None
+        return info if isinstance(info, dict) else {}
 
     async def queue(self) -> QueueState:
         return parse_queue(await self._get_json("/queue"))

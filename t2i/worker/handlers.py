@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
+from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
+from t2i.idempotency import BadKey, check_key, fingerprint
 from t2i.config import WorkerConfig
 from t2i.jobstate import MAX_WAIT, result_of
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
@@ -14,7 +16,7 @@ from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_t
 from t2i.worker.images import ImageHandler
 from t2i.worker.jobs import Job, JobStore
 from t2i.worker.journal import JournalError
-from t2i.worker.runner import JobFinished, Runner
+from t2i.worker.runner import JobFinished, KeyConflict, Runner, WorkflowNotReady
 
 RETRY_AFTER = "5"
 
@@ -56,12 +58,24 @@ class GenerateHandler(WorkerBodyHandler):
     async def post(self) -> None:
         """Check a request, queue it in ComfyUI, answer with the job's id and URLs."""
         require_token(self, self.config.auth_token)
+        body = self.get_json_body()
+        key = self.request.headers.get(IDEMPOTENCY_HEADER)
         try:
-            request = validate_generate(self.get_json_body(), self.catalogue)
+            if key is not None:
+                check_key(key)
+            request = validate_generate(body, self.catalogue)
+        except BadKey as exc:
+            raise APIError(400, str(exc), header=IDEMPOTENCY_HEADER) from None
         except ValidationError as exc:
             raise APIError(400, str(exc), field=exc.field) from None
         try:
-            job = await self.runner.submit(request)
+            job, duplicate = await self.runner.submit(request, key, fingerprint(body) if key is not None else None)
+        except KeyConflict as exc:
+            headers = {"Retry-After": "1"} if exc.status == 409 else {}
+            raise APIError(exc.status, str(exc), prompt_id=exc.job.prompt_id, headers=headers) from None
+        except WorkflowNotReady as exc:
+            raise APIError(503, str(exc), workflow_not_ready=True, workflow=exc.workflow,
+                           headers={"Retry-After": RETRY_AFTER}) from None
         except (ComfyUIUnavailable, JournalError) as exc:
             raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
         except PromptRejected as exc:
@@ -73,6 +87,7 @@ class GenerateHandler(WorkerBodyHandler):
             "status_url": f"/status/{job.prompt_id}",
             "result_url": f"/result/{job.prompt_id}",
             "seed": job.seed,
+            **({"duplicate": True} if duplicate else {}),
         })
 
 
@@ -122,18 +137,31 @@ class JobsHandler(WorkerHandler):
         require_token(self, self.config.auth_token)
         since = self.get_number_argument("since", int, 0)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
-        if wait > 0 and since == self.store.seq:  # nothing new (seq 0: no job yet): hold the request
+        limit = self.get_number_argument("limit", int, None)
+        after = self.get_number_argument("after", int, 0)
+        if limit is not None and limit < 1:
+            raise APIError(400, "limit must be at least 1.", field="limit")
+        if wait > 0 and since == self.store.seq:  # nothing new: hold the request
             if not await self.wait_unless_gone(self.store.wait_feed(since, wait)):
                 return
         full, jobs, removed = self.store.changes_since(since)
-        self.write_json({"epoch": self.store.epoch, "seq": self.store.seq, "full": full,
-                         "jobs": [self.job_json(job) for job in jobs], "removed": removed})
+        page: dict[str, Any] = {"epoch": self.store.epoch, "seq": self.store.seq, "full": full}
+        if limit is not None:
+            # Pages in version order: a follower of 20,000 jobs never makes (or waits for) one huge answer.
+            jobs = sorted((job for job in jobs if job.version > after), key=lambda job: job.version)
+            more = len(jobs) > limit
+            jobs = jobs[:limit]
+            page.update(more=more, cursor=jobs[-1].version if more else None)
+            if not full and more:
+                removed = [prompt_id for prompt_id in removed if self.store.removed_seq(prompt_id) <= jobs[-1].version]
+        page.update(jobs=[self.job_json(job) for job in jobs], removed=removed)
+        self.write_json(page)
 
 
 class WorkflowsHandler(WorkerHandler):
     def get(self) -> None:
-        """The workflow catalogue (what /generate accepts); the scheduler validates with it."""
-        self.write_json(self.catalogue)
+        """The workflow catalogue (what /generate accepts) and whether ComfyUI can run each one now."""
+        self.write_json(self.runner.readiness.catalogue(self.catalogue))
 
 
 class HealthHandler(WorkerHandler):

@@ -175,6 +175,9 @@ class JobStore:
     def unfinished(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.phase not in FINISHED]
 
+    def removed_seq(self, prompt_id: str) -> int:
+        return self._tombstones.get(prompt_id, 0)
+
     def tombstones(self) -> list[str]:
         return list(self._tombstones)
 

@@ -26,6 +26,8 @@ from t2i import metrics
 from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, ComfyUITimeout, ComfyUIUnavailable,
                          PromptRejected, describe_rejection, outcome_of)
 from t2i.config import WorkerConfig
+from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
+from t2i.idempotency import prompt_id_for
 from t2i.validation import GenerateRequest
 from t2i.worker import lifecycle as lc
 from t2i.worker.collect import CollectError, collect_images, discard_images
@@ -33,6 +35,7 @@ from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
 from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
+from t2i.worker.readiness import WorkflowReadiness
 from t2i.worker.workflow import build_workflow
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,23 @@ class JobFinished(Exception):
 
 class WorkerStarting(ComfyUIUnavailable):
     """Journaled jobs are still being checked against ComfyUI: no new job yet."""
+
+
+class WorkflowNotReady(ComfyUIUnavailable):
+    """This worker's ComfyUI cannot run the workflow (a model or node is missing): go elsewhere."""
+
+    def __init__(self, workflow: str, reason: str):
+        super().__init__(f"Workflow {workflow!r} is not ready on this worker: {reason}")
+        self.workflow = workflow
+
+
+class KeyConflict(Exception):
+    """An Idempotency-Key seen before: ``status`` 422 (another request) or 409 (the first is in flight)."""
+
+    def __init__(self, status: int, message: str, job: Job):
+        super().__init__(message)
+        self.status = status
+        self.job = job
 
 
 class Runner:
@@ -98,6 +118,7 @@ class Runner:
         self._finishing: set[asyncio.Task] = set()  # history reads and image copies: a stop waits for them
         self._callbacks: list[PeriodicCallback] = []
         self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
+        self.readiness = WorkflowReadiness(config, self.comfy, monotonic)
 
     # --- the one way a job changes ------------------------------------------------------
 
@@ -178,6 +199,7 @@ class Runner:
         else:
             self.ready.set()
         self.comfy.start()
+        self.readiness.start()
         self._callbacks = [
             PeriodicCallback(self._tick, self.tick_interval * 1000, jitter=0.1),
             PeriodicCallback(self._periodic_reconcile, self.reconcile_interval * 1000, jitter=0.1),
@@ -193,6 +215,7 @@ class Runner:
         self._callbacks = []
         if self._queue_refresh is not None:
             self._queue_refresh.cancel()
+        self.readiness.stop()
         finishing = [task for task in self._finishing if not task.done()]
         if finishing:
             log.info("waiting up to %g s for %d image collection(s) in flight", self.stop_grace, len(finishing))
@@ -221,12 +244,30 @@ class Runner:
 
     # --- submitting -----------------------------------------------------------------------
 
-    async def submit(self, request: GenerateRequest) -> Job:
+    async def submit(self, request: GenerateRequest, key: str | None = None,
+                     request_hash: str | None = None) -> tuple[Job, bool]:
         """Queue a checked request in ComfyUI; answers once ComfyUI took it and the journal holds it.
 
-        Raises ComfyUIUnavailable (503; WorkerStarting, ComfyUIIncompatible and ComfyUITimeout
-        are kinds of it), PromptRejected (502) or JournalError (503); then no job remains.
+        With an Idempotency-Key the job's id comes from the key, and a key seen before gives
+        back its job (``(job, True)``: nothing is submitted again) or raises KeyConflict.
+        Raises ComfyUIUnavailable (503; WorkerStarting, WorkflowNotReady, ComfyUIIncompatible
+        and ComfyUITimeout are kinds of it), PromptRejected (502) or JournalError (503); then
+        no job remains.
         """
+        prompt_id = prompt_id_for(key) if key is not None else str(uuid.uuid4())
+        known = self.store.get(prompt_id)
+        if known is not None:
+            if known.request_hash != request_hash:
+                raise KeyConflict(422, f"The {IDEMPOTENCY_HEADER} was used for another request (job {prompt_id}).",
+                                  known)
+            if known.phase == lc.SUBMITTING and known.attempt == 0:
+                raise KeyConflict(409, f"A request with this {IDEMPOTENCY_HEADER} is still being submitted "
+                                       f"(job {prompt_id}); ask again in a moment.", known)
+            return known, True
+        if request.raw_workflow is None:
+            ready, reason = self.readiness.of(request.workflow or self.config.default_workflow)
+            if ready is False:
+                raise WorkflowNotReady(request.workflow or self.config.default_workflow, reason or "")
         wait = min(self.config.comfyui.connect_timeout, 2.0)
         if not self.ready.is_set():
             try:
@@ -240,16 +281,20 @@ class Runner:
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
             raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")
-        prompt_id = str(uuid.uuid4())
         graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
                   seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,
-                  params=dict(request.params))
+                  params=dict(request.params), idempotency_key=key, request_hash=request_hash)
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
         if self.journal is not None:
             self.journal.save(job)  # committed while POST /prompt is in flight: a kill then can withdraw it
-        await self._post(prompt_id)
+        try:
+            await self._post(prompt_id)
+        except PromptRejected as exc:
+            if request.raw_workflow is None:  # the template passed our checks: this ComfyUI cannot run it
+                self.readiness.mark_rejected(job.workflow or self.config.default_workflow, exc.message)
+            raise
         if self.journal is not None:
             try:
                 await self.journal.flush()
@@ -263,7 +308,7 @@ class Runner:
         log.info("job %s: queued in ComfyUI (workflow %s, seed %s)", prompt_id, job.workflow, job.seed)
         if job.status == PENDING:
             self._schedule_queue_refresh()
-        return job
+        return job, False
 
     async def _post(self, prompt_id: str) -> None:
         """POST /prompt of the job's graph under our current websocket; the answer becomes an event."""
@@ -376,6 +421,7 @@ class Runner:
             self.apply(job.prompt_id, lc.ComfyUp())
         # Nothing is replayed: whatever happened while we were away is in /queue and /history.
         self.request_reconcile()
+        self.readiness.request_check()  # a restarted ComfyUI may have other models now
 
     def on_disconnected(self, reason: str) -> None:
         self._running_id = None

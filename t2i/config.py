@@ -7,6 +7,8 @@ mistake raises :class:`ConfigError` naming file, line and key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import socket
 from dataclasses import dataclass, field
@@ -82,6 +84,20 @@ class ComfyUIConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """Standard Webhooks sent when a job ends (off without a secret)."""
+
+    secret: str | None = None      # "whsec_<base64>"
+    allowed_urls: tuple[str, ...] = ()
+    timeout: float = 10.0
+    max_attempts: int = 8
+
+    @property
+    def key(self) -> bytes:
+        return base64.b64decode(self.secret.removeprefix("whsec_")) if self.secret else b""
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     interval: float = 60.0
     task_ttl: float = 3600.0
@@ -107,6 +123,7 @@ class WorkerConfig:
     default_workflow: str
     workflows: dict[str, WorkflowConfig]
     state_dir: Path = Path("state")
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
     images_dir = images.path("dir", "images")
     images.finish()
     state_dir = root.path("state_dir", "state")
+    webhooks = _load_webhooks(root)
 
     ret = root.section("retention")
     retention = RetentionConfig(
@@ -219,8 +237,32 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         default_workflow=default_workflow,
         workflows=workflows,
         state_dir=state_dir,
+        webhooks=webhooks,
     )
     root.finish()
+    return config
+
+
+def _load_webhooks(root: Section) -> WebhooksConfig:
+    hooks = root.section("webhooks")
+    secret = hooks.get("secret", str)
+    if secret is not None:
+        try:
+            if not secret.startswith("whsec_") or not base64.b64decode(secret[6:], validate=True):
+                raise ValueError
+        except (ValueError, binascii.Error):
+            raise hooks.error("secret", "must be whsec_ followed by base64 (e.g. python -c \"import base64, "
+                                        "os; print('whsec_' + base64.b64encode(os.urandom(24)).decode())\")") from None
+    allowed = hooks.get("allowed_urls", list, [])
+    for url in allowed:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise hooks.error("allowed_urls", f"must be a list of http:// or https:// URL prefixes, got {url!r}")
+    config = WebhooksConfig(secret=secret, allowed_urls=tuple(allowed),
+                            timeout=hooks.get("timeout", float, 10.0, minimum=0.1),
+                            max_attempts=hooks.get("max_attempts", int, 8, minimum=1))
+    hooks.finish()
+    if secret is not None and not allowed:
+        raise root.error("webhooks", "a secret needs allowed_urls: the URL prefixes clients may name")
     return config
 
 
@@ -324,7 +366,12 @@ def load_workers_file(path: Path | str) -> list[WorkerEntry]:
     """Read workers.yaml; a bad entry fails the whole file (the caller keeps the last good list)."""
     path = Path(path)
     root = Section(path, load_yaml(path))
-    raw = root.get("workers", list, [])
+    # An empty file, or one that lost its list in an edit, is a mistake: 0 workers would answer every job 503.
+    if "workers" not in root.data:
+        raise ConfigError(path, "has no `workers` list (write `workers: []` to run with none)")
+    if root.data["workers"] is None:
+        raise root.error("workers", "is empty: list the workers (or write `workers: []` to run with none)")
+    raw = root.get("workers", list)
     root.finish()
     entries: list[WorkerEntry] = []
     seen: set[str] = set()

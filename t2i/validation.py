@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from t2i.config import PARAM_KINDS, SEED_MAX, WorkerConfig
 
-GENERATE_FIELDS = frozenset(PARAM_KINDS) | {"workflow"}
+GENERATE_FIELDS = frozenset(PARAM_KINDS) | {"workflow", "webhook_url"}
+NOT_PARAMS = frozenset({"workflow", "webhook_url"})  # request fields that fill no template input
 
 
 class ValidationError(ValueError):
@@ -33,11 +34,12 @@ class GenerateRequest:
     workflow: str | None
     params: dict[str, Any] = field(default_factory=dict)
     raw_workflow: dict[str, Any] | None = None
+    webhook_url: str | None = None
 
 
 def catalogue_of(config: WorkerConfig) -> dict[str, Any]:
     """The worker's workflow catalogue, as served at ``GET /workflows``."""
-    return {
+    catalogue = {
         "default_workflow": config.default_workflow,
         "allow_raw_workflows": config.allow_raw_workflows,
         "workflows": {
@@ -45,6 +47,9 @@ def catalogue_of(config: WorkerConfig) -> dict[str, Any]:
             for name, wf in config.workflows.items()
         },
     }
+    if config.webhooks.secret:
+        catalogue["webhooks"] = {"allowed_urls": list(config.webhooks.allowed_urls)}
+    return catalogue
 
 
 def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> GenerateRequest:
@@ -59,6 +64,7 @@ def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> Generat
         if name not in GENERATE_FIELDS:
             raise ValidationError(f"Unknown field {name!r}; allowed: {', '.join(sorted(GENERATE_FIELDS))}.",
                                   name)
+    webhook_url = check_webhook_url(body.get("webhook_url"), catalogue)
     workflows = (catalogue or {}).get("workflows")
     workflow = body.get("workflow")
     if isinstance(workflow, dict):
@@ -67,16 +73,16 @@ def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> Generat
                                   "workflow")
         if not workflow or not all(isinstance(n, dict) for n in workflow.values()):
             raise ValidationError("A raw workflow must be a ComfyUI API-format object of nodes.", "workflow")
-        extra = [n for n in body if n != "workflow"]
+        extra = [n for n in body if n not in NOT_PARAMS]
         if extra:
             raise ValidationError(f"Field {extra[0]!r} cannot be used with a raw workflow.", extra[0])
-        return GenerateRequest(workflow=None, raw_workflow=workflow)
+        return GenerateRequest(workflow=None, raw_workflow=workflow, webhook_url=webhook_url)
     if workflow is None:
         workflow = (catalogue or {}).get("default_workflow")
     elif not isinstance(workflow, str):
         raise ValidationError("`workflow` must be the name of a configured workflow.", "workflow")
     if workflows is None:
-        return GenerateRequest(workflow=workflow, params=_check_types_only(body))
+        return GenerateRequest(workflow=workflow, params=_check_types_only(body), webhook_url=webhook_url)
     if workflow not in workflows:
         raise ValidationError(f"Unknown workflow {workflow!r}; available: {', '.join(sorted(workflows))}.",
                               "workflow")
@@ -99,7 +105,25 @@ def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> Generat
         else:
             _check_value(name, value, spec)
         params[name] = value
-    return GenerateRequest(workflow=workflow, params=params)
+    return GenerateRequest(workflow=workflow, params=params, webhook_url=webhook_url)
+
+
+def check_webhook_url(url: Any, catalogue: Mapping[str, Any] | None) -> str | None:
+    """A ``webhook_url`` must start with one of the worker's allowed prefixes: t2i never calls a URL
+    a client chose freely. The catalogue's ``webhooks.allowed_urls`` says which (absent: none)."""
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2000:
+        raise ValidationError("`webhook_url` must be an http:// or https:// URL.", "webhook_url")
+    if catalogue is None:
+        return url  # the scheduler before any worker answered: the worker checks it
+    allowed = (catalogue.get("webhooks") or {}).get("allowed_urls") or []
+    if not allowed:
+        raise ValidationError("Webhooks are not enabled here (no webhooks.secret and allowed_urls in the "
+                              "worker's configuration).", "webhook_url")
+    if not any(url.startswith(prefix) for prefix in allowed):
+        raise ValidationError(f"`webhook_url` must start with one of: {', '.join(allowed)}.", "webhook_url")
+    return url
 
 
 def _check_types_only(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import struct
 import time
 import uuid
@@ -25,6 +24,7 @@ from tornado.iostream import StreamClosedError
 from tornado.util import TimeoutError as TornadoTimeoutError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from t2i.backoff import Backoff
 from t2i.httpclient import fetch, json_request
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 
-SUBMIT_TIMEOUT = 10.0  # seconds for POST /prompt (validation runs inside it)
+SUBMIT_TIMEOUT = 10.0
+VIEW_RETRY = Backoff(first=0.2, maximum=2.0, jitter=0.5)  # /view right after a run: the file may lag  # seconds for POST /prompt (validation runs inside it)
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
@@ -249,8 +250,8 @@ class ComfyUIClient:
         self.request_timeout = request_timeout
         self.listener = listener
         self.ping_interval = ping_interval
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
+        # Jitter keeps a fleet of workers from reconnecting in lockstep.
+        self.backoff = Backoff(first=backoff_min, maximum=backoff_max)
         self.client_id: str | None = None
         self.connections = 0
         self.last_error: str | None = None
@@ -292,8 +293,8 @@ class ComfyUIClient:
         return True
 
     async def _run(self) -> None:
-        delay = self.backoff_min
-        failures = 0
+        retries = 0      # reconnects in a row without a connection that lasted (drives the backoff)
+        failures = 0     # connect attempts that failed in a row (drives the logging)
         while not self._closing:
             client_id = uuid.uuid4().hex
             try:
@@ -305,22 +306,22 @@ class ComfyUIClient:
                 raise
             except Exception as exc:  # refused, timed out, bad handshake: all mean "not now"
                 failures += 1
+                retries += 1
                 self.last_error = f"cannot open ComfyUI's websocket at {self.ws_url}: {_describe(exc)}"
                 # One line when it goes away, then quietly until it is back.
                 (log.warning if failures == 1 else log.debug)("%s; retrying", self.last_error)
                 if failures == 1:
                     self._notify("on_unreachable", self.last_error)
-                await self._sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
+                await asyncio.sleep(self.backoff.delay(retries))
                 continue
             failures = 0
             connected_at = time.monotonic()
             await self._serve(ws, client_id)
-            if time.monotonic() - connected_at > self.backoff_max:
-                delay = self.backoff_min  # it was up a good while: start the backoff over
+            if time.monotonic() - connected_at > self.backoff.maximum:
+                retries = 0  # it was up a good while: start the backoff over
             if not self._closing:
-                await self._sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
+                retries += 1
+                await asyncio.sleep(self.backoff.delay(retries))
 
     async def _serve(self, ws: WebSocketClientConnection, client_id: str) -> None:
         self._ws = ws
@@ -354,10 +355,6 @@ class ComfyUIClient:
             self.last_error = f"ComfyUI websocket dropped ({reason})"
             log.warning("%s; reconnecting", self.last_error)
             self._notify("on_disconnected", self.last_error)
-
-    async def _sleep(self, delay: float) -> None:
-        # Jitter keeps a fleet of workers from reconnecting in lockstep.
-        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
 
     def _dispatch(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -480,7 +477,6 @@ class ComfyUIClient:
     async def view(self, ref: ImageRef, attempts: int = 3) -> tuple[bytes, str]:
         """Fetch an output file with its exact name, subfolder and type; (bytes, content type)."""
         query = urlencode({"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type})
-        delay = 0.2
         for attempt in range(1, attempts + 1):
             try:
                 response = await self._fetch("GET", f"/view?{query}")
@@ -493,8 +489,7 @@ class ComfyUIClient:
                     return response.body, content_type
                 if response.code < 500 or attempt == attempts:
                     raise ComfyUIError(f"ComfyUI answered /view of {ref.filename} with HTTP {response.code}")
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay *= 2
+            await asyncio.sleep(VIEW_RETRY.delay(attempt))
         raise AssertionError("unreachable")
 
     async def probe(self, timeout: float = 2.0) -> tuple[dict[str, Any], QueueState]:

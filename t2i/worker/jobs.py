@@ -132,6 +132,9 @@ class Job:
         }
         if self.image_expired:
             state["image_expired"] = True
+        if self.webhook:
+            # Its delivery, not its URL (which may carry the client's own token).
+            state["webhook"] = {key: self.webhook[key] for key in ("state", "attempts", "last_error")}
         return state
 
 
@@ -171,6 +174,9 @@ class JobStore:
 
     def was_removed(self, prompt_id: str) -> bool:
         return prompt_id in self._tombstones
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())
 
     def unfinished(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.phase not in FINISHED]

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -97,6 +96,10 @@ def _scan_comfy_output(directory: str) -> list[tuple[str, str, float]]:
     return found
 
 
+def _webhook_owed(job: Any) -> bool:
+    return job is not None and bool(job.webhook) and job.webhook["state"] in ("waiting", "pending")
+
+
 def _prompt_id_of(image_name: str) -> str:
     """``<prompt_id>_<n>.<ext>`` -> prompt_id."""
     return image_name.rsplit("_", 1)[0]
@@ -177,16 +180,12 @@ class Pruner:
     async def _prune_tasks(self, report: dict[str, Any], slicer: _Slicer) -> None:
         """Finished task states older than ``task_ttl``, in batches (the store lists only finished ones)."""
         cutoff = report["at"] - self.config.task_ttl
-        while True:
-            # finished_before walks an OrderedDict that remove() changes: take a batch, then remove it.
-            batch = list(islice(self.store.finished_before(cutoff), TASK_BATCH))
-            if not batch:
-                return
-            removed = self.store.remove(batch)
-            report["tasks_removed"] += removed
-            if removed == 0:  # would loop for ever on a store inconsistency
-                log.warning("Prune: %d finished ids no longer held; stopping task pruning", len(batch))
-                return
+        # One pass over the finish order (remove() changes it, so never iterate it across an await).
+        # A job whose webhook is still owed stays until it is delivered or given up.
+        due = [prompt_id for prompt_id in self.store.finished_before(cutoff)
+               if not _webhook_owed(self.store.get(prompt_id))]
+        for start in range(0, len(due), TASK_BATCH):
+            report["tasks_removed"] += self.store.remove(due[start:start + TASK_BATCH])
             await slicer.tick()
 
     async def _prune_images(self, report: dict[str, Any], slicer: _Slicer) -> None:

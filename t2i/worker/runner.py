@@ -36,6 +36,7 @@ from t2i.worker.images import ImageStore
 from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
 from t2i.worker.readiness import WorkflowReadiness
+from t2i.worker.webhooks import Webhooks, new_state
 from t2i.worker.workflow import build_workflow
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Runner:
         self._callbacks: list[PeriodicCallback] = []
         self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
         self.readiness = WorkflowReadiness(config, self.comfy, monotonic)
+        self.webhooks = Webhooks(config, store, journal, clock)
 
     # --- the one way a job changes ------------------------------------------------------
 
@@ -182,6 +184,8 @@ class Runner:
         self.previews.pop(job.prompt_id, None)
         if self._running_id == job.prompt_id:
             self._running_id = None
+        if job.webhook:
+            self.webhooks.job_ended(job)
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class Runner:
                      reattached)
         else:
             self.ready.set()
+        self.webhooks.start()
         self.comfy.start()
         self.readiness.start()
         self._callbacks = [
@@ -221,6 +226,7 @@ class Runner:
             log.info("waiting up to %g s for %d image collection(s) in flight", self.stop_grace, len(finishing))
             await asyncio.wait(finishing, timeout=self.stop_grace)
         await self.comfy.stop()
+        await self.webhooks.stop()  # pending deliveries are in the journal: the next start resumes them
         tasks = list(self._tasks)
         if self._reconcile_task is not None:
             tasks.append(self._reconcile_task)
@@ -284,7 +290,8 @@ class Runner:
         graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
                   seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,
-                  params=dict(request.params), idempotency_key=key, request_hash=request_hash)
+                  params=dict(request.params), idempotency_key=key, request_hash=request_hash,
+                  webhook=new_state(request.webhook_url) if request.webhook_url else None)
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
         if self.journal is not None:
@@ -292,7 +299,9 @@ class Runner:
         try:
             await self._post(prompt_id)
         except PromptRejected as exc:
-            if request.raw_workflow is None:  # the template passed our checks: this ComfyUI cannot run it
+            # A template that passed our checks, refused by ComfyUI's own validation: this ComfyUI
+            # cannot run it (a model or node is missing). A bare 500 text may be passing: not marked.
+            if request.raw_workflow is None and (exc.node_errors or isinstance(exc.comfyui_error, dict)):
                 self.readiness.mark_rejected(job.workflow or self.config.default_workflow, exc.message)
             raise
         if self.journal is not None:

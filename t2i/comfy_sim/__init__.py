@@ -18,7 +18,8 @@
 
 Nodes: SlowNoiseImage (the recordings' test node), EmptyImage, SaveImage and the SD1.5 set
 CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode.
-Standalone: ``python -m t2i.comfy_sim --port 8188 --step-time 0.2``.
+Standalone: ``python -m t2i.comfy_sim --port 8188 --step-time 0.2``; add ``--control-port N`` for the
+knobs over HTTP on 127.0.0.1:N (``POST /control/stall`` etc.; see control.py, ``ControlServer``).
 """
 
 from .server import ComfySim

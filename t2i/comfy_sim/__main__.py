@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from .control import ControlServer
 from .server import ComfySim
 
 
@@ -22,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", action="append", dest="checkpoints", metavar="NAME",
                         help="a checkpoint name CheckpointLoaderSimple accepts (repeatable; "
                              "default v1-5-pruned-emaonly.safetensors)")
+    parser.add_argument("--control-port", type=int, default=None, metavar="N",
+                        help="also serve the fault knobs (stall, drop websockets, restart, fail next) as a "
+                             "small HTTP API on 127.0.0.1:N (0 = any free port); see t2i/comfy_sim/control.py")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -31,11 +35,18 @@ async def serve(args: argparse.Namespace) -> None:
                    checkpoints=tuple(args.checkpoints or ("v1-5-pruned-emaonly.safetensors",)))
     await sim.start(port=args.port, address=args.address)
     print(f"comfy_sim: ComfyUI test double at {sim.url} (output {sim.output_dir}); Ctrl-C stops", flush=True)
+    control = None
+    if args.control_port is not None:
+        control = ControlServer(sim)
+        await control.start(args.control_port)
+        print(f"comfy_sim: control API at {control.url}/control/state", flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, done.set)
     await done.wait()
+    if control is not None:
+        await control.stop()
     await sim.stop()
 
 

@@ -4,8 +4,11 @@ setup(
     name="t2i",
     version="0.1.0",
     description="Text-to-image serving: a scheduler and GPU workers in front of ComfyUI",
-    packages=find_packages(include=["t2i", "t2i.*"]),
-    package_data={"t2i": ["openapi.yaml", "workflows/*.json"]},
+    # The page (static/, kept at the top of the repository) ships inside the package as t2i/static,
+    # where the scheduler finds it (t2i.config.default_static_dir) from any working directory.
+    packages=find_packages(include=["t2i", "t2i.*"]) + ["t2i.static"],
+    package_dir={"t2i.static": "static"},
+    package_data={"t2i": ["openapi.yaml", "workflows/*.json"], "t2i.static": ["*", "**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "tornado>=6.3",
@@ -16,8 +19,9 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-tornado>=0.8.1",
-            # pytest-tornado imports pkg_resources, which setuptools 82 removed.
-            "setuptools<82",
+            # pytest-tornado imports pkg_resources, which setuptools 82 removed; 70.1 builds wheels
+            # without the `wheel` package (tests/test_packaging.py builds one, offline).
+            "setuptools>=70.1,<82",
             "pytest-timeout>=2.2",
             "playwright>=1.40",
             # The scheduler's default client (measured faster); tests cover both.

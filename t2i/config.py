@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.resources
 import json
 import socket
 from dataclasses import dataclass, field
@@ -25,6 +26,19 @@ __all__ = [
 ]
 
 PACKAGE_WORKFLOWS = Path(__file__).parent / "workflows"
+
+
+def default_static_dir() -> Path:
+    """The page's files: package data ``t2i/static`` (setup.py maps the repository's ``static/`` there).
+
+    An installed t2i has them in site-packages; a checkout (``pip install -e .``, or none) in
+    ``static/`` beside the package.
+    """
+    installed = importlib.resources.files("t2i") / "static"
+    if isinstance(installed, Path) and (installed / "index.html").is_file():
+        return installed
+    return Path(__file__).resolve().parent.parent / "static"
+
 
 # The request fields a workflow may map, and their JSON types.
 PARAM_KINDS: dict[str, type] = {
@@ -354,7 +368,7 @@ def load_scheduler_config(path: Path | str) -> SchedulerConfig:
         reload_interval=root.get("reload_interval", float, 2.0, minimum=0.1),
         health_interval=root.get("health_interval", float, 5.0, minimum=0.1),
         auth_token=root.get("auth_token", str),
-        static_dir=root.path("static_dir") or Path(__file__).resolve().parent.parent / "static",
+        static_dir=root.path("static_dir") or default_static_dir(),
         max_body_bytes=root.get("max_body_bytes", int, 1_048_576, minimum=1024),
         poll_interval=root.get("poll_interval", float, 1.5, minimum=0.1),
     )

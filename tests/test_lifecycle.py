@@ -201,6 +201,17 @@ CASES = [
     case("before the reply", SUBMITTING, lc.RunFailed(BOOM), ended(FAILED, BOOM), [JOURNAL, FINISHED_EFFECT]),
     case("after the run ended", FINISHING, lc.RunFailed(BOOM)),
 
+    # RunSucceeded: execution_success. The `executed` reports named the files: copy them at once.
+    case("files named", STARTED, lc.RunSucceeded(), {"phase": COLLECTING, "started_at": W, "active_at": M},
+         [JOURNAL, lc.collect((REF,))], outputs=(REF,)),
+    case("files named, messages beat the reply", SUBMITTING, lc.RunSucceeded(),
+         {"phase": COLLECTING, "started_at": W, "active_at": M}, [JOURNAL, lc.collect((REF,))], outputs=(REF,)),
+    case("cached, from the queue", QUEUED, lc.RunSucceeded(),
+         {"phase": COLLECTING, "started_at": W, "active_at": M, "queue_position": None},
+         [JOURNAL, lc.collect((REF,))], outputs=(REF,), queue_position=1),
+    case("nothing named: wait for the history", STARTED, lc.RunSucceeded()),
+    case("after the run ended", FINISHING, lc.RunSucceeded(), outputs=(REF,)),
+
     # RunInterrupted: execution_interrupted.
     case("someone else's interrupt", STARTED, lc.RunInterrupted(), ended(FAILED, lc.INTERRUPTED),
          [JOURNAL, FINISHED_EFFECT]),
@@ -414,7 +425,7 @@ def test_the_same_job_comes_back_with_its_effects_when_only_effects_are_asked():
     ("execution_error", {"node_type": "SlowNoiseImage", "exception_message": "boom\n", "prompt_id": "p"},
      lc.RunFailed(BOOM)),
     ("execution_interrupted", {"node_type": "SlowNoiseImage", "prompt_id": "p"}, lc.RunInterrupted()),
-    ("execution_success", {"prompt_id": "p"}, None),
+    ("execution_success", {"prompt_id": "p"}, lc.RunSucceeded()),
     ("progress_state", {"prompt_id": "p", "nodes": {}}, None),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_event_of(msg_type, data, event):
@@ -749,7 +760,7 @@ def test_b_cached_rerun_whose_messages_beat_the_post_reply():
     r = replay("b_cached_rerun", "A", via_submit=True)
     cached = prompts_of("b_cached_rerun")[0]
     fed = [type(event) for event in r.fed[cached]]
-    assert fed.index(lc.Started) < fed.index(lc.Submitted) < fed.index(lc.RunEnded)
+    assert fed.index(lc.Started) < fed.index(lc.Submitted) < fed.index(lc.RunSucceeded)
     assert r.jobs[cached].phase == COMPLETED and r.jobs[cached].attempt == 1
 
 
@@ -824,17 +835,19 @@ def test_f_back_to_back_both_complete_one_after_the_other():
     assert r.jobs[first].phase == r.jobs[second].phase == COMPLETED
     assert r.positions[first] == [] and r.positions[second] == [1]  # behind the running one
     assert r.entered[first][STARTED] < r.entered[second][STARTED]
-    assert r.entered[second][STARTED] >= r.entered[first][FINISHING]  # ComfyUI runs one prompt at a time
+    assert r.entered[second][STARTED] >= r.entered[first][COLLECTING]  # ComfyUI runs one prompt at a time
     assert r.jobs[first].started_at < r.jobs[second].started_at <= r.jobs[second].finished_at
 
 
 @pytest.mark.parametrize("label, frames", [("A_flags", 4), ("C_noflags", 4)])
 def test_i_previews_are_counted_and_the_websocket_report_replaces_the_history(label, frames):
-    """Type 4 previews name their prompt, type 1 belong to the running one; no GET /history was recorded."""
+    """Type 4 previews name their prompt, type 1 belong to the running one; the images come from the
+    `executed` report at execution_success, no GET /history needed (none was recorded)."""
     r = replay("i_previews_and_text", label)
     (pid, job), = r.jobs.items()
     assert job.preview_version == frames
-    assert any(isinstance(event, lc.HistoryUnreadable) for event in r.fed[pid])
+    assert not any(isinstance(event, (lc.HistoryRead, lc.HistoryUnreadable)) for event in r.fed[pid])
+    assert FETCH_HISTORY not in r.effects[pid]
     assert job.phase == COMPLETED and r.collected[pid] == job.outputs
 
 

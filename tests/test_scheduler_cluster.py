@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
+from support.cluster import (SchedulerCluster, start_scheduler, start_sim, start_worker, worker_entry,
+                             write_workers_yaml)
 from support.net import free_port
 from support.timing import until
 from t2i.config import PACKAGE_WORKFLOWS
@@ -54,68 +55,7 @@ async def generate(scheduler, **body: Any) -> JSONResponse:
     return await call("POST", scheduler.url + "/generate", {"prompt": "a red fox", "steps": 4, **body})
 
 
-class Cluster:
-    """n ComfyUI doubles, n workers (gpu-0..), one scheduler; everything stopped on exit."""
-
-    def __init__(self, tmp_path, n: int = 2, step_time: float = 0.01, entries: list[dict] | None = None,
-                 listed: int | None = None, worker_overrides: dict[str, Any] | None = None,
-                 **scheduler_overrides: Any):
-        self.tmp = tmp_path
-        self.worker_overrides = worker_overrides or {}
-        self.n = n
-        self.step_time = step_time
-        self.entries = entries
-        self.listed = n if listed is None else listed
-        self.scheduler_overrides = scheduler_overrides
-        self.sims: list = []
-        self.workers: list = []
-        self.schedulers: list = []
-
-    async def __aenter__(self) -> "Cluster":
-        try:
-            for i in range(self.n):
-                self.sims.append(await start_sim(step_time=self.step_time))
-                self.workers.append(await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=f"gpu-{i}",
-                                                       **self.worker_overrides))
-            entries = self.entries or [worker_entry(w) for w in self.workers[:self.listed]]
-            self.workers_file.parent.mkdir(exist_ok=True)
-            write_workers_yaml(self.workers_file, entries)
-            await self.add_scheduler()
-        except BaseException:
-            await self.__aexit__(None, None, None)
-            raise
-        return self
-
-    @property
-    def workers_file(self):
-        return self.tmp / "s" / "workers.yaml"
-
-    @property
-    def scheduler(self):
-        return self.schedulers[0]
-
-    async def add_scheduler(self, **kw: Any):
-        (self.tmp / "s").mkdir(exist_ok=True)
-        scheduler = await start_scheduler(self.tmp / "s", self.workers, **{**self.scheduler_overrides, **kw})
-        self.schedulers.append(scheduler)
-        return scheduler
-
-    async def restart_worker(self, i: int):
-        old = self.workers[i]
-        self.workers[i] = await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=old.config.name,
-                                             port=old.port)
-        return self.workers[i]
-
-    async def __aexit__(self, *exc: Any) -> None:
-        # Stop everything, then report what did not stop cleanly (a hang or an error in stop()
-        # is a bug too), unless the test itself already failed.
-        problems = []
-        for thing in [*self.schedulers, *self.workers, *self.sims]:
-            try:
-                await asyncio.wait_for(thing.stop(), 5)
-            except Exception as error:
-                problems.append(f"{type(thing).__name__}.stop(): {error!r}")
-        assert exc[0] is not None or not problems, problems
+Cluster = SchedulerCluster
 
 
 def stall(cluster: Cluster, value: bool = True) -> None:
@@ -482,20 +422,25 @@ async def test_status_codes(tmp_path):
 async def test_gone_and_rejected_are_passed_through(tmp_path):
     async with Cluster(tmp_path, n=1) as c:
         base = c.scheduler.url
-        # A worker restarted with a second workflow whose node ComfyUI does not have, and a zero task_ttl.
-        broken = tmp_path / "broken.json"
-        broken.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {"text": ""}}}))
+        # A worker restarted with a second workflow whose node ComfyUI does not have, raw workflows
+        # allowed, and a zero task_ttl.
+        broken = {"1": {"class_type": "NoSuchNode", "inputs": {"text": ""}}}
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
         workflows = {"txt2img": {"file": str(TXT2IMG), "params": {"prompt": {"node": "6", "input": "text"}}},
-                     "broken": {"file": str(broken), "params": {"prompt": {"node": "1", "input": "text"}}}}
+                     "broken": {"file": str(tmp_path / "broken.json"),
+                                "params": {"prompt": {"node": "1", "input": "text"}}}}
         await c.workers[0].stop()
-        worker = await start_worker(tmp_path / "w0", c.sims[0].url, name="gpu-0", port=c.workers[0].port,
-                                    retention={"interval": 0.1, "task_ttl": 0}, workflows=workflows)
-        c.workers[0] = worker
+        await c.restart_worker(0, retention={"interval": 0.1, "task_ttl": 0}, workflows=workflows,
+                               allow_raw_workflows=True)
         await until(lambda: routable(c.scheduler, "gpu-0"), what="back")
-        await until(lambda: "broken" in (c.scheduler.registry.catalogue() or {}).get("workflows", {}),
-                    what="catalogue")
-        # 502: ComfyUI rejects the workflow; its message and node_errors are passed on
-        rejected = await call("POST", base + "/generate", {"prompt": "x", "workflow": "broken"})
+        await until(lambda: _workflow_state(c.scheduler, "gpu-0", "broken", False), what="broken not ready")
+        # 503: the one worker is not ready for that template, and the sentence says why
+        unready = await call("POST", base + "/generate", {"prompt": "x", "workflow": "broken"})
+        assert unready.status == 503 and unready.headers["Retry-After"], unready.body
+        assert unready.body["error"].startswith("No worker is ready for workflow 'broken': gpu-0: ")
+        assert "NoSuchNode" in unready.body["error"]
+        # 502: ComfyUI rejects a raw workflow (the client's own); its message and node_errors are passed on
+        rejected = await call("POST", base + "/generate", {"workflow": broken})
         assert rejected.status == 502 and "NoSuchNode" in rejected.body["error"], rejected.body
         assert "node_errors" in rejected.body
         # 410: a job pruned by the worker after it ended
@@ -503,6 +448,11 @@ async def test_gone_and_rejected_are_passed_through(tmp_path):
         gone = await until(lambda: _gone(base, pid), timeout=15, what="410")
         assert gone.body["error"]
         assert (await get(f"{base}/result/{pid}")).status == 410
+
+
+async def _workflow_state(scheduler, worker: str, workflow: str, ready) -> bool:
+    info = (await workers_of(scheduler)).get(worker) or {}
+    return (info.get("workflows") or {}).get(workflow, {}).get("ready", "absent") is ready
 
 
 async def _gone(base: str, pid: str):

@@ -8,10 +8,12 @@ import os
 import pytest
 
 from support.cluster import write_workers_yaml
+from support.timing import until
 from t2i.config import ConfigError
 from t2i.jobstate import result_of
 from t2i.scheduler.mirror import Mirror
-from t2i.scheduler.registry import NoWorkerAvailable, Registry
+from t2i.scheduler.placement import NoWorkerAvailable, Placement
+from t2i.scheduler.registry import Registry
 
 
 def entry(name, port, **kw):
@@ -24,13 +26,62 @@ def up(registry, *names):
         state.reachable = state.comfyui_reachable = True
 
 
+class FakeMirror:
+    """What the registry and placement ask of the mirror, with loads and calls set by the test."""
+
+    def __init__(self, loads=None):
+        self.loads = loads if loads is not None else {}
+        self.unfinished_jobs: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.outcomes: list[tuple[str, str, str]] = []
+
+    def counts(self, name):
+        return self.loads.get(name, 0), 0
+
+    def feed_up(self, name):
+        return True
+
+    def recent_unseen(self, name):
+        return 0
+
+    def unfinished(self, name):
+        return self.unfinished_jobs.get(name, 0)
+
+    def take_outcomes(self):
+        outcomes = list(self.outcomes)
+        self.outcomes.clear()
+        return outcomes
+
+    def jobs_of(self, name):
+        return 0
+
+    def feed(self, name):
+        return None
+
+    def follow(self, name, url):
+        self.calls.append(("follow", name))
+
+    def unfollow(self, name):
+        self.calls.append(("unfollow", name))
+
+    def poke(self, name):
+        self.calls.append(("poke", name))
+
+    def suspect(self, name, error):
+        self.calls.append(("suspect", name))
+
+
 def make_registry(tmp_path, workers, loads=None):
     path = write_workers_yaml(tmp_path / "workers.yaml", workers)
-    registry = Registry(path)
+    mirror = FakeMirror(loads)
+    registry = Registry(path, mirror)
     registry.load_initial()
-    loads = loads if loads is not None else {}
-    registry.load_of = lambda state: (loads.get(state.name, 0), 0)
-    return registry, path, loads
+    return registry, path, mirror.loads
+
+
+def make_placement(tmp_path, workers, loads=None, **kw):
+    registry, path, loads = make_registry(tmp_path, workers, loads)
+    return Placement(registry, registry.mirror, **kw), registry, loads
 
 
 def rewrite(path, workers):
@@ -40,45 +91,48 @@ def rewrite(path, workers):
 
 
 def test_choose_least_loaded_then_round_robin(tmp_path):
-    registry, _, loads = make_registry(tmp_path, [entry("a", 1), entry("b", 2), entry("c", 3)])
+    placement, registry, loads = make_placement(tmp_path, [entry("a", 1), entry("b", 2), entry("c", 3)])
     up(registry, "a", "b", "c")
     loads.update(a=2, b=0, c=0)
-    picks = [registry.choose().name for _ in range(4)]
+    picks = [placement.choose().name for _ in range(4)]
     assert set(picks) == {"b", "c"} and picks[0] != picks[1]
     loads.update(b=3, c=3)
-    assert registry.choose().name == "a"
+    assert placement.choose().name == "a"
     registry.workers["a"].in_flight = 2  # submissions on their way count as load
-    assert registry.choose().name in {"b", "c"}
+    assert placement.choose().name in {"b", "c"}
 
 
 def test_choose_skips_full_down_disabled_and_says_why(tmp_path):
-    registry, _, loads = make_registry(
+    placement, registry, loads = make_placement(
         tmp_path, [entry("a", 1, max_queue=2), entry("b", 2), entry("c", 3, enabled=False)])
     up(registry, "a", "b", "c")
     registry.workers["b"].mark_down("refused", unreachable=True)
     loads["a"] = 1
-    assert registry.choose().name == "a"
+    assert placement.choose().name == "a"
     loads["a"] = 2
     with pytest.raises(NoWorkerAvailable, match="full"):
-        registry.choose()
+        placement.choose()
     loads["a"] = 0
     registry.workers["a"].comfyui_reachable = False
     with pytest.raises(NoWorkerAvailable, match="down"):
-        registry.choose()
-    registry2, _, _ = make_registry(tmp_path, [entry("x", 1, enabled=False)])
+        placement.choose()
+    placement2, _, _ = make_placement(tmp_path, [entry("x", 1, enabled=False)])
     with pytest.raises(NoWorkerAvailable, match="disabled"):
-        registry2.choose()
+        placement2.choose()
 
 
-def test_reload_applies_edits_and_keeps_last_good(tmp_path):
-    added, dropped = [], []
+@pytest.mark.gen_test(timeout=5)
+async def test_reload_applies_edits_and_keeps_last_good(tmp_path):
     registry, path, _ = make_registry(tmp_path, [entry("a", 1)])
-    registry.on_added = lambda s: added.append(s.name)
-    registry.on_dropped = lambda s: dropped.append(s.name)
+    calls = registry.mirror.calls
+    registry.start()
+    assert calls == [("follow", "a")]
     assert registry.reload_if_changed() is None
     rewrite(path, [entry("a", 1), entry("b", 2)])
     assert registry.reload_if_changed() is True
-    assert list(registry.workers) == ["a", "b"] and added == ["b"]
+    assert list(registry.workers) == ["a", "b"] and calls[-1] == ("follow", "b")
+    await until(lambda: registry.workers["b"].last_checked, what="the added worker checked at once")
+    registry.stop()
     path.write_text("workers:\n  - name: a\n    url: http://127.0.0.1:1\n  - name: a\n    url: http://x:2\n")
     assert registry.reload_if_changed() is False
     assert "duplicate worker name" in registry.config.error and ":4:" in registry.config.error
@@ -93,23 +147,23 @@ def test_reload_applies_edits_and_keeps_last_good(tmp_path):
     assert not registry.workers["a"].listed and registry.workers["b"].listed
     # a removed worker is dropped once drained and the linger passed
     registry.drain_linger = 0
-    registry.unfinished_of = lambda name: 1
+    registry.mirror.unfinished_jobs["a"] = 1
     registry.workers["a"].reachable = True
     registry.drop_drained()
     assert "a" in registry.workers
-    registry.unfinished_of = lambda name: 0
+    registry.mirror.unfinished_jobs["a"] = 0
     registry.drop_drained()
     registry.drop_drained()
-    assert "a" not in registry.workers and dropped == ["a"]
+    assert "a" not in registry.workers and calls[-1] == ("unfollow", "a")
 
 
 def test_start_up_errors_raise(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
-        Registry(tmp_path / "missing.yaml").load_initial()
+        Registry(tmp_path / "missing.yaml", FakeMirror()).load_initial()
     path = tmp_path / "w.yaml"
     path.write_text("workers:\n  - name: a\n    url: ftp://x\n")
     with pytest.raises(ConfigError, match=r"w.yaml:3: workers\[0\].url"):
-        Registry(path).load_initial()
+        Registry(path, FakeMirror()).load_initial()
 
 
 def job(pid, status="pending", version=1, **kw):

@@ -11,10 +11,12 @@ import asyncio
 import logging
 import signal
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import bind_sockets
@@ -26,26 +28,27 @@ from t2i.scheduler.forward import JobRouter
 from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHandler, StaticHandler,
                                     default_handlers)
 from t2i.scheduler.mirror import Mirror
-from t2i.scheduler.registry import Registry, WorkerState
+from t2i.scheduler.placement import Placement
+from t2i.scheduler.registry import Registry
 from t2i.web import body_size_limit, log_request
 
 log = logging.getLogger(__name__)
 
 STARTUP_FEED_WAIT = 3.0   # start() waits this long at most for the first listing of every feed
 SHUTDOWN_GRACE = 2.0
-FEED_CONNECTIONS = 128    # client slots for feed long-polls (one per followed worker)
+FEED_CONNECTIONS = 100_000  # the feeds' client: one long-poll per followed worker, never queued
 
 
-def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router: JobRouter, *,
-             simulated: bool = False, **settings: Any) -> web.Application:
+def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
+             *, simulated: bool = False, **settings: Any) -> web.Application:
     """The API routes first, then the page from ``config.static_dir`` (``/`` is index.html)."""
-    deps = {"registry": registry, "mirror": mirror, "router": router, "max_body_bytes": config.max_body_bytes,
-            "simulated": simulated, "poll_interval": config.poll_interval}
+    deps = {"registry": registry, "mirror": mirror, "placement": placement, "router": router,
+            "max_body_bytes": config.max_body_bytes, "simulated": simulated, "poll_interval": config.poll_interval}
     static = str(config.static_dir)
     handlers: list[Any] = [(pattern, handler, deps) for pattern, handler in default_handlers]
     handlers += [
         (r"/metrics", MetricsHandler),
-        (r"/openapi.json", OpenAPIHandler),
+        (r"/openapi.json", OpenAPIHandler, {"server": "scheduler"}),
         (r"/static/(.*)", StaticHandler, {"path": static}),
         (r"/(.*)", StaticHandler, {"path": static, "default_filename": "index.html"}),
     ]
@@ -57,32 +60,36 @@ def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, router
 class Scheduler:
     """One scheduler: the pool registry, the job mirror, and the HTTP server."""
 
-    def __init__(self, config: SchedulerConfig, *, simulated: bool = False):
+    def __init__(self, config: SchedulerConfig, *, simulated: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.simulated = simulated  # the demo's workers drive simulated ComfyUIs (GET /health says so)
-        self.registry = Registry(config.workers_file, auth_token=config.auth_token)
-        self.registry.load_initial()
         self.mirror = Mirror(auth_token=config.auth_token)
-        self.router = JobRouter(self.registry, self.mirror, auth_token=config.auth_token)
+        self.registry = Registry(config.workers_file, self.mirror, auth_token=config.auth_token)
+        self.registry.load_initial()
+        self.placement = Placement(self.registry, self.mirror, clock=clock)
+        self.router = JobRouter(self.registry, self.mirror, self.placement, auth_token=config.auth_token)
         self.client: AsyncHTTPClient | None = None
+        self.feed_client: AsyncHTTPClient | None = None
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self._callbacks: list[PeriodicCallback] = []
-        self._tasks: set[asyncio.Task] = set()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        # One client for all outbound calls, owned (and closed) by this scheduler: the
-        # process-wide AsyncHTTPClient() would be shared with, and closed by, in-process workers.
-        # Each feed follower holds a connection for its long-poll: room for them on top of the rest.
-        self.client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS + FEED_CONNECTIONS)
-        self.registry.client = self.mirror.client = self.router.client = self.client
-        self._wire()
-        for state in self.registry.workers.values():
-            self._follow(state)
+        # Clients owned (and closed) by this scheduler: the process-wide AsyncHTTPClient() would be
+        # shared with, and closed by, in-process workers. Each feed follower holds a connection for
+        # its long-poll, so feeds have a client of their own: they never take the slots that placing
+        # and forwarding use. The simple client opens a connection per request and keeps nothing
+        # per slot, so its cap can be as high as the pool is large.
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS)
+        self.feed_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=FEED_CONNECTIONS)
+        self.registry.client = self.router.client = self.client
+        self.mirror.client = self.feed_client
+        self.registry.start()
         feeds = [self.mirror.feed(name) for name in self.registry.workers]
         await asyncio.gather(
             self.registry.check_all(),
@@ -90,7 +97,8 @@ class Scheduler:
             return_exceptions=True)
         self._periodic(self.registry.check_all, self.config.health_interval)
         self._periodic(self.reload, self.config.reload_interval)
-        app = make_app(self.config, self.registry, self.mirror, self.router, simulated=self.simulated)
+        app = make_app(self.config, self.registry, self.mirror, self.placement, self.router,
+                       simulated=self.simulated)
         # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
         self.server = HTTPServer(app, max_body_size=body_size_limit(self.config.max_body_bytes))
         sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
@@ -99,32 +107,6 @@ class Scheduler:
         self.port = sockets[0].getsockname()[1]
         log.info("scheduler listening on %s:%d with %d workers", self.config.listen_host, self.port,
                  len(self.registry.workers))
-
-    def _wire(self) -> None:
-        registry, mirror = self.registry, self.mirror
-
-        def load_of(state: WorkerState) -> tuple[int, int]:
-            pending, running = mirror.counts(state.name) if mirror.feed_up(state.name) else state.health_jobs()
-            return pending + mirror.recent_unseen(state.name), running
-
-        def added(state: WorkerState) -> None:
-            self._follow(state)
-            self._spawn(registry.check(state))
-
-        registry.load_of = load_of
-        registry.unfinished_of = mirror.unfinished
-        registry.on_added = added
-        registry.on_dropped = lambda state: mirror.unfollow(state.name)
-        registry.on_reachable = lambda state: mirror.poke(state.name)
-        registry.on_unreachable = lambda state, error: mirror.suspect(state.name, error)
-
-    def _follow(self, state: WorkerState) -> None:
-        self.mirror.follow(state.name, lambda: state.url)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _periodic(self, fn, interval: float) -> None:
         callback = PeriodicCallback(fn, interval * 1000, jitter=0.1)
@@ -147,17 +129,17 @@ class Scheduler:
         for callback in self._callbacks:
             callback.stop()
         self._callbacks.clear()
-        for task in list(self._tasks):
-            task.cancel()
+        self.registry.stop()
         await self.mirror.stop()
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), SHUTDOWN_GRACE)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within %.0fs", SHUTDOWN_GRACE)
-        if self.client is not None:
-            close_client(self.client)
-            self.client = None
+        for client in (self.client, self.feed_client):
+            if client is not None:
+                close_client(client)
+        self.client = self.feed_client = None
 
 
 def close_client(client: AsyncHTTPClient) -> None:

@@ -18,7 +18,8 @@ from t2i.httpclient import JSONResponse, UpstreamUnavailable, detached, fetch_js
 from t2i.jobstate import result_of
 from t2i.metrics import SCHEDULER_ROUTED
 from t2i.scheduler.mirror import Mirror
-from t2i.scheduler.registry import NoWorkerAvailable, Registry, WorkerState
+from t2i.scheduler.placement import NoWorkerAvailable, Placement
+from t2i.scheduler.registry import Registry, WorkerState
 from t2i.validation import ValidationError, validate_generate
 from t2i.web import APIError
 
@@ -29,7 +30,11 @@ GENERATE_TIMEOUT = 15.0     # the worker answers within ~12 s: 2 s for its webso
 JOB_TIMEOUT = 5.0           # status / result / cancel, plus the long-poll wait
 FORWARDED_WAIT_MAX = 5.0    # seconds a long-poll forwarded to a worker may wait there
 RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
+RETRY_AFTER_UNREADY = "10"  # no worker ready for the workflow: that takes ops a while
 RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again
+
+# A worker's answers to POST /generate that are the client's own mistake: passed on, never retried.
+CLIENT_MISTAKES = frozenset({400, 413, 422})
 
 # What a worker may answer per route; anything else means the worker misbehaved (502).
 PASS_THROUGH = {
@@ -48,12 +53,22 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Refusal:
+    """A worker could not take the job (it is marked so); try the next one."""
+
+    reason: str
+    rejected: Reply | None = None   # ComfyUI refused the template there: the answer, if every worker does
+
+
 class JobRouter:
     """generate / status / result / cancel across the pool."""
 
-    def __init__(self, registry: Registry, mirror: Mirror, *, client=None, auth_token: str | None = None):
+    def __init__(self, registry: Registry, mirror: Mirror, placement: Placement, *, client=None,
+                 auth_token: str | None = None):
         self.registry = registry
         self.mirror = mirror
+        self.placement = placement
         self.client = client
         self.auth_token = auth_token
         self.closing = False
@@ -62,28 +77,41 @@ class JobRouter:
 
     async def generate(self, body: Any) -> Reply:
         try:
-            request = validate_generate(body, self.registry.catalogue())
+            validate_generate(body, self.placement.specs())
         except ValidationError as exc:
             raise APIError(400, str(exc), field=exc.field) from None
+        workflow = body.get("workflow")
         tried: list[str] = []
-        refusals: list[str] = []
+        refusals: list[Refusal] = []
         while True:
             try:
-                state = self.registry.choose(exclude=tried, workflow=request.workflow)
+                state = self.placement.choose(workflow, exclude=tried)
             except NoWorkerAvailable as exc:
-                message = str(exc)
-                if refusals:
-                    message = "No worker could take the job: " + "; ".join(refusals) + "."
-                raise APIError(503, message, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+                raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)
-            reply = await self._submit(state, body)
-            if isinstance(reply, Reply):
-                return reply
-            refusals.append(f"{state.name} {reply}")
-            log.warning("worker %s refused a job (%s); trying the next one", state.name, reply)
+            outcome = await self._submit(state, body)
+            if isinstance(outcome, Reply):
+                return outcome
+            refusals.append(outcome)
+            log.warning("worker %s refused a job (%s); trying the next one", state.name, outcome.reason)
 
-    async def _submit(self, state: WorkerState, body: Any) -> Reply | str:
-        """The worker's answer to pass on, or why it refused (it is then marked down)."""
+    @staticmethod
+    def _none_took_it(exc: NoWorkerAvailable, refusals: list[Refusal]) -> Exception:
+        """The answer when no (further) worker can take the job."""
+        if refusals and not exc.others and all(r.rejected is not None for r in refusals):
+            # Every ready worker's ComfyUI rejected the template: pass its words on (502).
+            rejected = refusals[-1].rejected
+            return APIError(rejected.status, rejected.body.get("error") or "ComfyUI rejected the workflow.",
+                            **{k: v for k, v in rejected.body.items() if k != "error"})
+        message = str(exc)
+        if refusals:
+            message = ("No worker could take the job: " + "; ".join(r.reason for r in refusals) + "."
+                       + (f" {message}" if exc.others else ""))
+        retry = RETRY_AFTER_BUSY if exc.ready else RETRY_AFTER_UNREADY
+        return APIError(503, message, headers={"Retry-After": retry})
+
+    async def _submit(self, state: WorkerState, body: Any) -> Reply | Refusal:
+        """The worker's answer to pass on, or why it refused (it is then marked)."""
         state.in_flight += 1
         try:
             response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
@@ -93,20 +121,34 @@ class JobRouter:
             reason = f"is unreachable ({exc})"
             state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
             self.mirror.suspect(state.name, reason)
-            return reason
+            return Refusal(f"{state.name} {reason}")
         finally:
             state.in_flight -= 1
+        return self._answer(state, body, response)
+
+    def _answer(self, state: WorkerState, body: Any, response: JSONResponse) -> Reply | Refusal:
+        """Pass a worker's answer on, or turn it into a refusal: a client's mistake (400, 413, 422, a
+        raw workflow ComfyUI rejected) is the client's answer; the worker's own trouble is not."""
         answer = response.body
-        if response.status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
+        status = response.status
+        if status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
             self.mirror.note_submitted(answer["prompt_id"], state.name)
             SCHEDULER_ROUTED.labels(worker=state.name).inc()
             return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
-        if response.status in (400, 413, 502) and isinstance(answer, dict) and "error" in answer:
-            return Reply(response.status, answer)
         detail = answer.get("error") if isinstance(answer, dict) else None
-        reason = f"answered {response.status}" + (f": {detail}" if detail else "")
+        raw = isinstance(body.get("workflow"), dict)
+        if detail and status in CLIENT_MISTAKES or (detail and status == 502 and raw):
+            return Reply(status, answer, _retry_after(response))
+        if detail and status == 502:
+            why = f"its ComfyUI rejected the workflow: {detail}"
+            self.placement.refused(state, body.get("workflow"), why)
+            return Refusal(f"{state.name} {why}", rejected=Reply(status, answer))
+        if detail and status == 503 and answer.get("workflow_not_ready"):
+            self.placement.refused(state, body.get("workflow"), detail)
+            return Refusal(f"{state.name} is not ready: {detail}")
+        reason = f"answered {status}" + (f": {detail}" if detail else "")
         state.mark_down(f"POST /generate {reason}")
-        return reason
+        return Refusal(f"{state.name} {reason}")
 
     # --- status, result, cancel ---------------------------------------------
 
@@ -195,3 +237,8 @@ class JobRouter:
                            f"{len(failures)} could not be asked: {reasons}",
                            headers={"Retry-After": RETRY_AFTER_OWNER})
         raise APIError(404, f"No job {prompt_id} is known to any worker.")
+
+
+def _retry_after(response: JSONResponse) -> dict[str, str]:
+    value = {k.lower(): v for k, v in response.headers.items()}.get("retry-after")
+    return {"Retry-After": value} if value else {}

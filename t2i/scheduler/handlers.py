@@ -11,6 +11,7 @@ from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
+from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import Registry
 from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
 
@@ -20,9 +21,11 @@ _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is t
 class SchedulerHandler(JSONHandler):
     """Base: the shared objects come in through the URL spec."""
 
-    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter, **kwargs: Any) -> None:
+    def initialize(self, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
+                   **kwargs: Any) -> None:
         self.registry = registry
         self.mirror = mirror
+        self.placement = placement
         self.router = router
 
     def write_reply(self, reply: Reply) -> None:
@@ -34,10 +37,10 @@ class SchedulerHandler(JSONHandler):
 class SchedulerBodyHandler(JSONBodyHandler, SchedulerHandler):
     """A scheduler route with a (capped, streamed) request body."""
 
-    def initialize(self, registry: Registry, mirror: Mirror, router: JobRouter,
+    def initialize(self, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
                    max_body_bytes: int | None = None, **kwargs: Any) -> None:
         JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
-        SchedulerHandler.initialize(self, registry, mirror, router)
+        SchedulerHandler.initialize(self, registry, mirror, placement, router)
 
 
 class GenerateHandler(SchedulerBodyHandler):
@@ -89,8 +92,8 @@ class CancelHandler(SchedulerBodyHandler):
 
 class WorkersHandler(SchedulerHandler):
     def get(self) -> None:
-        """The pool as last loaded: health, load, feed, and the last reload error."""
-        self.write_json({"workers": self.registry.describe(self.mirror), "config": self.registry.config.to_json()})
+        """The pool as last loaded: health, load, feed, readiness and breakers, and the last reload error."""
+        self.write_json({"workers": self.placement.describe(), "config": self.registry.config.to_json()})
 
 
 class HealthHandler(SchedulerHandler):
@@ -104,7 +107,7 @@ class HealthHandler(SchedulerHandler):
         workers = [{"name": w["name"], "ok": w["routable"], "reachable": w["reachable"],
                     "comfyui_reachable": w["comfyui_reachable"], "enabled": w["enabled"],
                     "pending": w["pending"], "running": w["running"]}
-                   for w in self.registry.describe(self.mirror) if w["listed"]]
+                   for w in self.placement.describe() if w["listed"]]
         ok = any(w["ok"] for w in workers)
         # The page polls /status at the interval ops configured (scheduler.yaml poll_interval).
         body: dict[str, Any] = {"ok": ok, "workers": workers, "poll_interval": self.poll_interval}
@@ -115,8 +118,9 @@ class HealthHandler(SchedulerHandler):
 
 class WorkflowsHandler(SchedulerHandler):
     def get(self) -> None:
-        """The workflows the pool serves (the workers' catalogues merged), for the page's form."""
-        catalogue = self.registry.catalogue()
+        """The workflows the pool serves (the workers' catalogues merged), each with whether some
+        worker is ready for it and why not, for the page's form."""
+        catalogue = self.placement.catalogue()
         if catalogue is None:
             raise APIError(503, "No worker has reported its workflows yet.", headers={"Retry-After": "2"})
         self.write_json(catalogue)

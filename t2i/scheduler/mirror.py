@@ -15,15 +15,17 @@ import json
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
 from t2i.httpclient import UpstreamUnavailable, fetch_json
-from t2i.jobstate import FINISHED, UNFINISHED
+from t2i.jobstate import COMPLETED, FAILED, FINISHED, UNFINISHED
 from t2i.waiters import Waiters
 
 log = logging.getLogger(__name__)
+
+ENDINGS = frozenset({COMPLETED, FAILED})   # outcomes that say whether a worker can run a workflow
 
 
 FEED_WAIT = 25.0            # seconds a feed request waits for changes on the worker
@@ -32,6 +34,7 @@ FEED_SLACK = 10.0           # request_timeout = wait + slack
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
 RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
+OUTCOMES_LIMIT = 10000      # job endings seen live, until placement reads them
 
 
 class Entry:
@@ -98,6 +101,9 @@ class Mirror:
         # id -> submit time (for load counting, which forgets them after RECENT_LOAD_TTL).
         self._recent: OrderedDict[str, str] = OrderedDict()
         self._recent_by_worker: dict[str, OrderedDict[str, float]] = {}
+        # Jobs seen ending (completed or failed) as it happened, not in a listing of old jobs:
+        # (worker, workflow, status), read by placement's breakers with take_outcomes().
+        self._outcomes: deque[tuple[str, Any, str]] = deque(maxlen=OUTCOMES_LIMIT)
 
     # --- reading (no awaits: the /status fast path) ---------------------------
 
@@ -155,6 +161,12 @@ class Mirror:
     def jobs_of(self, worker: str) -> int:
         return len(self._ids.get(worker, ()))
 
+    def take_outcomes(self) -> list[tuple[str, Any, str]]:
+        """The job endings seen since the last call, oldest first: (worker, workflow, status)."""
+        outcomes = list(self._outcomes)
+        self._outcomes.clear()
+        return outcomes
+
     # --- changing -------------------------------------------------------------
 
     def note_submitted(self, prompt_id: str, worker: str) -> None:
@@ -175,23 +187,29 @@ class Mirror:
         """Apply one ``GET /jobs`` answer of ``worker``."""
         jobs = [job for job in page.get("jobs") or () if isinstance(job, dict)
                 and isinstance(job.get("prompt_id"), str)]
-        if page.get("full"):
+        listing = bool(page.get("full"))
+        if listing:
             keep = {job["prompt_id"] for job in jobs}
             self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
         for job in jobs:
-            self._put(worker, job)
+            self._put(worker, job, listing)
         removed = page.get("removed") or ()
         self._remove(worker, [pid for pid in removed if isinstance(pid, str)])
 
-    def _put(self, worker: str, status: dict[str, Any]) -> None:
+    def _put(self, worker: str, status: dict[str, Any], listing: bool = False) -> None:
         prompt_id = status["prompt_id"]
         old = self._jobs.get(prompt_id)
         if old is not None and old.worker != worker:
             self._forget(prompt_id, old.worker)
+            old = None
         entry = Entry(worker, status)
-        if old is not None and old.worker == worker and old.version == entry.version \
-                and old.status == status:
+        if old is not None and old.version == entry.version and old.status == status:
             return
+        if status.get("status") in ENDINGS and (old is None or not old.final):
+            # An ending seen as it happened: a change, a job we knew unfinished, or one we placed
+            # (a listing's old jobs would count the past again after every scheduler restart).
+            if not listing or old is not None or prompt_id in self._recent:
+                self._outcomes.append((worker, status.get("workflow"), status["status"]))
         self._jobs[prompt_id] = entry
         self._ids.setdefault(worker, set()).add(prompt_id)
         unfinished = self._unfinished.setdefault(worker, {})

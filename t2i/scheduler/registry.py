@@ -1,9 +1,10 @@
-"""The scheduler's worker pool: workers.yaml with live reload, health, load, routing choice.
+"""The scheduler's worker pool: workers.yaml with live reload, and health checks.
 
 Plain classes, testable without HTTP servers of our own: :class:`Registry`
 owns one :class:`WorkerState` per worker (listed in workers.yaml, or removed
-from it but still draining its jobs), checks them, and picks the worker with
-the smallest expected wait for the next job.
+from it but still draining its jobs) and checks them. It is given the job
+mirror and tells it directly which workers to follow, drop, retry or suspect.
+Where a job goes is :mod:`t2i.scheduler.placement`'s business.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from t2i.config import ConfigError, WorkerEntry, load_workers_file
 from t2i.httpclient import UpstreamUnavailable, fetch_json
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 HEALTH_CONNECT_TIMEOUT = 2.0
 HEALTH_REQUEST_TIMEOUT = 3.0
 HEALTH_CONCURRENCY = 16
-
-
-class NoWorkerAvailable(Exception):
-    """No worker can take a job now; the message says why (down, disabled or full)."""
 
 
 class WorkerState:
@@ -48,6 +45,9 @@ class WorkerState:
         self.health: dict[str, Any] = {}
         self.catalogue: dict[str, Any] | None = None
         self.in_flight = 0                     # POST /generate calls on their way to it
+        # Placement's bookkeeping for this worker (t2i.scheduler.placement), per workflow name:
+        self.unready: dict[str, tuple[str, float]] = {}   # refused a template: (why, until)
+        self.breakers: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -69,12 +69,6 @@ class WorkerState:
         if unreachable:
             self.reachable = False
 
-    def serves(self, workflow: Any) -> bool:
-        """Whether this worker knows the named workflow (True when unknown or not named)."""
-        if not isinstance(workflow, str) or not self.catalogue:
-            return True
-        return workflow in self.catalogue.get("workflows", {})
-
     def health_jobs(self) -> tuple[int, int]:
         jobs = self.health.get("jobs") if isinstance(self.health, dict) else None
         if not isinstance(jobs, dict):
@@ -92,35 +86,51 @@ class ConfigStatus:
         return {"file": self.file, "loaded_at": self.loaded_at, "error": self.error}
 
 
-# Load: (pending, running) of a worker as the scheduler knows it now.
-LoadFn = Callable[[WorkerState], tuple[int, int]]
-
-
 class Registry:
     """The worker pool, as last loaded from workers.yaml, with health and load."""
 
     #: how long a worker removed from workers.yaml stays followed once it has no unfinished job
     drain_linger = 30.0
 
-    def __init__(self, workers_file: Path, *, client=None, auth_token: str | None = None,
+    def __init__(self, workers_file: Path, mirror: Any, *, client=None, auth_token: str | None = None,
                  clock: Callable[[], float] = time.time):
         self.workers_file = Path(workers_file)
+        self.mirror = mirror  # t2i.scheduler.mirror.Mirror: follows the feeds of the workers listed here
         self.client = client
         self.auth_token = auth_token
         self.clock = clock
         self.workers: dict[str, WorkerState] = {}
         self.config = ConfigStatus(str(self.workers_file))
+        self.generation = 0   # grows whenever the pool or a worker's catalogue changes
         self._signature: tuple[int, int] | None = None
         self._digest: str | None = None
-        self._rr = 0
         self._semaphore = asyncio.Semaphore(HEALTH_CONCURRENCY)
-        # Set by the scheduler: live load from the mirror, and reactions to pool changes.
-        self.load_of: LoadFn = WorkerState.health_jobs
-        self.on_added: Callable[[WorkerState], None] = lambda state: None
-        self.on_dropped: Callable[[WorkerState], None] = lambda state: None
-        self.on_reachable: Callable[[WorkerState], None] = lambda state: None
-        self.on_unreachable: Callable[[WorkerState, str], None] = lambda state, error: None
-        self.unfinished_of: Callable[[str], int] = lambda name: 0
+        self._started = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- following the pool -------------------------------------------------
+
+    def start(self) -> None:
+        """Follow every worker's feed (from now on, added workers are followed and checked at once)."""
+        self._started = True
+        for state in self.workers.values():
+            self._follow(state)
+
+    def stop(self) -> None:
+        self._started = False
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _follow(self, state: WorkerState) -> None:
+        self.mirror.follow(state.name, lambda: state.url)
+
+    def _added(self, state: WorkerState) -> None:
+        if not self._started:
+            return
+        self._follow(state)
+        task = asyncio.ensure_future(self.check(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- workers.yaml -------------------------------------------------------
 
@@ -197,7 +207,7 @@ class Registry:
                 state = WorkerState(entry)
                 self.workers[entry.name] = state
                 log.info("worker %s added: %s", entry.name, entry.url)
-                self.on_added(state)
+                self._added(state)
             else:
                 if not state.listed:
                     log.info("worker %s is back in the pool", entry.name)
@@ -207,12 +217,13 @@ class Registry:
         # Keep workers.yaml order (round-robin and listings follow it).
         order = [e.name for e in entries] + [n for n in self.workers if n not in new]
         self.workers = {name: self.workers[name] for name in order}
+        self.generation += 1
 
     def drop_drained(self) -> None:
         """Stop following removed workers that have nothing left in flight (after a linger)."""
         now = self.clock()
         for state in [s for s in self.workers.values() if not s.listed]:
-            if self.unfinished_of(state.name) and state.reachable is not False:
+            if self.mirror.unfinished(state.name) and state.reachable is not False:
                 state.idle_since = None
                 continue
             if state.idle_since is None:
@@ -223,7 +234,8 @@ class Registry:
 
     def _drop(self, state: WorkerState) -> None:
         self.workers.pop(state.name, None)
-        self.on_dropped(state)
+        self.generation += 1
+        self.mirror.unfollow(state.name)
 
     # --- health -------------------------------------------------------------
 
@@ -252,8 +264,9 @@ class Registry:
         comfy_ok = bool(comfy.get("reachable", health.status == 200))
         state.health = body
         if workflows.status == 200 and isinstance(workflows.body, dict) \
-                and isinstance(workflows.body.get("workflows"), dict):
+                and isinstance(workflows.body.get("workflows"), dict) and workflows.body != state.catalogue:
             state.catalogue = workflows.body
+            self.generation += 1
         error = None if comfy_ok and health.status == 200 else "its ComfyUI is unreachable"
         self._record(state, reachable=True, comfyui=comfy_ok, error=error)
 
@@ -277,91 +290,6 @@ class Registry:
             else:
                 log.warning("worker %s is down: %s", state.name, error)
         if reachable:
-            self.on_reachable(state)  # e.g. retry its feed now if that is down
+            self.mirror.poke(state.name)  # retry its feed now if that is down
         else:
-            self.on_unreachable(state, error or "unreachable")
-
-    def describe(self, mirror: Any) -> list[dict[str, Any]]:
-        """Each worker for ``GET /workers``: config, health, load now, feed state."""
-        out = []
-        for state in self.workers.values():
-            pending, running = self.load_of(state)
-            feed = mirror.feed(state.name)
-            out.append({
-                "name": state.name, "url": state.url, "public_url": state.entry.public_url,
-                "enabled": state.entry.enabled, "max_queue": state.entry.max_queue,
-                "listed": state.listed, "routable": state.routable, "reachable": state.reachable,
-                "comfyui_reachable": state.comfyui_reachable, "pending": pending, "running": running,
-                "in_flight": state.in_flight, "jobs": mirror.jobs_of(state.name),
-                "last_error": state.last_error, "last_checked": state.last_checked,
-                "feed": feed.to_json() if feed is not None else {"state": "stopped"},
-            })
-        return out
-
-    # --- routing ------------------------------------------------------------
-
-    def catalogue(self) -> dict[str, Any] | None:
-        """The workflows the pool serves: union of the listed workers' catalogues (first wins)."""
-        merged: dict[str, Any] | None = None
-        for state in self.workers.values():
-            cat = state.catalogue
-            if not state.listed or not cat:
-                continue
-            if merged is None:
-                merged = {"default_workflow": cat.get("default_workflow"),
-                          "allow_raw_workflows": bool(cat.get("allow_raw_workflows")), "workflows": {}}
-            merged["allow_raw_workflows"] = merged["allow_raw_workflows"] or bool(cat.get("allow_raw_workflows"))
-            for name, spec in cat.get("workflows", {}).items():
-                merged["workflows"].setdefault(name, spec)
-        return merged
-
-    def load(self, state: WorkerState) -> int:
-        """Jobs ahead of a new one on this worker: pending + running now, plus submissions in flight."""
-        pending, running = self.load_of(state)
-        return pending + running + state.in_flight
-
-    def choose(self, exclude: Iterable[str] = (), workflow: Any = None) -> WorkerState:
-        """The routable worker with the smallest expected wait; ties go round-robin."""
-        exclude = set(exclude)
-        listed = [s for s in self.workers.values() if s.listed and s.name not in exclude]
-        best: list[WorkerState] = []
-        best_load = None
-        counts = {"disabled": 0, "down": 0, "full": 0, "other": 0}
-        for state in listed:
-            if not state.entry.enabled:
-                counts["disabled"] += 1
-                continue
-            if not state.routable:
-                counts["down"] += 1
-                continue
-            if not state.serves(workflow):
-                counts["other"] += 1
-                continue
-            load = self.load(state)
-            if load >= state.entry.max_queue:
-                counts["full"] += 1
-                continue
-            if best_load is None or load < best_load:
-                best, best_load = [state], load
-            elif load == best_load:
-                best.append(state)
-        if best:
-            self._rr += 1
-            return best[self._rr % len(best)]
-        raise NoWorkerAvailable(self._why_none(listed, counts, bool(exclude), workflow))
-
-    @staticmethod
-    def _why_none(listed: list[WorkerState], counts: dict[str, int], tried: bool, workflow: Any) -> str:
-        if tried and not listed:
-            return "every worker that could take the job refused it."
-        if not listed:
-            return "No worker is configured (workers.yaml lists none)."
-        total = len(listed)
-        if counts["disabled"] == total:
-            return "Every worker is disabled in workers.yaml."
-        if counts["down"] + counts["disabled"] == total:
-            return "Every enabled worker is down or unreachable."
-        if counts["full"] + counts["down"] + counts["disabled"] == total:
-            return "Every available worker's queue is full; try again shortly."
-        return (f"No available worker serves the workflow {workflow!r}." if counts["other"]
-                else "No worker can take the job now.")
+            self.mirror.suspect(state.name, error or "unreachable")

@@ -106,6 +106,11 @@ class Executed:
 
 
 @dataclass(frozen=True)
+class RunSucceeded:
+    """``execution_success``: every node ran; the `executed` messages named the outputs already."""
+
+
+@dataclass(frozen=True)
 class RunEnded:
     """``executing`` with ``node: null``: the run is over and its history is written."""
 
@@ -280,6 +285,16 @@ def _on_executed(job: Job, event: Executed, now: Now, limits: Limits) -> Step:
     return {"outputs": job.outputs + tuple(event.refs), "active_at": now.mono}, ()
 
 
+def _on_run_succeeded(job: Job, event: RunSucceeded, now: Now, limits: Limits) -> Step:
+    # The files named by `executed` are on disk: copy them now, not after `executing null` and a
+    # GET /history (one round trip less between the run's end and the image on screen). With
+    # nothing named, wait for the run's end: the history is written only after this message.
+    if not job.outputs:
+        return NOTHING
+    return ({"phase": COLLECTING, "queue_position": None, "started_at": job.started_at or now.wall,
+             "active_at": now.mono}, (JOURNAL, collect(job.outputs)))
+
+
 def _on_run_ended(job: Job, event: RunEnded, now: Now, limits: Limits) -> Step:
     return {"phase": FINISHING, "queue_position": None, "active_at": now.mono}, (JOURNAL, FETCH_HISTORY)
 
@@ -423,6 +438,7 @@ TRANSITIONS: dict[type, dict[str, Rule]] = {
     Progress: _cells(_on_progress, BEFORE_RUN_END),
     Preview: _cells(_on_preview, (STARTED,)),
     Executed: _cells(_on_executed, BEFORE_RUN_END),
+    RunSucceeded: _cells(_on_run_succeeded, BEFORE_RUN_END),
     RunEnded: _cells(_on_run_ended, BEFORE_RUN_END),
     RunFailed: _cells(_on_run_failed, BEFORE_RUN_END),
     RunInterrupted: _cells(_on_run_interrupted, BEFORE_RUN_END),
@@ -456,6 +472,8 @@ def event_of(msg_type: str, data: dict[str, Any]) -> Any:
     if msg_type == "executed":
         refs = images_of(data.get("output"))
         return Executed(tuple(refs)) if refs else None
+    if msg_type == "execution_success":
+        return RunSucceeded()
     if msg_type == "execution_error":
         return RunFailed(error_sentence(data))
     if msg_type == "execution_interrupted":

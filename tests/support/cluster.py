@@ -67,8 +67,10 @@ def worker_entry(worker, **overrides: Any) -> dict[str, Any]:
     return entry
 
 
-async def start_scheduler(directory: Path, workers: list, *, port: int | None = None, **overrides: Any):
-    """Start a scheduler (t2i.scheduler.app.Scheduler) over ``workers``; returns it (``.url``, ``.stop()``)."""
+async def start_scheduler(directory: Path, workers: list, *, port: int | None = None, clock=None,
+                          **overrides: Any):
+    """Start a scheduler (t2i.scheduler.app.Scheduler) over ``workers``; returns it (``.url``, ``.stop()``).
+    ``clock``: the monotonic clock its placement reads (breaker cool-downs), e.g. a FakeClock's ``mono``."""
     from t2i.config import load_scheduler_config
     from t2i.scheduler.app import Scheduler
 
@@ -81,7 +83,7 @@ async def start_scheduler(directory: Path, workers: list, *, port: int | None = 
     config.update(overrides)
     path = directory / "scheduler.yaml"
     path.write_text(yaml.safe_dump(config))
-    scheduler = Scheduler(load_scheduler_config(path))
+    scheduler = Scheduler(load_scheduler_config(path), **({"clock": clock} if clock is not None else {}))
     await scheduler.start()
     return scheduler
 
@@ -202,6 +204,116 @@ class WorkerCluster:
 
     async def wait(self, prompt_id: str, *statuses: str, **kwargs: Any) -> dict[str, Any]:
         return await wait_status(self.url, prompt_id, statuses or ("completed", "failed", "cancelled"), **kwargs)
+
+
+class SchedulerCluster:
+    """``async with SchedulerCluster(tmp_path, n=2) as c:`` n ComfyUI doubles, n workers (gpu-0..), one
+    scheduler (``c.scheduler``; more with ``add_scheduler()``); everything stopped on exit.
+
+    ``sims[i]`` / ``workers[i]`` (dicts) override the i-th ComfyUI double's arguments and worker.yaml;
+    ``worker_overrides`` applies to every worker; ``entries`` replaces workers.yaml's list; ``listed``
+    lists only the first so many; ``clock`` is the scheduler's monotonic clock; the remaining keyword
+    arguments go into scheduler.yaml.
+    """
+
+    def __init__(self, tmp_path: Path, n: int = 2, step_time: float = 0.01, entries: list[dict] | None = None,
+                 listed: int | None = None, worker_overrides: dict[str, Any] | None = None,
+                 sims: list[dict[str, Any]] | None = None, workers: list[dict[str, Any]] | None = None,
+                 clock=None, **scheduler_overrides: Any):
+        self.tmp = tmp_path
+        self.worker_overrides = worker_overrides or {}
+        self.n = n
+        self.step_time = step_time
+        self.entries = entries
+        self.listed = n if listed is None else listed
+        self.sim_kwargs = sims or [{} for _ in range(n)]
+        self.each_worker = workers or [{} for _ in range(n)]
+        self.clock = clock
+        self.scheduler_overrides = scheduler_overrides
+        self.sims: list = []
+        self.workers: list = []
+        self.schedulers: list = []
+
+    async def __aenter__(self) -> "SchedulerCluster":
+        try:
+            for i in range(self.n):
+                self.sims.append(await start_sim(**{"step_time": self.step_time, **self.sim_kwargs[i]}))
+                self.workers.append(await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=f"gpu-{i}",
+                                                       **{**self.worker_overrides, **self.each_worker[i]}))
+            entries = self.entries or [worker_entry(w) for w in self.workers[:self.listed]]
+            self.workers_file.parent.mkdir(exist_ok=True)
+            write_workers_yaml(self.workers_file, entries)
+            await self.add_scheduler()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def workers_file(self) -> Path:
+        return self.tmp / "s" / "workers.yaml"
+
+    @property
+    def scheduler(self):
+        return self.schedulers[0]
+
+    async def add_scheduler(self, **kw: Any):
+        (self.tmp / "s").mkdir(exist_ok=True)
+        scheduler = await start_scheduler(self.tmp / "s", self.workers, clock=self.clock,
+                                          **{**self.scheduler_overrides, **kw})
+        self.schedulers.append(scheduler)
+        return scheduler
+
+    async def restart_worker(self, i: int, **overrides: Any):
+        old = self.workers[i]
+        self.workers[i] = await start_worker(self.tmp / f"w{i}", self.sims[i].url, name=old.config.name,
+                                             port=old.port, **overrides)
+        return self.workers[i]
+
+    def worker_named(self, name: str):
+        return next(w for w in self.workers if w.config.name == name)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        # Stop everything, then report what did not stop cleanly (a hang or an error in stop()
+        # is a bug too), unless the test itself already failed.
+        import asyncio
+
+        problems = []
+        for thing in [*self.schedulers, *self.workers, *self.sims]:
+            try:
+                await asyncio.wait_for(thing.stop(), 5)
+            except Exception as error:
+                problems.append(f"{type(thing).__name__}.stop(): {error!r}")
+        assert exc[0] is not None or not problems, problems
+
+
+class CountingRoute:
+    """Counts the requests one handler method of a server class gets (``monkeypatch`` undoes it):
+    ``CountingRoute(monkeypatch, worker_handlers.StatusHandler, "get")``; ``.uris``, ``len()``."""
+
+    def __init__(self, monkeypatch, handler_class, method: str = "get"):
+        self.uris: list[str] = []
+        self.ports: list[int] = []
+        original = getattr(handler_class, method)
+        record = self
+
+        async def counting(self, *args, **kwargs):
+            record.uris.append(self.request.uri)
+            host = self.request.host or ""
+            record.ports.append(int(host.rsplit(":", 1)[1]) if ":" in host else 0)
+            result = original(self, *args, **kwargs)
+            if hasattr(result, "__await__"):
+                result = await result
+            return result
+
+        monkeypatch.setattr(handler_class, method, counting)
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def at(self, worker) -> int:
+        """How many of them reached ``worker`` (by its port)."""
+        return sum(1 for port in self.ports if port == worker.port)
 
 
 def sim_pending_ids(sim) -> list[str]:

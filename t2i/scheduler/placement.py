@@ -1,0 +1,340 @@
+"""Where a job goes: load, workflow readiness and a breaker per (worker, workflow), in one class.
+
+:class:`Placement` is given the pool (:class:`~t2i.scheduler.registry.Registry`:
+health and each worker's ``GET /workflows`` catalogue) and the job mirror
+(:class:`~t2i.scheduler.mirror.Mirror`: each worker's jobs, and the jobs seen
+ending). ``choose()`` returns the worker for a job, or raises
+:class:`NoWorkerAvailable` with a sentence naming why none can take it.
+
+A worker gets a job when it is listed, enabled, reachable with its ComfyUI, and
+
+- *ready* for the job's workflow: its catalogue does not say ``ready: false``
+  (``null``, not checked yet, counts as ready) and it did not refuse that
+  workflow lately (:meth:`Placement.refused`); a raw workflow only goes to a
+  worker whose catalogue says ``allow_raw_workflows: true``;
+- its *breaker* for that workflow is not open: :data:`BREAKER_FAILURES` jobs of
+  the workflow failed there in a row while another worker completed it lately
+  take it out of rotation for :data:`BREAKER_COOLDOWN` seconds; then one job is
+  tried (half-open), and a completed job closes the breaker again;
+- its queue is not full (``max_queue``); of those, the one with the fewest jobs
+  ahead wins, ties in turn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+from t2i.jobstate import COMPLETED, FAILED
+from t2i.scheduler.registry import Registry, WorkerState
+
+BREAKER_FAILURES = 5       # failed jobs of one workflow in a row on one worker ...
+BREAKER_WINDOW = 600.0     # ... while another worker completed it within this many seconds
+BREAKER_COOLDOWN = 60.0    # out of rotation for that workflow this long, then one job is tried
+PROBE_TIMEOUT = 600.0      # a trial job that never ends lets another be tried after this long
+REFUSED_HOLD = 30.0        # a worker that refused a template is not sent that workflow for this long
+RAW = "(raw)"              # a raw workflow: the workers' status objects name it so
+MAX_REASONS = 6            # per-worker reasons in one "no worker" sentence
+
+
+class NoWorkerAvailable(Exception):
+    """No worker can take a job now; the message says why.
+
+    ``ready`` is False when it is about the workflow (no worker ready, breakers
+    open), which will not change in a moment, unlike full queues.
+    """
+
+    def __init__(self, message: str, *, ready: bool = True, others: bool = True):
+        super().__init__(message)
+        self.ready = ready
+        self.others = others   # False: every listed worker was tried already
+
+
+class Breaker:
+    """One worker's record with one workflow."""
+
+    __slots__ = ("failures", "opened_at", "probe_at")
+
+    def __init__(self) -> None:
+        self.failures = 0                   # failed jobs in a row
+        self.opened_at: float | None = None
+        self.probe_at: float | None = None  # when the half-open trial job was placed
+
+
+class Placement:
+    """The scheduler's routing choice over a registry and a mirror."""
+
+    def __init__(self, registry: Registry, mirror: Any, *, clock: Callable[[], float] = time.monotonic,
+                 failures: int = BREAKER_FAILURES, cooldown: float = BREAKER_COOLDOWN,
+                 window: float = BREAKER_WINDOW):
+        self.registry = registry
+        self.mirror = mirror
+        self.clock = clock
+        self.failures = failures
+        self.cooldown = cooldown
+        self.window = window
+        self._succeeded: dict[Any, dict[str, float]] = {}   # workflow -> worker -> last completed job
+        self._rr = 0
+        self._specs: tuple[int, dict[str, Any] | None] | None = None
+
+    # --- load -----------------------------------------------------------------
+
+    def counts(self, state: WorkerState) -> tuple[int, int]:
+        """(pending, running) of a worker now: the mirror's while its feed is up, else its last
+        health answer; plus the jobs placed here that no feed has shown yet."""
+        mirror = self.mirror
+        pending, running = mirror.counts(state.name) if mirror.feed_up(state.name) else state.health_jobs()
+        return pending + mirror.recent_unseen(state.name), running
+
+    def load(self, state: WorkerState) -> int:
+        """Jobs ahead of a new one on this worker, submissions on their way included."""
+        pending, running = self.counts(state)
+        return pending + running + state.in_flight
+
+    # --- readiness --------------------------------------------------------------
+
+    @staticmethod
+    def workflow_of(state: WorkerState, workflow: Any) -> Any:
+        """The workflow a request's ``workflow`` value means on this worker: RAW, its name,
+        or the worker's default (None while its catalogue is unknown)."""
+        if isinstance(workflow, dict) or workflow == RAW:
+            return RAW
+        if isinstance(workflow, str):
+            return workflow
+        return (state.catalogue or {}).get("default_workflow")
+
+    def readiness(self, state: WorkerState, workflow: Any) -> tuple[bool | None, str | None]:
+        """(ready, why not) of a worker for a workflow: True/None (not checked yet) or False."""
+        catalogue = state.catalogue
+        name = self.workflow_of(state, workflow)
+        if name == RAW:
+            if catalogue is None:
+                return False, "has not reported its workflows yet"
+            if catalogue.get("allow_raw_workflows") is not True:
+                return False, "does not allow raw workflows (allow_raw_workflows: false)"
+            return True, None
+        refused = state.unready.get(name) if name is not None else None
+        if refused is not None:
+            if refused[1] > self.clock():
+                return False, refused[0]
+            del state.unready[name]
+        if catalogue is None or name is None:
+            return None, None
+        spec = catalogue.get("workflows", {}).get(name)
+        if not isinstance(spec, dict):
+            return False, f"has no workflow {name!r}"
+        ready = spec.get("ready")
+        if ready is False:
+            return False, spec.get("reason") or f"is not ready for workflow {name!r}"
+        return (True if ready is True else None), None
+
+    def refused(self, state: WorkerState, workflow: Any, why: str) -> None:
+        """The worker refused a template workflow (its ComfyUI rejected it, or it says it is not
+        ready): not sent that workflow again for :data:`REFUSED_HOLD` seconds."""
+        name = self.workflow_of(state, workflow)
+        if name is not None and name != RAW:
+            state.unready[name] = (why, self.clock() + REFUSED_HOLD)
+
+    # --- breakers -----------------------------------------------------------------
+
+    def absorb(self) -> None:
+        """Feed the breakers with the job endings the mirror saw since last time."""
+        now = self.clock()
+        for worker, workflow, status in self.mirror.take_outcomes():
+            if not isinstance(workflow, str) or workflow == RAW:
+                continue  # a raw workflow failing is the client's own graph
+            state = self.registry.workers.get(worker)
+            breaker = state.breakers.setdefault(workflow, Breaker()) if state is not None else None
+            if status == COMPLETED:
+                self._succeeded.setdefault(workflow, {})[worker] = now
+                if breaker is not None:
+                    breaker.failures, breaker.opened_at, breaker.probe_at = 0, None, None
+            elif status == FAILED and breaker is not None:
+                breaker.failures += 1
+                if breaker.opened_at is not None or breaker.failures >= self.failures:
+                    if breaker.opened_at is not None or self._others_succeed(worker, workflow, now):
+                        breaker.opened_at, breaker.probe_at = now, None
+
+    def _others_succeed(self, worker: str, workflow: str, now: float) -> bool:
+        return any(name != worker and now - at <= self.window
+                   for name, at in self._succeeded.get(workflow, {}).items())
+
+    def breaker_state(self, state: WorkerState, workflow: Any) -> tuple[str, float | None]:
+        """("closed" | "open" | "half_open" | "trial", seconds until it may be tried or None)."""
+        breaker = state.breakers.get(workflow) if isinstance(workflow, str) else None
+        if breaker is None:
+            return "closed", None
+        now = self.clock()
+        if breaker.opened_at is None:
+            # Failures that came before any other worker had completed the workflow count now.
+            if breaker.failures >= self.failures and self._others_succeed(state.name, workflow, now):
+                breaker.opened_at = now
+            else:
+                return "closed", None
+        left = breaker.opened_at + self.cooldown - now
+        if left > 0:
+            return "open", left
+        if breaker.probe_at is not None and now - breaker.probe_at < PROBE_TIMEOUT:
+            return "trial", None   # half-open, its one trial job placed and not ended yet
+        return "half_open", None
+
+    # --- choosing -----------------------------------------------------------------
+
+    def choose(self, workflow: Any = None, exclude: Iterable[str] = ()) -> WorkerState:
+        """The worker for a job of ``workflow`` (a name, a raw workflow object, or None for each
+        worker's default): ready, breaker not open, room in its queue, fewest jobs ahead."""
+        self.absorb()
+        exclude = set(exclude)
+        listed = [s for s in self.registry.workers.values() if s.listed and s.name not in exclude]
+        best, why = self._survey(listed, workflow)
+        if not best:
+            raise self._none(listed, why, bool(exclude), workflow)
+        self._rr += 1
+        chosen = best[self._rr % len(best)]
+        name = self.workflow_of(chosen, workflow)
+        if self.breaker_state(chosen, name)[0] == "half_open":
+            chosen.breakers[name].probe_at = self.clock()  # the one trial job
+        return chosen
+
+    def _survey(self, listed: list[WorkerState], workflow: Any) -> tuple[list[WorkerState], list[tuple[str, str, str]]]:
+        """The least-loaded workers that can take the job, and (worker, kind, why) of the others."""
+        best: list[WorkerState] = []
+        best_load = None
+        why: list[tuple[str, str, str]] = []
+        for state in listed:
+            if not state.entry.enabled:
+                why.append((state.name, "disabled", "disabled in workers.yaml"))
+                continue
+            if not state.routable:
+                why.append((state.name, "down", state.last_error or "down"))
+                continue
+            ready, reason = self.readiness(state, workflow)
+            if ready is False:
+                why.append((state.name, "unready", reason or "not ready"))
+                continue
+            name = self.workflow_of(state, workflow)
+            breaker, left = self.breaker_state(state, name)
+            if breaker in ("open", "trial"):
+                why.append((state.name, "breaker", self._breaker_reason(name, breaker, left)))
+                continue
+            load = self.load(state)
+            if load >= state.entry.max_queue:
+                why.append((state.name, "full", f"its queue is full ({load} of {state.entry.max_queue})"))
+                continue
+            if best_load is None or load < best_load:
+                best, best_load = [state], load
+            elif load == best_load:
+                best.append(state)
+        return best, why
+
+    def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:
+        if breaker == "trial":
+            return f"on trial for {workflow!r} (one job placed, waiting for it to end)"
+        return (f"out of rotation for {workflow!r} after {self.failures} failed jobs in a row while other "
+                f"workers completed it (tried again in {max(1, round(left or 0))} s)")
+
+    def _none(self, listed: list[WorkerState], why: list[tuple[str, str, str]], tried: bool,
+              workflow: Any) -> NoWorkerAvailable:
+        if tried and not listed:
+            return NoWorkerAvailable("every worker that could take the job refused it.", others=False)
+        if not listed:
+            return NoWorkerAvailable("No worker is configured (workers.yaml lists none).")
+        kinds = {kind for _, kind, _ in why}
+        if kinds == {"disabled"}:
+            return NoWorkerAvailable("Every worker is disabled in workers.yaml.")
+        if kinds <= {"disabled", "down"}:
+            return NoWorkerAvailable("Every enabled worker is down or unreachable.")
+        if kinds <= {"disabled", "down", "full"}:
+            return NoWorkerAvailable("Every available worker's queue is full; try again shortly.")
+        shown = [f"{name}: {reason}" for name, kind, reason in why if kind != "disabled"]
+        more = len(shown) - MAX_REASONS
+        detail = "; ".join(shown[:MAX_REASONS]) + (f"; and {more} more" if more > 0 else "")
+        if isinstance(workflow, dict) or workflow == RAW:
+            return NoWorkerAvailable(f"No worker can run a raw workflow: {detail}.", ready=False)
+        if workflow is None:
+            workflow = (self.specs() or {}).get("default_workflow")
+        named = f"workflow {workflow!r}" if isinstance(workflow, str) else "the default workflow"
+        return NoWorkerAvailable(f"No worker is ready for {named}: {detail}.", ready=False)
+
+    # --- views ----------------------------------------------------------------------
+
+    def specs(self) -> dict[str, Any] | None:
+        """The workflows the pool serves, for validating requests: the listed workers'
+        catalogues merged (first wins); cached until the pool or a catalogue changes."""
+        generation = self.registry.generation
+        if self._specs is None or self._specs[0] != generation:
+            merged: dict[str, Any] | None = None
+            for state in self.registry.workers.values():
+                cat = state.catalogue
+                if not state.listed or not cat:
+                    continue
+                if merged is None:
+                    merged = {"default_workflow": cat.get("default_workflow"),
+                              "allow_raw_workflows": False, "workflows": {}}
+                merged["allow_raw_workflows"] = merged["allow_raw_workflows"] or cat.get("allow_raw_workflows") is True
+                for name, spec in cat.get("workflows", {}).items():
+                    if isinstance(spec, dict):
+                        merged["workflows"].setdefault(name, {"params": spec.get("params", {})})
+            self._specs = (generation, merged)
+        return self._specs[1]
+
+    def catalogue(self) -> dict[str, Any] | None:
+        """``GET /workflows`` of the scheduler: :meth:`specs`, each workflow with ``ready`` (some
+        worker can take it now), ``reason`` (why none can) and ``not_ready`` (worker -> why)."""
+        specs = self.specs()
+        if specs is None:
+            return None
+        self.absorb()
+        workflows = {}
+        for name, spec in specs["workflows"].items():
+            not_ready: dict[str, str] = {}
+            ready = False
+            for state in self.registry.workers.values():
+                if not state.listed or not state.entry.enabled or not state.catalogue \
+                        or name not in state.catalogue.get("workflows", {}):
+                    continue
+                ok, reason = self.readiness(state, name)
+                breaker, left = self.breaker_state(state, name)
+                if ok is False:
+                    not_ready[state.name] = reason or "not ready"
+                elif breaker in ("open", "trial"):
+                    not_ready[state.name] = self._breaker_reason(name, breaker, left)
+                elif state.routable:
+                    ready = True
+            workflow = {**spec, "ready": ready, "reason": None, "not_ready": not_ready}
+            if not ready:
+                listed = [s for s in self.registry.workers.values() if s.listed]
+                _, why = self._survey(listed, name)
+                workflow["reason"] = str(self._none(listed, why, False, name))
+            workflows[name] = workflow
+        return {**specs, "workflows": workflows}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each worker for ``GET /workers``: config, health, load, feed, readiness and breakers."""
+        self.absorb()
+        mirror = self.mirror
+        out = []
+        for state in self.registry.workers.values():
+            pending, running = self.counts(state)
+            feed = mirror.feed(state.name)
+            catalogue = state.catalogue or {}
+            workflows = {}
+            for name in catalogue.get("workflows", {}) if isinstance(catalogue.get("workflows"), dict) else ():
+                ready, reason = self.readiness(state, name)
+                breaker, left = self.breaker_state(state, name)
+                record = state.breakers.get(name)
+                workflows[name] = {"ready": ready, "reason": reason, "breaker": breaker,
+                                   "failures": record.failures if record else 0,
+                                   "retry_in": round(left, 1) if left is not None else None}
+            out.append({
+                "name": state.name, "url": state.url, "public_url": state.entry.public_url,
+                "enabled": state.entry.enabled, "max_queue": state.entry.max_queue,
+                "listed": state.listed, "routable": state.routable, "reachable": state.reachable,
+                "comfyui_reachable": state.comfyui_reachable, "pending": pending, "running": running,
+                "in_flight": state.in_flight, "jobs": mirror.jobs_of(state.name),
+                "last_error": state.last_error, "last_checked": state.last_checked,
+                "allow_raw_workflows": catalogue.get("allow_raw_workflows") is True if catalogue else None,
+                "workflows": workflows,
+                "feed": feed.to_json() if feed is not None else {"state": "stopped"},
+            })
+        return out

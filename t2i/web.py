@@ -12,6 +12,8 @@ from typing import Any, Awaitable
 from tornado import web
 from tornado.httputil import responses
 
+from t2i.jobstate import result_of
+
 log = logging.getLogger("t2i.access")
 
 # Routes that browsers, balancers, scrapers and the scheduler hit every second or so:
@@ -44,6 +46,14 @@ class JSONHandler(web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
+
+    def write_result(self, status: dict[str, Any]) -> None:
+        """``GET /result``'s answer from a ``/status`` object (``?redirect=image``: 303 to the image)."""
+        code, body = result_of(status)
+        if code == 200 and body.get("image_url") and self.get_argument("redirect", None) == "image":
+            self.redirect(body["image_url"], status=303)
+            return
+        self.write_json(body, status=code)
 
     def write_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -218,3 +218,18 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_result_waits_for_the_end_and_redirects_to_the_image(tmp_path):
+    """One request to the result: no status loop for an API client."""
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}) as c:
+        prompt_id = await c.submit({"prompt": "x", "steps": 10})
+        early = await call("GET", f"{c.url}/result/{prompt_id}?wait=0")
+        assert early.code == 202
+        done = await call("GET", f"{c.url}/result/{prompt_id}?wait=30")
+        assert done.code == 200 and done.json["status"] == "completed" and done.json["image_url"]
+        moved = await call("GET", f"{c.url}/result/{prompt_id}?redirect=image")
+        assert moved.code == 303 and moved.headers["Location"] == done.json["image_url"]
+        image = await call("GET", moved.headers["Location"])
+        assert image.code == 200 and image.body.startswith(b"\x89PNG")

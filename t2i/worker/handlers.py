@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.idempotency import BadKey, check_key, fingerprint
 from t2i.config import WorkerConfig
-from t2i.jobstate import MAX_WAIT, result_of
+from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
@@ -106,10 +107,18 @@ class StatusHandler(WorkerHandler):
 
 
 class ResultHandler(WorkerHandler):
-    def get(self, prompt_id: str) -> None:
-        """200 with the image URLs (or the error) when finished, 202 with the status while not."""
-        code, body = result_of(self.job_json(self.job_or_404(prompt_id)))
-        self.write_json(body, status=code)
+    async def get(self, prompt_id: str) -> None:
+        """200 with the image URLs (or the error) when finished, 202 with the status while not;
+        ``?wait=S`` holds the request until the job ends (one request to the result), and
+        ``?redirect=image`` answers a completed job with a 303 to its image."""
+        job = self.job_or_404(prompt_id)
+        wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
+        deadline = time.monotonic() + wait
+        while not job.finished and (left := deadline - time.monotonic()) > 0:
+            if not await self.wait_unless_gone(self.store.wait_job(prompt_id, job.version, left)):
+                return
+            job = self.job_or_404(prompt_id)
+        self.write_result(self.job_json(job))
 
 
 class CancelHandler(WorkerBodyHandler):
@@ -195,7 +204,9 @@ def url_table(config: WorkerConfig, store: JobStore, runner: Runner,
         pattern, handler = spec[0], spec[1]
         if handler is ImageHandler:
             table.append((pattern, handler, {"path": str(config.images_dir)}))
-        elif handler in (MetricsHandler, OpenAPIHandler):
+        elif handler is OpenAPIHandler:
+            table.append((pattern, handler, {"server": "worker"}))
+        elif handler is MetricsHandler:
             table.append((pattern, handler))
         else:
             table.append((pattern, handler, kwargs))

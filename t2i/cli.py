@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from tornado.netutil import bind_sockets
+
 from t2i import __version__
 from t2i.config import ConfigError
 
@@ -46,6 +48,24 @@ def load_or_exit(loader: Callable, path: Path):
     except ConfigError as exc:
         report_config_error(exc)
         raise SystemExit(2) from None
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on right now (None: it can), found before anything starts."""
+    try:
+        sockets = bind_sockets(port, host or None)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    for sock in sockets:
+        sock.close()
+    return None
+
+
+def report_port_problem(host: str, port: int, problem: str, hint: str) -> None:
+    """One line on stderr naming the address, the port and what to change (the caller exits with 1)."""
+    where = f"[{host}]" if ":" in host else (host or "*")
+    print(f"cannot listen on {where}:{port}: {problem}. Is another server on port {port}? {hint}",
+          file=sys.stderr)
 
 
 def install_shutdown_handlers(stop: asyncio.Event) -> None:

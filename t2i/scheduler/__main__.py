@@ -7,7 +7,7 @@ from t2i.scheduler.app import main as async_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(async_main(argv))
+    sys.exit(asyncio.run(async_main(argv)))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from t2i.cli import build_parser, install_shutdown_handlers, load_or_exit, setup_logging
-from t2i.config import SchedulerConfig, load_scheduler_config
+from t2i.check import check_scheduler
+from t2i.cli import (build_parser, install_shutdown_handlers, load_or_exit, port_problem, report_port_problem,
+                     setup_logging)
+from t2i.config import SchedulerConfig, load_scheduler_config, load_workers_file
 from t2i.httpclient import MAX_CLIENTS, configure_http_client
 from t2i.scheduler.forward import JobRouter
 from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHandler, StaticHandler,
@@ -155,16 +157,27 @@ def close_client(client: AsyncHTTPClient) -> None:
         client._timeout = None
 
 
-async def main(argv: list[str] | None = None) -> None:
+async def main(argv: list[str] | None = None) -> int:
     parser = build_parser("t2i-scheduler", "Route text-to-image jobs to a pool of t2i workers.",
                           "config/scheduler.yaml")
     # curl keeps connections to workers alive; bench/poll_bench.py measured the forwarding hop
     # ~1.7x faster with it than with the simple client (which connects per request).
     parser.add_argument("--http-client", choices=["curl", "simple"], default="curl",
                         help="outbound HTTP client (default curl when pycurl is installed, else simple)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, the page's files and every worker (reachable, token accepted, "
+                             "workflows ready), print one line each and exit: 0 ready, 1 not, 2 config error")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit(load_scheduler_config, args.config)
+    if args.check:
+        workers = load_or_exit(load_workers_file, config.workers_file)
+        configure_http_client(prefer_curl=False)
+        return await check_scheduler(config, workers)
+    problem = port_problem(config.listen_host, config.listen_port)
+    if problem:
+        report_port_problem(config.listen_host, config.listen_port, problem, f"Change `listen` in {args.config}.")
+        return 1
     scheduler = load_or_exit(lambda _: Scheduler(config), config.workers_file)
     impl = configure_http_client(prefer_curl=args.http_client == "curl")
     log.debug("outbound HTTP client: %s", impl)
@@ -176,7 +189,8 @@ async def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port, exc)
         await scheduler.stop()
-        raise SystemExit(1) from None
+        return 1
     await stop.wait()
     log.info("shutting down")
     await scheduler.stop()
+    return 0

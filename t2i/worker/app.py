@@ -12,6 +12,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from t2i import cli
+from t2i.check import check_worker
 from t2i.config import ConfigError, WorkerConfig, load_worker_config
 from t2i.httpclient import configure_http_client
 from t2i.web import NotFoundHandler, body_size_limit, log_request
@@ -126,9 +127,20 @@ async def _start_pruner(worker: Worker) -> Any:
 async def main(argv: list[str] | None = None) -> int:
     parser = cli.build_parser("t2i-worker", "Drive one ComfyUI: queue jobs, track them, serve their images.",
                               "config/worker.yaml")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, ComfyUI and every workflow (models, nodes), print one line "
+                             "each and exit: 0 ready, 1 not, 2 config error; starts nothing")
     args = parser.parse_args(argv)
     cli.setup_logging(args.log_level)
     config = cli.load_or_exit(load_worker_config, args.config)
+    if args.check:
+        configure_http_client(prefer_curl=False)
+        return await check_worker(config)
+    problem = cli.port_problem(config.listen_host, config.listen_port)
+    if problem:
+        cli.report_port_problem(config.listen_host, config.listen_port, problem,
+                                f"Change `listen` in {args.config}.")
+        return 1
     configure_http_client()
     stop = asyncio.Event()
     cli.install_shutdown_handlers(stop)

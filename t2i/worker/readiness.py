@@ -18,6 +18,7 @@ from tornado.ioloop import PeriodicCallback
 
 from t2i.comfyui import ComfyUIClient, ComfyUIError
 from t2i.config import WorkerConfig
+from t2i.passes import SerialPass
 from t2i.readiness import classes_of, problems_of
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class WorkflowReadiness:
         self.checked_at: float | None = None  # wall clock of the last complete check
         self._state: dict[str, tuple[bool | None, str | None]] = {name: (None, None) for name in config.workflows}
         self._rejected: dict[str, tuple[float, str]] = {}  # workflow -> (monotonic until, why)
-        self._task: asyncio.Task | None = None
-        self._again = False
+        self._pass = SerialPass(self.check, "checking the workflows against ComfyUI")
         self._callback: PeriodicCallback | None = None
 
     def start(self) -> None:
@@ -44,8 +44,7 @@ class WorkflowReadiness:
     def stop(self) -> None:
         if self._callback is not None:
             self._callback.stop()
-        if self._task is not None:
-            self._task.cancel()
+        self._pass.cancel()
 
     # --- reading --------------------------------------------------------------------
 
@@ -74,22 +73,7 @@ class WorkflowReadiness:
         self._rejected[workflow] = (self.monotonic() + self.interval, reason)
 
     def request_check(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._again = True
-            return
-        self._task = asyncio.ensure_future(self._check_loop())
-
-    async def _check_loop(self) -> None:
-        while True:
-            self._again = False
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("checking the workflows against ComfyUI failed")
-            if not self._again:
-                return
+        self._pass.request()
 
     async def check(self) -> bool:
         """One check of every workflow; False when ComfyUI could not be asked (nothing changes)."""

@@ -27,6 +27,7 @@ from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, Comfy
                          PromptRejected, describe_rejection, outcome_of)
 from t2i.config import WorkerConfig
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
+from t2i.passes import SerialPass
 from t2i.idempotency import prompt_id_for
 from t2i.validation import GenerateRequest
 from t2i.worker import lifecycle as lc
@@ -112,8 +113,7 @@ class Runner:
         self._queue_refresh: asyncio.TimerHandle | None = None
         self._queue_refreshing = False
         self._queue_dirty = False
-        self._reconcile_task: asyncio.Task | None = None
-        self._reconcile_again = False
+        self._reconcile = SerialPass(self.reconcile, "reconciling jobs with ComfyUI", after=self._reconciled)
         self._last_full_reconcile = self.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._finishing: set[asyncio.Task] = set()  # history reads and image copies: a stop waits for them
@@ -228,8 +228,8 @@ class Runner:
         await self.comfy.stop()
         await self.webhooks.stop()  # pending deliveries are in the journal: the next start resumes them
         tasks = list(self._tasks)
-        if self._reconcile_task is not None:
-            tasks.append(self._reconcile_task)
+        if self._reconcile.task is not None:
+            tasks.append(self._reconcile.task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -558,26 +558,12 @@ class Runner:
 
     def request_reconcile(self) -> None:
         """Check every unfinished job against /queue and /history (one pass at a time)."""
-        if self._reconcile_task is not None and not self._reconcile_task.done():
-            self._reconcile_again = True
-            return
-        self._reconcile_task = asyncio.ensure_future(self._reconcile_loop())
+        self._reconcile.request()
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            self._reconcile_again = False
-            try:
-                done = await self.reconcile()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconciling jobs with ComfyUI failed")
-                done = False
-            if done and not self.ready.is_set():
-                log.info("journaled jobs checked against ComfyUI; taking new jobs")
-                self.ready.set()
-            if not self._reconcile_again:
-                return
+    def _reconciled(self, done: bool | None) -> None:
+        if done and not self.ready.is_set():
+            log.info("journaled jobs checked against ComfyUI; taking new jobs")
+            self.ready.set()
 
     def _periodic_reconcile(self) -> None:
         """The safety net: jobs whose messages go to an older websocket never hear them; and now

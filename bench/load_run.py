@@ -33,7 +33,8 @@ async def one_job(client: AsyncHTTPClient, base: str, number: int, seen: Counter
     started = time.monotonic()
     body = json.dumps({"prompt": f"load run {number}", "steps": 5, "width": 64, "height": 64})
     while True:
-        response = await client.fetch(HTTPRequest(base + "/generate", method="POST", body=body), raise_error=False)
+        response = await client.fetch(HTTPRequest(base + "/generate", method="POST", body=body,
+                                                       headers={"Content-Type": "application/json"}), raise_error=False)
         seen[f"POST /generate {response.code}"] += 1
         if response.code == 200:
             break

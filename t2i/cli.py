@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from t2i import __version__
 from t2i.config import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# "Authorization: Bearer abc", "Authorization: abc", "bearer abc": the credential part.
+_CREDENTIAL = re.compile(r"(?i)(\bauthorization:\s*(?:bearer\s+)?|\bbearer\s+)[^\s'\",;]+")
 
 
 def build_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:
@@ -30,10 +33,33 @@ def build_parser(prog: str, description: str, default_config: str | None) -> arg
     return parser
 
 
+class RedactCredentials(logging.Filter):
+    """Replaces bearer tokens and Authorization header values in a log line with ``[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports it itself
+            return True
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact(text: str) -> str:
+    return _CREDENTIAL.sub(lambda m: m.group(1) + "[redacted]", text)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    # Tokens are never logged, whoever logs them: every line passes through the filter.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactCredentials())
     # Tornado's own access log is replaced by t2i.web.log_request.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # At debug, Tornado's curl client traces every request it sends, headers (the token) included.
+    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
 
 
 def report_config_error(exc: ConfigError) -> None:

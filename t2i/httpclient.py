@@ -65,14 +65,14 @@ async def fetch(request: HTTPRequest, client: AsyncHTTPClient | None = None) -> 
 
 def json_request(url: str, method: str = "GET", body: Any = None, *, headers: dict[str, str] | None = None,
                  connect_timeout: float, request_timeout: float) -> HTTPRequest:
-    """A request with ``body`` as JSON (a POST without one sends an empty body, as Tornado wants)."""
+    """A request with ``body`` as JSON (a POST without one sends ``{}``: t2i's servers take JSON only)."""
     headers = dict(headers or {})
     data: str | bytes | None = None
+    if body is None and method == "POST":
+        body = {}
     if body is not None:
         data = json.dumps(body)
         headers["Content-Type"] = "application/json"
-    elif method == "POST":
-        data = b""
     return HTTPRequest(url, method=method, body=data, headers=headers,
                        connect_timeout=connect_timeout, request_timeout=request_timeout)
 

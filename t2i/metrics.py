@@ -7,7 +7,8 @@ process (the demo, the tests) are told apart by the ``worker`` label.
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from tornado import web
+
+from t2i.web import JSONHandler
 
 JOBS_SUBMITTED = Counter("t2i_jobs_submitted_total", "Jobs accepted by ComfyUI", ["worker"])
 JOBS_FINISHED = Counter("t2i_jobs_finished_total", "Jobs that ended, by outcome",
@@ -34,8 +35,8 @@ CONFIG_RELOADS = Counter("t2i_config_reloads_total", "workers.yaml reloads, by r
 SCHEDULER_ROUTED = Counter("t2i_scheduler_routed_total", "Jobs the scheduler placed, by worker", ["worker"])
 
 
-class MetricsHandler(web.RequestHandler):
-    """``GET /metrics`` in the Prometheus text format."""
+class MetricsHandler(JSONHandler):
+    """``GET /metrics`` in the Prometheus text format (its errors are JSON, like every other route's)."""
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)

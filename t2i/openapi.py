@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tornado import web
+
+from t2i.web import JSONHandler
 
 DOCUMENT = Path(__file__).with_name("openapi.yaml")
 
@@ -30,7 +31,7 @@ def _document_json() -> bytes:
     return json.dumps(document()).encode()
 
 
-class OpenAPIHandler(web.RequestHandler):
+class OpenAPIHandler(JSONHandler):
     """``GET /openapi.json``."""
 
     def get(self) -> None:
@@ -70,6 +71,8 @@ def check_response(method: str, path: str, status: int, body: Any) -> list[str]:
         return []
     operation = document()["paths"][template].get(method.lower())
     if operation is None:
+        if status == 405:  # the document's description: a method a path does not list is a JSON 405
+            return [f"{method} {template} 405: {p}" for p in validate(body, {"$ref": "#/components/schemas/Error"})]
         return [f"{method} {template}: method not documented"]
     response = operation["responses"].get(str(status))
     if response is None:

@@ -6,15 +6,25 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 from typing import Any, Awaitable
 
 from tornado import web
 from tornado.httputil import responses
+from tornado.log import app_log, gen_log
 
 from t2i.jobstate import result_of
 
 log = logging.getLogger("t2i.access")
+
+# Request URIs in logs are cut to this many characters (a 60 KB query string is not a log line).
+LOG_URI_CHARS = 200
+# JSON bodies nested deeper than this are refused (ours are 2 or 3 levels; ComfyUI workflows 4 or 5).
+MAX_JSON_DEPTH = 64
+# What POST bodies must be: a JSON body in any other type (text/plain, a form) is a "simple" cross-site
+# request that browsers send without asking the server first (CORS preflight).
+JSON_TYPE = "application/json"
 
 # Routes that browsers, balancers, scrapers and the scheduler hit every second or so:
 # logged at debug so the info log shows what people did.
@@ -59,15 +69,26 @@ class JSONHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(obj, separators=(",", ":")))
 
+    def prepare(self) -> None:
+        # Before any body handling: a method the route does not serve is 405, whatever its body.
+        if self.request.method not in allowed_methods(self):
+            raise APIError(405, f"{self.request.method} is not allowed here.")
+
     def get_json_body(self) -> Any:
-        """The request body as JSON; 400 when it is not JSON."""
+        """The request body as JSON; 400 when it is not JSON (or nested absurdly deep)."""
         body = self.request.body
         if not body:
             raise APIError(400, "The request body is empty; send a JSON object.")
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            value = None
+        else:
+            if json_depth(value) <= MAX_JSON_DEPTH:
+                return value
+        raise APIError(400, f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
 
     def get_number_argument(self, name: str, kind: type, default: Any) -> Any:
         """A non-negative number from the query (``?wait=``, ``?since=``); 400 naming it otherwise."""
@@ -102,6 +123,8 @@ class JSONHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(allowed_methods(self)))
         body: dict[str, Any] = {}
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, APIError):
@@ -115,6 +138,46 @@ class JSONHandler(web.RequestHandler):
             reason = responses.get(status_code, "Error")
             body = {"error": "Internal server error." if status_code == 500 else f"{reason}."}
         self.finish(json.dumps(body))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Tornado's, with the request's URI cut short (it logs the whole request otherwise)."""
+        summary = f"{self.request.method} {short_uri(self.request.uri)} ({self.request.remote_ip})"
+        if isinstance(value, web.HTTPError):
+            if value.log_message:
+                message = value.log_message % value.args if value.args else value.log_message
+                gen_log.warning("%d %s: %s", value.status_code, summary, message)
+        else:
+            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
+
+
+def allowed_methods(handler: web.RequestHandler) -> list[str]:
+    """The methods ``handler``'s class implements (for 405 and its ``Allow`` header)."""
+    cls = type(handler)
+    return [method for method in handler.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(web.RequestHandler, method.lower())]
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def short_uri(uri: str | None) -> str:
+    """``uri`` for a log line: at most LOG_URI_CHARS characters, saying how long it was when cut."""
+    uri = uri or ""
+    if len(uri) <= LOG_URI_CHARS:
+        return uri
+    return f"{uri[:LOG_URI_CHARS]}...({len(uri)} chars)"
 
 
 class JSONBodyHandler(JSONHandler):
@@ -133,11 +196,16 @@ class JSONBodyHandler(JSONHandler):
         self._size = 0
 
     def prepare(self) -> None:
+        super().prepare()
         if self.request.method not in ("POST", "PUT", "PATCH"):
             return
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             raise APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.")
+        content_type = self.request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if content_type != JSON_TYPE:
+            raise APIError(415, f"Send the request body as JSON, with `Content-Type: {JSON_TYPE}` "
+                                f"(got {content_type or 'no Content-Type'}).")
         # Room for the streamed body plus a little, so chunked bodies reach data_received.
         self.request.connection.set_max_body_size(body_size_limit(self.max_body_bytes))
 
@@ -164,6 +232,39 @@ def body_size_limit(max_body_bytes: int) -> int:
     """The server-wide cap: JSON bodies get a 413 at ``max_body_bytes``; the slack lets a
     streamed body just over it reach the handler, which says so in JSON."""
     return max_body_bytes + 65536
+
+
+class FileHandler(web.StaticFileHandler):
+    """Files from one folder, with JSON errors; nothing outside it is served, through a symlink either.
+
+    The check resolves real paths itself, whatever the installed Tornado does with symlinks.
+    Anything refused is a 404 (``not_found``), never a trace or a 403 that tells what exists.
+    """
+
+    not_found = "No such file."
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        if "\x00" in absolute_path:  # os.stat would raise ValueError: a 500
+            raise APIError(404, self.not_found)
+        try:
+            path = super().validate_absolute_path(root, absolute_path)
+        except web.HTTPError as exc:
+            if exc.status_code in (403, 404):
+                raise APIError(404, self.not_found) from None
+            raise
+        if path is not None and not is_inside(root, path):
+            raise APIError(404, self.not_found)
+        return path
+
+    write_error = JSONHandler.write_error
+    log_exception = JSONHandler.log_exception
+
+
+def is_inside(root: str, path: str) -> bool:
+    """Is ``path``, symlinks resolved, a regular file under ``root`` (resolved too)?"""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return os.path.commonpath([real_root, real]) == real_root and real != real_root and os.path.isfile(real)
 
 
 class NotFoundHandler(JSONHandler):
@@ -205,5 +306,5 @@ def log_request(handler: web.RequestHandler) -> None:
         level = logging.INFO
     if log.isEnabledFor(level):
         # request.uri has no credentials: tokens only travel in headers.
-        log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.uri,
+        log.log(level, "%d %s %s (%s) %.1fms", status, request.method, short_uri(request.uri),
                 request.remote_ip, 1000.0 * request.request_time())

@@ -153,7 +153,17 @@ CASES = [
          {"phase": QUEUED, "queued_at": M, "error": DOWN}, [JOURNAL, WITHDRAW], attempt=1),
     case("cancelled during the first POST", CANCELLED, lc.SubmitRefused("bad workflow"), {}, [DROP], attempt=0),
     case("cancelled during a resubmit", CANCELLED, lc.SubmitRefused("bad workflow"), attempt=1),
-    case("no POST in flight", QUEUED, lc.SubmitRefused("bad workflow")),
+    # Its first messages beat the answer (running while still unaccepted): refused all the same.
+    case("first, partly refused, already running", STARTED, lc.SubmitRefused("only part"), {}, [DROP],
+         attempt=0),
+    case("first, timed out, already queued", QUEUED, lc.SubmitRefused("timed out", unavailable=True,
+                                                                      maybe_queued=True), {}, [DROP, WITHDRAW],
+         attempt=0),
+    case("resubmit timed out, its messages came", STARTED, lc.SubmitRefused("timed out", unavailable=True)),
+    case("resubmit partly refused, already running", STARTED, lc.SubmitRefused("only part"),
+         ended(FAILED, "ComfyUI refused the job when it was submitted again: only part"),
+         [JOURNAL, FINISHED_EFFECT]),
+    case("after the run ended", FINISHING, lc.SubmitRefused("bad workflow")),
 
     # Started: execution_start, execution_cached, executing a node.
     case("messages beat the reply", SUBMITTING, lc.Started(), STARTS, [JOURNAL]),

@@ -47,6 +47,8 @@ def server(io_loop):
 
 async def fetch(url, **kwargs):
     import json
+    if kwargs.get("method") == "POST":
+        kwargs["headers"] = {"Content-Type": "application/json", **kwargs.get("headers", {})}
     response = await AsyncHTTPClient().fetch(url, raise_error=False, **kwargs)
     return response.code, response.headers, json.loads(response.body) if response.body else None
 

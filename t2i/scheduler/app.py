@@ -32,6 +32,7 @@ from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHand
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import Registry
+from t2i.serve import serve
 from t2i.web import body_size_limit, log_request
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,10 @@ class Scheduler:
         self._periodic(self.reload, self.config.reload_interval)
         app = make_app(self.config, self.registry, self.mirror, self.placement, self.router,
                        simulated=self.simulated)
-        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
-        self.server = HTTPServer(app, max_body_size=body_size_limit(self.config.max_body_bytes))
         sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
                                family=socket.AF_INET if ":" not in self.config.listen_host else socket.AF_UNSPEC)
-        self.server.add_sockets(sockets)
+        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
+        self.server = serve(app, sockets, max_body_size=body_size_limit(self.config.max_body_bytes))
         self.port = sockets[0].getsockname()[1]
         log.info("scheduler listening on %s:%d with %d workers", self.config.listen_host, self.port,
                  len(self.registry.workers))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tornado import web
-
 from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
@@ -13,7 +11,7 @@ from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import Registry
-from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, NotFoundHandler
+from t2i.web import PROMPT_ID, APIError, FileHandler, JSONBodyHandler, JSONHandler, NotFoundHandler
 
 _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
@@ -126,10 +124,8 @@ class WorkflowsHandler(SchedulerHandler):
         self.write_json(catalogue)
 
 
-class StaticHandler(web.StaticFileHandler):
-    """The page; its errors are JSON like every other answer."""
-
-    write_error = JSONHandler.write_error
+class StaticHandler(FileHandler):
+    """The page: files under ``static_dir`` only; its errors are JSON like every other answer."""
 
 
 default_handlers = [

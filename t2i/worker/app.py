@@ -15,6 +15,7 @@ from t2i import cli
 from t2i.check import check_worker
 from t2i.config import ConfigError, WorkerConfig, load_worker_config
 from t2i.httpclient import configure_http_client
+from t2i.serve import serve
 from t2i.web import NotFoundHandler, body_size_limit, log_request
 from t2i.worker.handlers import url_table
 from t2i.worker.images import ImageStore
@@ -83,8 +84,7 @@ class Worker:
         sockets = bind_sockets(self.config.listen_port, address=self.config.listen_host)
         self.port = sockets[0].getsockname()[1]
         # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
-        self.server = HTTPServer(app, max_body_size=body_size_limit(self.config.max_body_bytes))
-        self.server.add_sockets(sockets)
+        self.server = serve(app, sockets, max_body_size=body_size_limit(self.config.max_body_bytes))
         await self.runner.start()
         self.pruner = await _start_pruner(self)
         log.info("worker %s listening on %s (public %s), ComfyUI at %s, %d image(s) on disk, %d job(s) journaled",

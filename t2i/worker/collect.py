@@ -39,7 +39,13 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
             log.error("job %s: could not fetch image %s: %s", prompt_id, ref.filename, exc)
             raise CollectError(f"Could not fetch the image from ComfyUI: {exc}",
                                retry=isinstance(exc, ComfyUIUnavailable)) from None
-        name = ImageStore.filename_for(prompt_id, number, content_type)
+        try:
+            kind = image_type(data, content_type)
+        except ValueError as exc:
+            await discard_images(images, saved)
+            log.error("job %s: ComfyUI's /view of %s: %s", prompt_id, ref.filename, exc)
+            raise CollectError(f"ComfyUI sent something other than an image for {ref.filename}: {exc}.") from None
+        name = ImageStore.filename_for(prompt_id, number, kind)
         try:
             await images.save(name, data)
         except OSError as exc:  # disk full, read-only folder: the job fails, the worker goes on
@@ -48,6 +54,34 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
             raise CollectError(f"Could not save the image: {exc}") from None
         saved.append(name)
     return saved
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image type ``data`` starts like (PNG, JPEG, WebP, GIF), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def image_type(data: bytes, content_type: str) -> str:
+    """The type of the image in ``data``, served as ``content_type``; ValueError saying why it is not one.
+
+    ``application/octet-stream`` claims nothing (ComfyUI sends it for extensions it does not
+    know), so the bytes decide; any other type must be the one the bytes are.
+    """
+    kind = sniff_image(data)
+    if kind is None:
+        raise ValueError(f"{len(data)} bytes served as {content_type or 'no type'} that are not a PNG, JPEG, "
+                         "WebP or GIF image")
+    if content_type.lower() not in (kind, "application/octet-stream"):
+        raise ValueError(f"the bytes are {kind} but were served as {content_type or 'no type'}")
+    return kind
 
 
 async def discard_images(images: ImageStore, names: list[str]) -> None:

@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tornado import web
-
-from t2i.web import APIError, JSONHandler
+from t2i.web import APIError, FileHandler
 
 IMAGE_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}_\d+\.(png|jpg|jpeg|webp|gif)$")
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
@@ -100,10 +98,11 @@ class ImageStore:
             self.index.pop(name, None)
 
 
-class ImageHandler(web.StaticFileHandler):
-    """``GET /images/{file}``: immutable, ETagged, JSON 404, nothing outside the folder."""
+class ImageHandler(FileHandler):
+    """``GET /images/{file}``: immutable, ETagged, JSON 404, nothing outside the folder (symlinks neither)."""
 
     CACHE_CONTROL = "public, max-age=31536000, immutable"
+    not_found = "No such image (it may have expired)."
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", self.CACHE_CONTROL)
@@ -118,15 +117,7 @@ class ImageHandler(web.StaticFileHandler):
 
     def parse_url_path(self, url_path: str) -> str:
         # Only our own flat names: anything else (``../``, sub-paths) is a 404 before any
-        # path is built (Tornado 6.6 would answer 403 for paths outside the root).
+        # path is built.
         if not IMAGE_NAME.match(url_path):
             raise APIError(404, "No such image.")
         return url_path
-
-    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
-        # parse_url_path let only a flat image name through: the path is inside the root.
-        if not os.path.isfile(absolute_path):
-            raise APIError(404, "No such image (it may have expired).")
-        return super().validate_absolute_path(root, absolute_path)
-
-    write_error = JSONHandler.write_error

@@ -262,8 +262,12 @@ def _on_submitted_after_end(job: Job, event: Submitted, now: Now, limits: Limits
 def _on_submit_refused(job: Job, event: SubmitRefused, now: Now, limits: Limits) -> Step:
     extra = (WITHDRAW,) if event.maybe_queued else ()
     if job.attempt == 0:
-        return {}, (DROP, *extra)  # never accepted: the client gets the error, no job remains
+        # Never accepted (even if its first messages beat the answer): the client gets the
+        # error, no job remains.
+        return {}, (DROP, *extra)
     if event.unavailable:
+        if job.phase != SUBMITTING:
+            return NOTHING  # its messages came: ComfyUI has it, whatever the POST said
         # A resubmit found ComfyUI gone again: wait in the queue phase; reconcile tries again.
         return {"phase": QUEUED, "queued_at": now.mono, "error": down_sentence(event.error)}, (JOURNAL, *extra)
     return _end(job, FAILED, now, f"ComfyUI refused the job when it was submitted again: {event.error}", *extra)
@@ -431,7 +435,7 @@ def _cells(rule: Rule, phases: tuple[str, ...]) -> dict[str, Rule]:
 # event type -> {phase: rule}. A missing cell: the event changes nothing in that phase.
 TRANSITIONS: dict[type, dict[str, Rule]] = {
     Submitted: {**_cells(_on_submitted, UNFINISHED_PHASES), **_cells(_on_submitted_after_end, (CANCELLED,))},
-    SubmitRefused: {**_cells(_on_submit_refused, (SUBMITTING,)),
+    SubmitRefused: {**_cells(_on_submit_refused, BEFORE_RUN_END),
                     CANCELLED: lambda job, event, now, limits: (
                         {}, ((DROP,) if job.attempt == 0 else ()) + ((WITHDRAW,) if event.maybe_queued else ()))},
     Started: _cells(_on_started, BEFORE_RUN_END),

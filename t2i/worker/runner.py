@@ -329,13 +329,6 @@ class Runner:
             self.store.update(job, client_id=client_id)  # messages of this run come to this websocket
         try:
             reply = await self.comfy.submit(prompt_id, job.graph, client_id)
-            if reply.get("node_errors"):
-                # 200 with node_errors: some output nodes were dropped. A template job
-                # that silently loses an output is wrong, so this is a rejection too.
-                await self._withdraw(prompt_id)
-                raise PromptRejected(
-                    "ComfyUI accepted only part of the workflow: " + _node_error_summary(reply["node_errors"]),
-                    reply["node_errors"], {"type": "partially_invalid", "message": "some outputs failed validation"})
         except PromptRejected as exc:
             log.warning("job %s: %s", prompt_id, exc.message)
             self.apply(prompt_id, lc.SubmitRefused(exc.message))
@@ -356,6 +349,17 @@ class Runner:
             self.apply(prompt_id, lc.SubmitRefused("the submission was abandoned", unavailable=True,
                                                    maybe_queued=True))
             raise
+        if reply.get("node_errors"):
+            # 200 with node_errors: some output nodes were dropped. A template job that
+            # silently loses an output is wrong, so this is a rejection too: the job goes
+            # first (so the interrupt's message finds none), then the run.
+            exc = PromptRejected(
+                "ComfyUI accepted only part of the workflow: " + _node_error_summary(reply["node_errors"]),
+                reply["node_errors"], {"type": "partially_invalid", "message": "some outputs failed validation"})
+            log.warning("job %s: %s", prompt_id, exc.message)
+            self.apply(prompt_id, lc.SubmitRefused(exc.message), skip=(lc.WITHDRAW,))
+            await self._withdraw(prompt_id)
+            raise exc
         self.apply(prompt_id, lc.Submitted())
 
     async def _resubmit(self, prompt_id: str) -> None:

@@ -120,8 +120,9 @@ async def call(method: str, url: str, body: Any = None, *, token: str | None = N
     if body is not None:
         data = json.dumps(body).encode()
         all_headers.setdefault("Content-Type", "application/json")
-    if data is None and method in ("POST", "PUT"):
-        data = b""
+    if method in ("POST", "PUT"):
+        data = b"" if data is None else data
+        all_headers.setdefault("Content-Type", "application/json")  # the servers' only POST body type (else 415)
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
     request = HTTPRequest(url, method=method, body=data, headers=all_headers, connect_timeout=5,

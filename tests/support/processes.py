@@ -20,9 +20,10 @@ class WorkerProcess:
     test can show what the process said.
     """
 
-    def __init__(self, config: Path, url: str):
+    def __init__(self, config: Path, url: str, preexec_fn=None):
         self.config = config
         self.url = url
+        self.preexec_fn = preexec_fn  # run in the child before exec (resource limits, say)
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.log_path: Path | None = None
@@ -33,7 +34,7 @@ class WorkerProcess:
         with open(self.log_path, "wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "t2i.worker", "--config", str(self.config), "--log-level", "debug",
-                cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT)
+                cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT, preexec_fn=self.preexec_fn)
         if wait:
             # A loaded 2-core box starts Python slowly; the deadline only bounds a failing start.
             await until(self._answers, timeout=30, interval=0.05, what=f"the worker at {self.url}")

@@ -1,13 +1,17 @@
 """The hand-written OpenAPI document (``openapi.yaml``): served, and checked against.
 
-``GET /openapi.json`` serves it on both servers. :func:`check_response`
-validates a JSON response against the document (the tests run it on every
-response their servers send), with a small validator for the OpenAPI 3.0
-subset the document uses.
+One file describes both servers: ``x-servers`` on each operation (and, where only
+one of them can answer with a status, on that response) says which serve it.
+``document(server)`` is one server's own document, and ``GET /openapi.json``
+serves it (``OpenAPIHandler``, told its server through the URL spec).
+:func:`check_response` validates a JSON response against a server's document (the
+tests run it on every response their servers send), with a small validator for
+the OpenAPI 3.0 subset the document uses.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -15,68 +19,113 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tornado import web
 
 from t2i.web import JSONHandler
 
 DOCUMENT = Path(__file__).with_name("openapi.yaml")
+SERVERS = ("scheduler", "worker")
 
 
-@functools.lru_cache(maxsize=1)
-def document() -> dict[str, Any]:
-    return yaml.safe_load(DOCUMENT.read_text(encoding="utf-8"))
+@functools.lru_cache(maxsize=None)
+def document(server: str | None = None) -> dict[str, Any]:
+    """One server's document (``"scheduler"`` or ``"worker"``); both servers' with None."""
+    full = yaml.safe_load(DOCUMENT.read_text(encoding="utf-8"))
+    if server is None:
+        return full
+    if server not in SERVERS:
+        raise ValueError(f"unknown server {server!r}; one of {SERVERS}")
+    return _for_server(full, server)
 
 
-@functools.lru_cache(maxsize=1)
-def _document_json() -> bytes:
-    return json.dumps(document()).encode()
+def _serves(node: dict[str, Any], server: str) -> bool:
+    return server in node.get("x-servers", SERVERS)
+
+
+def _for_server(full: dict[str, Any], server: str) -> dict[str, Any]:
+    """``full`` cut down to the operations (and responses) ``server`` serves."""
+    own = copy.deepcopy(full)
+    own["info"]["title"] = f"t2i {server}"
+    own["paths"] = {}
+    for template, operations in full["paths"].items():
+        kept = {}
+        for method, operation in operations.items():
+            if _serves(operation, server):
+                operation = copy.deepcopy(operation)
+                operation["responses"] = {status: response for status, response in operation["responses"].items()
+                                          if _serves(response, server)}
+                kept[method] = operation
+        if kept:
+            own["paths"][template] = kept
+    return own
+
+
+@functools.lru_cache(maxsize=None)
+def _document_json(server: str) -> bytes:
+    return json.dumps(document(server)).encode()
 
 
 class OpenAPIHandler(JSONHandler):
-    """``GET /openapi.json``."""
+    """``GET /openapi.json``: the document of the server it is on (``server`` from the URL spec)."""
+
+    def initialize(self, server: str) -> None:
+        if server not in SERVERS:
+            raise ValueError(f"OpenAPIHandler: unknown server {server!r}")
+        self.server = server
 
     def get(self) -> None:
+        """This server's OpenAPI document."""
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(_document_json())
+        self.finish(_document_json(self.server))
 
 
-@functools.lru_cache(maxsize=1)
-def _path_patterns() -> list[tuple[re.Pattern, str]]:
+def server_of(application: web.Application) -> str | None:
+    """Which server ``application`` is: the ``server`` its ``/openapi.json`` route was given."""
+    for rule in application.wildcard_router.rules:
+        if rule.target is OpenAPIHandler:
+            return (rule.target_kwargs or {}).get("server")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _path_patterns(server: str | None) -> list[tuple[re.Pattern, str]]:
     patterns = []
-    for template in document()["paths"]:
+    for template in document(server)["paths"]:
         regex = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
         patterns.append((re.compile(f"^{regex}$"), template))
     return patterns
 
 
-def match_path(path: str) -> str | None:
-    """The document's path template that ``path`` falls under, if any."""
-    for pattern, template in _path_patterns():
+def match_path(path: str, server: str | None = None) -> str | None:
+    """The path template of ``server``'s document (both servers' with None) that ``path`` falls under."""
+    for pattern, template in _path_patterns(server):
         if pattern.match(path):
             return template
     return None
 
 
-def expects_json(method: str, path: str, status: int) -> bool:
+def expects_json(method: str, path: str, status: int, server: str | None = None) -> bool:
     """Does the document promise a JSON body for this response?"""
-    template = match_path(path)
-    operation = document()["paths"].get(template, {}).get(method.lower()) if template else None
+    template = match_path(path, server)
+    operation = document(server)["paths"].get(template, {}).get(method.lower()) if template else None
     response = (operation or {}).get("responses", {}).get(str(status)) or {}
     return "application/json" in response.get("content", {})
 
 
-def check_response(method: str, path: str, status: int, body: Any) -> list[str]:
-    """Problems with one response ([] when it matches the document)."""
-    template = match_path(path)
+def check_response(method: str, path: str, status: int, body: Any, server: str | None = None) -> list[str]:
+    """Problems with one response of ``server`` ([] when it matches that server's document)."""
+    template = match_path(path, server)
     if template is None:
         return []
-    operation = document()["paths"][template].get(method.lower())
+    operation = document(server)["paths"][template].get(method.lower())
     if operation is None:
         if status == 405:  # the document's description: a method a path does not list is a JSON 405
             return [f"{method} {template} 405: {p}" for p in validate(body, {"$ref": "#/components/schemas/Error"})]
         return [f"{method} {template}: method not documented"]
     response = operation["responses"].get(str(status))
     if response is None:
-        return [f"{method} {template}: status {status} not documented"]
+        where = f" on the {server}" if server else ""
+        return [f"{method} {template}: status {status} not documented{where}"]
     schema = response.get("content", {}).get("application/json", {}).get("schema")
     if schema is None or body is None:
         return []
@@ -136,10 +185,10 @@ def validate(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
     return problems
 
 
-def documented_responses() -> set[tuple[str, str, int]]:
-    """Every (method, path template, status) the document promises."""
+def documented_responses(server: str | None = None) -> set[tuple[str, str, int]]:
+    """Every (method, path template, status) ``server``'s document promises."""
     found = set()
-    for template, operations in document()["paths"].items():
+    for template, operations in document(server)["paths"].items():
         for method, operation in operations.items():
             for status in operation["responses"]:
                 found.add((method.upper(), template, int(status)))

@@ -93,7 +93,7 @@ class JSONHandler(web.RequestHandler):
     def get_number_argument(self, name: str, kind: type, default: Any) -> Any:
         """A non-negative number from the query (``?wait=``, ``?since=``); 400 naming it otherwise."""
         raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
+        if raw is None:  # absent; an empty value (`?since=`) is not a number: 400
             return default
         try:
             value = kind(raw)

@@ -1,9 +1,10 @@
 """Shared test plumbing. Fixtures of each area live in tests/support/.
 
 Every JSON response that t2i's own handlers send during the run is checked
-against the OpenAPI document (t2i/openapi.yaml); a mismatch fails the run.
-When the whole suite runs, every documented (method, path, status) must also
-have been produced by some test.
+against the OpenAPI document of the server that sent it (t2i/openapi.yaml, cut
+to that server's operations); a mismatch fails the run. When the whole suite
+runs, every (method, path, status) each server's document promises must also
+have been produced by that server in some test.
 """
 
 import json
@@ -19,7 +20,7 @@ if str(TESTS) not in sys.path:
 
 from t2i import openapi  # noqa: E402
 
-SEEN: set[tuple[str, str, int]] = set()
+SEEN: set[tuple[str | None, str, str, int]] = set()  # (server, method, path template, status)
 PROBLEMS: list[str] = []
 
 _original_finish = web.RequestHandler.finish
@@ -34,15 +35,16 @@ def _recording_finish(self, chunk=None):
 
 def _record(handler, chunk):
     request = handler.request
-    template = openapi.match_path(request.path)
+    server = openapi.server_of(handler.application)  # None: an app without /openapi.json (both documents)
+    template = openapi.match_path(request.path, server)
     stream = getattr(request.connection, "stream", None)
     if template is None or (stream is not None and stream.closed()):
         return  # nothing reaches a client that hung up (an abandoned long-poll finishes empty)
     status = handler.get_status()
-    SEEN.add((request.method, template, status))
+    SEEN.add((server, request.method, template, status))
     body = None
     is_json = "json" in (handler._headers.get("Content-Type") or "")
-    if openapi.expects_json(request.method, request.path, status) and (not is_json or not chunk):
+    if openapi.expects_json(request.method, request.path, status, server) and (not is_json or not chunk):
         PROBLEMS.append(f"{request.method} {template} {status}: documented as JSON, sent "
                         f"{handler._headers.get('Content-Type')!r} with {'a' if chunk else 'no'} body "
                         f"(in {request.uri})")
@@ -56,7 +58,7 @@ def _record(handler, chunk):
         except ValueError:
             PROBLEMS.append(f"{request.method} {request.path} {status}: body is not JSON")
             return
-    for problem in openapi.check_response(request.method, request.path, status, body):
+    for problem in openapi.check_response(request.method, request.path, status, body, server):
         PROBLEMS.append(f"{problem} (in {request.uri})")
 
 
@@ -83,9 +85,11 @@ def pytest_sessionfinish(session, exitstatus):
     args = [str(Path(arg).resolve()) for arg in session.config.args]
     whole_suite = not session.config.option.keyword and args in ([], [str(TESTS)])
     if whole_suite and session.testscollected and not session.shouldfail:
-        missing = sorted(openapi.documented_responses() - SEEN)
+        missing = sorted((server, *response) for server in openapi.SERVERS
+                         for response in openapi.documented_responses(server)
+                         if (server, *response) not in SEEN)
         if missing:
             write(f"\nOpenAPI: {len(missing)} documented responses were produced by no test:")
-            for method, path, status in missing:
-                write(f"  {method} {path} {status}")
+            for server, method, path, status in missing:
+                write(f"  {server}: {method} {path} {status}")
             session.exitstatus = 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,14 +80,36 @@ def json_request(url: str, method: str = "GET", body: Any = None, *, headers: di
 
 
 class UpstreamUnavailable(Exception):
-    """The peer could not be reached (refused, timed out, reset)."""
+    """The peer could not be reached (refused, timed out, reset).
+
+    ``unsent`` is True when no connection was made (refused, unresolvable, connect timeout):
+    the request certainly did not arrive. Otherwise it may have, answer or not.
+    """
+
+    def __init__(self, message: str, *, unsent: bool = False):
+        super().__init__(message)
+        self.unsent = unsent
+
+
+# curl's codes for "could not resolve" and "could not connect" (CurlError.errno).
+_CURL_UNSENT = {6, 7}
+
+
+def _unsent(error: BaseException | None) -> bool:
+    if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return True
+    if isinstance(error, HTTPClientError) and getattr(error, "errno", None) in _CURL_UNSENT:
+        return True
+    return "while connecting" in str(error)  # tornado's connect timeout
 
 
 async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: str | None = None,
                      connect_timeout: float = 3.0, request_timeout: float = 10.0,
-                     client: AsyncHTTPClient | None = None) -> JSONResponse:
+                     client: AsyncHTTPClient | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """Call a JSON API; any HTTP status is returned, transport failures raise UpstreamUnavailable."""
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **(headers or {})}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = json_request(url, method, body, headers=headers, connect_timeout=connect_timeout,
@@ -93,11 +117,11 @@ async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: 
     try:
         response = await fetch(request, client)
     except HTTPClientError as exc:  # raised for 599 by some clients even with raise_error=False
-        raise UpstreamUnavailable(str(exc)) from None
+        raise UpstreamUnavailable(str(exc), unsent=_unsent(exc)) from None
     except OSError as exc:
-        raise UpstreamUnavailable(str(exc) or type(exc).__name__) from None
+        raise UpstreamUnavailable(str(exc) or type(exc).__name__, unsent=_unsent(exc)) from None
     if response.code == 599:
-        raise UpstreamUnavailable(str(response.error or "connection failed"))
+        raise UpstreamUnavailable(str(response.error or "connection failed"), unsent=_unsent(response.error))
     parsed = None
     if response.body:
         try:

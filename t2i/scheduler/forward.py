@@ -9,12 +9,17 @@ owner is unknown. Errors are :class:`t2i.web.APIError`, answered as JSON.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from t2i.httpclient import JSONResponse, UpstreamUnavailable, detached, fetch_json
+from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
+from t2i.idempotency import MAX_LENGTH as KEY_MAX_LENGTH
+from t2i.idempotency import BadKey, check_key, fingerprint, prompt_id_for
 from t2i.jobstate import result_of
 from t2i.metrics import SCHEDULER_ROUTED
 from t2i.scheduler.mirror import Mirror
@@ -32,9 +37,10 @@ FORWARDED_WAIT_MAX = 5.0    # seconds a long-poll forwarded to a worker may wait
 RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
 RETRY_AFTER_UNREADY = "10"  # no worker ready for the workflow: that takes ops a while
 RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again
+RETRY_AFTER_KEY = "1"       # the first request with this Idempotency-Key is still being placed
 
-# A worker's answers to POST /generate that are the client's own mistake: passed on, never retried.
-CLIENT_MISTAKES = frozenset({400, 413, 422})
+# A worker's answers to POST /generate that are the client's own (a mistake, or a key in use): passed on.
+CLIENT_MISTAKES = frozenset({400, 409, 413, 422})
 
 # What a worker may answer per route; anything else means the worker misbehaved (502).
 PASS_THROUGH = {
@@ -72,28 +78,90 @@ class JobRouter:
         self.client = client
         self.auth_token = auth_token
         self.closing = False
+        self._placing: dict[str, str] = {}   # scoped Idempotency-Key -> body fingerprint, while placed here
 
     # --- POST /generate -----------------------------------------------------
 
-    async def generate(self, body: Any) -> Reply:
+    async def generate(self, body: Any, key: str | None = None, client: str = "") -> Reply:
+        """Place a job. With an Idempotency-Key, the key's job if there is one (same body), else a new
+        one whose id is derived from the key; without, a new one under a key of our own. Either way the
+        worker gets a key, so the job's id is known before it answers (see :meth:`_submit`)."""
+        if key is not None:
+            try:
+                check_key(key)
+            except BadKey as exc:
+                raise APIError(400, str(exc), header=IDEMPOTENCY_HEADER) from None
         try:
             validate_generate(body, self.placement.specs())
         except ValidationError as exc:
             raise APIError(400, str(exc), field=exc.field) from None
+        if key is None:
+            return await self._place(body, f"t2i-{uuid.uuid4().hex}")
+        scoped = worker_key(client, key)
+        digest = fingerprint(body)
+        placing = self._placing.get(scoped)
+        if placing is not None:
+            raise self._key_conflict(placing != digest, prompt_id_for(scoped))
+        self._placing[scoped] = digest
+        try:
+            return await self._place(body, scoped, known=True)
+        finally:
+            del self._placing[scoped]
+
+    @staticmethod
+    def _key_conflict(other_body: bool, prompt_id: str) -> APIError:
+        if other_body:
+            return APIError(422, f"This {IDEMPOTENCY_HEADER} was used for another request (job {prompt_id}).",
+                            prompt_id=prompt_id)
+        return APIError(409, f"A request with this {IDEMPOTENCY_HEADER} is still being placed (job {prompt_id}); "
+                        "ask again in a moment.", prompt_id=prompt_id, headers={"Retry-After": RETRY_AFTER_KEY})
+
+    async def _place(self, body: Any, key: str, known: bool = False) -> Reply:
+        """Try the workers in placement's order until one takes the job. ``known``: the key may have a
+        job already (a client's key): its holder answers for it, wherever it is."""
+        prompt_id = prompt_id_for(key)
         workflow = body.get("workflow")
         tried: list[str] = []
         refusals: list[Refusal] = []
+        holder = await self.holder(prompt_id) if known else None
         while True:
-            try:
-                state = self.placement.choose(workflow, exclude=tried)
-            except NoWorkerAvailable as exc:
-                raise self._none_took_it(exc, refusals) from None
+            holds = holder is not None
+            if holder is not None:
+                state, holder = holder, None  # the key's job is there: the worker answers for it
+            else:
+                try:
+                    state = self.placement.choose(workflow, exclude=tried)
+                except NoWorkerAvailable as exc:
+                    raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)
-            outcome = await self._submit(state, body)
+            outcome = await self._submit(state, body, key, prompt_id, holds=holds)
             if isinstance(outcome, Reply):
                 return outcome
             refusals.append(outcome)
-            log.warning("worker %s refused a job (%s); trying the next one", state.name, outcome.reason)
+            log.warning("worker %s refused job %s (%s); trying the next one", state.name, prompt_id, outcome.reason)
+
+    async def holder(self, prompt_id: str) -> WorkerState | None:
+        """The worker that holds a job, from the mirror, or asked of the workers whose feeds are down
+        (those known unreachable are not asked); 503 when one that may hold it cannot say."""
+        owner = self.mirror.owner(prompt_id)
+        state = self.registry.workers.get(owner) if owner else None
+        if state is not None:
+            return state
+        unsure = [s for s in self.registry.workers.values()
+                  if not self.mirror.feed_up(s.name) and s.reachable is not False]
+        if not unsure:
+            return None
+        path = f"/status/{quote(prompt_id, safe='')}"
+        outcomes = await asyncio.gather(*(self._ask(s, "status", path, "GET", 0) for s in unsure))
+        for state, outcome in zip(unsure, outcomes):
+            if isinstance(outcome, Reply) and outcome.status == 200:
+                return state
+        failed = [s.name for s, o in zip(unsure, outcomes) if not isinstance(o, Reply)]
+        if failed:
+            raise APIError(503, f"Cannot tell yet whether {', '.join(failed)} already holds the job of this "
+                           f"{IDEMPOTENCY_HEADER} (not reachable now); ask again shortly.",
+                           headers={"Retry-After": RETRY_AFTER_OWNER})
+        return None
 
     @staticmethod
     def _none_took_it(exc: NoWorkerAvailable, refusals: list[Refusal]) -> Exception:
@@ -110,21 +178,57 @@ class JobRouter:
         retry = RETRY_AFTER_BUSY if exc.ready else RETRY_AFTER_UNREADY
         return APIError(503, message, headers={"Retry-After": retry})
 
-    async def _submit(self, state: WorkerState, body: Any) -> Reply | Refusal:
-        """The worker's answer to pass on, or why it refused (it is then marked)."""
+    async def _submit(self, state: WorkerState, body: Any, key: str, prompt_id: str,
+                      holds: bool = False) -> Reply | Refusal:
+        """The worker's answer to pass on, or why it refused (it is then marked).
+
+        A POST that may have arrived but got no answer (a timeout, a reset) is not simply tried
+        elsewhere: the worker is asked for the job first (it holds it from before it submits to
+        ComfyUI), and the job goes to another worker only when that worker says it does not hold it.
+        ``holds``: the worker is known to hold the key's job; when it cannot be reached, 503.
+        """
         state.in_flight += 1
         try:
             response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
-                                        client=self.client, connect_timeout=CONNECT_TIMEOUT,
-                                        request_timeout=GENERATE_TIMEOUT)
+                                        client=self.client, headers={IDEMPOTENCY_HEADER: key},
+                                        connect_timeout=CONNECT_TIMEOUT, request_timeout=GENERATE_TIMEOUT)
         except UpstreamUnavailable as exc:
-            reason = f"is unreachable ({exc})"
-            state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
-            self.mirror.suspect(state.name, reason)
-            return Refusal(f"{state.name} {reason}")
+            if holds:
+                raise APIError(503, f"Worker {state.name} holds the job of this {IDEMPOTENCY_HEADER} ({prompt_id}) "
+                               f"and cannot be reached now ({exc}); ask again shortly.",
+                               headers={"Retry-After": RETRY_AFTER_OWNER}, prompt_id=prompt_id) from None
+            if exc.unsent:
+                reason = f"is unreachable ({exc})"
+                state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
+                self.mirror.suspect(state.name, reason)
+                return Refusal(f"{state.name} {reason}")
+            return await self._after_no_answer(state, prompt_id, exc)
         finally:
             state.in_flight -= 1
         return self._answer(state, body, response)
+
+    async def _after_no_answer(self, state: WorkerState, prompt_id: str, error: Exception) -> Reply | Refusal:
+        """A POST /generate sent to ``state`` got no answer: does it hold the job?"""
+        log.warning("POST /generate of job %s to worker %s got no answer (%s); asking it for the job",
+                    prompt_id, state.name, error)
+        outcome = await self._ask(state, "status", f"/status/{quote(prompt_id, safe='')}", "GET", 0)
+        if isinstance(outcome, Reply) and outcome.status == 200:
+            log.info("worker %s holds job %s after all", state.name, prompt_id)
+            return self._placed(state, {"prompt_id": prompt_id, "worker": state.name,
+                                        "status_url": f"/status/{prompt_id}", "result_url": f"/result/{prompt_id}"})
+        if isinstance(outcome, Reply) and outcome.status in (404, 410):
+            state.mark_down(f"POST /generate got no answer: {error}")
+            return Refusal(f"{state.name} did not answer ({error})")
+        state.mark_down(f"POST /generate got no answer: {error}")
+        raise APIError(503, f"Worker {state.name} did not answer in time and cannot be asked now whether it took "
+                       f"job {prompt_id}; it is not sent to another worker, so it cannot run twice. Ask again "
+                       f"shortly (with the same {IDEMPOTENCY_HEADER}, the same job is answered).",
+                       headers={"Retry-After": RETRY_AFTER_OWNER}, prompt_id=prompt_id)
+
+    def _placed(self, state: WorkerState, answer: dict[str, Any]) -> Reply:
+        self.mirror.note_submitted(answer["prompt_id"], state.name)
+        SCHEDULER_ROUTED.labels(worker=state.name).inc()
+        return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
 
     def _answer(self, state: WorkerState, body: Any, response: JSONResponse) -> Reply | Refusal:
         """Pass a worker's answer on, or turn it into a refusal: a client's mistake (400, 413, 422, a
@@ -132,9 +236,7 @@ class JobRouter:
         answer = response.body
         status = response.status
         if status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
-            self.mirror.note_submitted(answer["prompt_id"], state.name)
-            SCHEDULER_ROUTED.labels(worker=state.name).inc()
-            return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
+            return self._placed(state, answer)
         detail = answer.get("error") if isinstance(answer, dict) else None
         raw = isinstance(body.get("workflow"), dict)
         if detail and status in CLIENT_MISTAKES or (detail and status == 502 and raw):
@@ -242,3 +344,12 @@ class JobRouter:
 def _retry_after(response: JSONResponse) -> dict[str, str]:
     value = {k.lower(): v for k, v in response.headers.items()}.get("retry-after")
     return {"Retry-After": value} if value else {}
+
+
+def worker_key(client: str, key: str) -> str:
+    """The Idempotency-Key the workers get for a client's key: scoped to the client (``""`` for all,
+    until clients have names), hashed when that would be longer than a key may be."""
+    scoped = f"{client}:{key}"
+    if len(scoped) <= KEY_MAX_LENGTH:
+        return scoped
+    return "sha256:" + hashlib.sha256(scoped.encode()).hexdigest()

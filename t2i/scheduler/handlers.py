@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
@@ -43,8 +44,9 @@ class SchedulerBodyHandler(JSONBodyHandler, SchedulerHandler):
 
 class GenerateHandler(SchedulerBodyHandler):
     async def post(self) -> None:
-        """Validate the request and place it on the least-loaded healthy worker."""
-        self.write_reply(await self.router.generate(self.get_json_body()))
+        """Validate the request and place it on the least-loaded ready worker (Idempotency-Key honoured)."""
+        body = self.get_json_body()
+        self.write_reply(await self.router.generate(body, self.request.headers.get(IDEMPOTENCY_HEADER)))
 
 
 class StatusHandler(SchedulerHandler):

@@ -147,8 +147,8 @@ class JobRouter:
         state = self.registry.workers.get(owner) if owner else None
         if state is not None:
             return state
-        unsure = [s for s in self.registry.workers.values()
-                  if not self.mirror.feed_up(s.name) and s.reachable is not False]
+        unsure = [self.registry.workers[name] for name in self.mirror.feeds_down(self.registry.workers)
+                  if self.registry.workers[name].reachable is not False]
         if not unsure:
             return None
         path = f"/status/{quote(prompt_id, safe='')}"
@@ -280,7 +280,8 @@ class JobRouter:
 
     async def ask_owner(self, route: str, prompt_id: str, *, method: str = "GET",
                         query: dict[str, Any] | None = None, wait: float = 0) -> Reply:
-        """Forward a job request to the job's worker, or to every known worker when none is known."""
+        """Forward a job request to the job's worker. When the mirror does not know the job, only the
+        workers whose feed is down may hold it unseen: those are asked; with every feed live, 404."""
         path = f"/{route}/{quote(prompt_id, safe='')}"
         if query:
             path += "?" + urlencode(query)
@@ -292,7 +293,11 @@ class JobRouter:
                 return outcome
             raise APIError(outcome[0], outcome[1], headers={"Retry-After": RETRY_AFTER_OWNER},
                            worker=state.name)
-        return await self._ask_all(route, prompt_id, path, method, wait)
+        unseen = self.mirror.feeds_down(self.registry.workers)
+        if not unseen:
+            raise APIError(404, f"No job {prompt_id} is known to any worker.")
+        return await self._ask_all(route, prompt_id, path, method, wait,
+                                   [self.registry.workers[name] for name in unseen])
 
     async def _ask(self, state: WorkerState, route: str, path: str, method: str,
                    wait: float) -> Reply | tuple[int, str]:
@@ -308,11 +313,9 @@ class JobRouter:
             return Reply(response.status, response.body)
         return 502, f"Worker {state.name} gave an unexpected answer to {method} /{route} ({response.status})."
 
-    async def _ask_all(self, route: str, prompt_id: str, path: str, method: str, wait: float) -> Reply:
-        """Every known worker at once; the first that knows the job wins."""
-        states = list(self.registry.workers.values())
-        if not states:
-            raise APIError(404, f"No job {prompt_id} is known here.")
+    async def _ask_all(self, route: str, prompt_id: str, path: str, method: str, wait: float,
+                       states: list[WorkerState]) -> Reply:
+        """These workers at once; the first that knows the job wins."""
         if len(states) == 1:  # no tasks to spawn for a pool of one
             outcomes = [self._ask(states[0], route, path, method, wait)]
         else:

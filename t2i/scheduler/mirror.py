@@ -35,6 +35,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
 RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
 OUTCOMES_LIMIT = 10000      # job endings seen live, until placement reads them
+GONE_LIMIT = 100_000        # ids workers removed (pruned, refused), remembered to ask their worker (410)
 
 
 class Entry:
@@ -104,6 +105,8 @@ class Mirror:
         # Jobs seen ending (completed or failed) as it happened, not in a listing of old jobs:
         # (worker, workflow, status), read by placement's breakers with take_outcomes().
         self._outcomes: deque[tuple[str, Any, str]] = deque(maxlen=OUTCOMES_LIMIT)
+        # Jobs a feed said were removed: id -> worker, newest last (that worker answers 410 for them).
+        self._gone: OrderedDict[str, str] = OrderedDict()
 
     # --- reading (no awaits: the /status fast path) ---------------------------
 
@@ -124,9 +127,16 @@ class Mirror:
         return entry if feed is not None and feed.up else None
 
     def owner(self, prompt_id: str) -> str | None:
-        """The worker holding a job: the mirror's, or the one this scheduler just sent it to."""
+        """The worker holding a job: the mirror's, the one this scheduler just sent it to, or the
+        one whose feed said it removed it."""
         entry = self._jobs.get(prompt_id)
-        return entry.worker if entry is not None else self._recent.get(prompt_id)
+        if entry is not None:
+            return entry.worker
+        return self._recent.get(prompt_id) or self._gone.get(prompt_id)
+
+    def feeds_down(self, workers: Iterable[str]) -> list[str]:
+        """Of ``workers``, those whose feed is not up: their jobs may be missing from the mirror."""
+        return [name for name in workers if not self.feed_up(name)]
 
     def counts(self, worker: str) -> tuple[int, int]:
         """(pending, running) of a worker's jobs in the mirror."""
@@ -211,6 +221,7 @@ class Mirror:
             if not listing or old is not None or prompt_id in self._recent:
                 self._outcomes.append((worker, status.get("workflow"), status["status"]))
         self._jobs[prompt_id] = entry
+        self._gone.pop(prompt_id, None)
         self._ids.setdefault(worker, set()).add(prompt_id)
         unfinished = self._unfinished.setdefault(worker, {})
         if status.get("status") in UNFINISHED:
@@ -220,13 +231,22 @@ class Mirror:
         self._unrecent(prompt_id)
         self._wake(prompt_id)
 
-    def _remove(self, worker: str, prompt_ids: Iterable[str]) -> None:
+    def _remove(self, worker: str, prompt_ids: Iterable[str], gone: bool = True) -> None:
         for prompt_id in prompt_ids:
             entry = self._jobs.get(prompt_id)
             if entry is not None and entry.worker == worker:
                 del self._jobs[prompt_id]
                 self._forget(prompt_id, worker)
                 self._wake(prompt_id)
+            elif entry is not None:
+                continue  # another worker holds it now
+            if gone:
+                self._gone[prompt_id] = worker
+                self._gone.move_to_end(prompt_id)
+                if self._recent.get(prompt_id) == worker:
+                    self._unrecent(prompt_id)
+        while len(self._gone) > GONE_LIMIT:
+            self._gone.popitem(last=False)
 
     def _forget(self, prompt_id: str, worker: str) -> None:
         self._ids.get(worker, set()).discard(prompt_id)
@@ -234,7 +254,9 @@ class Mirror:
 
     def drop_worker(self, worker: str) -> None:
         """Forget a worker's jobs (it was removed and drained, or replaced)."""
-        self._remove(worker, list(self._ids.get(worker, ())))
+        self._remove(worker, list(self._ids.get(worker, ())), gone=False)
+        for prompt_id in [pid for pid, name in self._gone.items() if name == worker]:
+            del self._gone[prompt_id]
         self._ids.pop(worker, None)
         self._unfinished.pop(worker, None)
         for prompt_id in list(self._recent_by_worker.pop(worker, ())):

@@ -72,6 +72,10 @@ class PromptRejected(ComfyUIError):
         self.comfyui_error = comfyui_error
 
 
+class UploadRejected(PromptRejected):
+    """ComfyUI refused an input image (``POST /upload/image`` not 200, or an answer without a usable name)."""
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """An output file as ComfyUI names it in ``executed`` or history ``outputs``."""
@@ -437,6 +441,40 @@ class ComfyUIClient:
         info = body.get(class_type) if isinstance(body, dict) else None
         return info if isinstance(info, dict) else {}
 
+    async def upload_image(self, name: str, data: bytes, content_type: str, subfolder: str = "t2i",
+                           overwrite: bool = True) -> str:
+        """``POST /upload/image`` into ComfyUI's input folder (PROTOCOL §12); returns how LoadImage
+        names the file *ComfyUI stored*: ``"<subfolder>/<name>"`` from its answer (it may rename).
+
+        Raises ComfyUIUnavailable when ComfyUI cannot be reached, UploadRejected when it refuses.
+        """
+        boundary = uuid.uuid4().hex
+        body = _multipart(boundary, [("type", None, None, b"input"), ("subfolder", None, None, subfolder.encode()),
+                                     ("overwrite", None, None, b"true" if overwrite else b"false"),
+                                     ("image", name, content_type, data)])
+        request = HTTPRequest(self.url + "/upload/image", method="POST", body=body,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                              connect_timeout=self.connect_timeout, request_timeout=self.request_timeout)
+        try:
+            response = await fetch(request)
+        except (HTTPClientError, OSError, TornadoTimeoutError) as exc:
+            raise _unavailable(self.url, exc) from None
+        if response.code == 599:
+            raise _unavailable(self.url, response.error)
+        if response.code != 200:
+            raise UploadRejected(f"ComfyUI refused the input image {name} (POST /upload/image: HTTP {response.code})")
+        try:
+            answer = json.loads(response.body)
+        except ValueError:
+            answer = None
+        stored = answer.get("name") if isinstance(answer, dict) else None
+        folder = answer.get("subfolder", "") if isinstance(answer, dict) else None
+        if not isinstance(stored, str) or not stored or "/" in stored or "\\" in stored or stored in (".", "..") \
+                or not isinstance(folder, str) or ".." in folder.split("/"):
+            raise UploadRejected(f"ComfyUI answered the upload of {name} without a usable file name: "
+                                 f"{(response.body or b'')[:200]!r}")
+        return f"{folder.strip('/')}/{stored}" if folder.strip("/") else stored
+
     async def queue(self) -> QueueState:
         return parse_queue(await self._get_json("/queue"))
 
@@ -497,6 +535,21 @@ class ComfyUIClient:
         stats, queue = await asyncio.gather(self._get_json("/system_stats", request_timeout=timeout),
                                             self._get_json("/queue", request_timeout=timeout))
         return stats, parse_queue(queue)
+
+
+def _multipart(boundary: str, parts: list[tuple[str, str | None, str | None, bytes]]) -> bytes:
+    """A multipart/form-data body: (field, file name or None, content type or None, bytes) per part."""
+    out = []
+    for field_name, filename, content_type, data in parts:
+        disposition = f'form-data; name="{field_name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        if content_type is not None:
+            head += f"Content-Type: {content_type}\r\n"
+        out.append(head.encode() + b"\r\n" + data + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out)
 
 
 def _unavailable(url: str, exc: Any) -> ComfyUIUnavailable:

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from t2i.params import (BUILTIN_WORKFLOWS, PARAM_KINDS, SEED_MAX, ImageLimits, ParamSpec, builtin_params,
+                        builtin_spec, load_param)
 from t2i.yamlfile import ConfigError, Section, load_yaml
 
 __all__ = [
     "ConfigError", "ParamSpec", "WorkflowConfig", "ComfyUIConfig", "RetentionConfig",
     "WorkerConfig", "SchedulerConfig", "WorkerEntry", "load_worker_config",
-    "load_scheduler_config", "load_workers_file", "parse_listen", "PARAM_KINDS",
+    "load_scheduler_config", "load_workers_file", "parse_listen", "PARAM_KINDS", "SEED_MAX",
 ]
 
 PACKAGE_WORKFLOWS = Path(__file__).parent / "workflows"
@@ -40,44 +42,6 @@ def default_static_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "static"
 
 
-# The request fields a workflow may map, and their JSON types.
-PARAM_KINDS: dict[str, type] = {
-    "prompt": str,
-    "negative_prompt": str,
-    "seed": int,
-    "steps": int,
-    "width": int,
-    "height": int,
-}
-SEED_MAX = 2**53 - 1  # what a browser can hold exactly; ComfyUI accepts up to 2**64-1
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """Where a request field goes in a workflow, and what values it may take."""
-
-    name: str
-    node: str
-    input: str
-    default: Any = None
-    min: int | None = None
-    max: int | None = None
-    max_length: int | None = None
-
-    @property
-    def kind(self) -> type:
-        return PARAM_KINDS[self.name]
-
-    def to_json(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {"type": "string" if self.kind is str else "integer"}
-        if self.name == "prompt":
-            spec["required"] = True
-        for key in ("default", "min", "max", "max_length"):
-            value = getattr(self, key)
-            if value is not None:
-                spec[key] = value
-        return spec
-
 
 @dataclass(frozen=True)
 class WorkflowConfig:
@@ -91,6 +55,7 @@ class WorkflowConfig:
 class ComfyUIConfig:
     url: str = "http://127.0.0.1:8188"
     output_dir: Path | None = None
+    input_dir: Path | None = None  # ComfyUI's input folder: t2i's uploads (input/t2i/<job id>_…) are pruned
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
     stall_timeout: float = 120.0
@@ -138,6 +103,7 @@ class WorkerConfig:
     workflows: dict[str, WorkflowConfig]
     state_dir: Path = Path("state")
     webhooks: WebhooksConfig = WebhooksConfig()
+    image_limits: ImageLimits = ImageLimits()
 
 
 @dataclass(frozen=True)
@@ -207,6 +173,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
     comfyui = ComfyUIConfig(
         url=check_url(comfy.get("url", str, "http://127.0.0.1:8188"), comfy, "url"),
         output_dir=comfy.path("output_dir"),
+        input_dir=comfy.path("input_dir"),
         connect_timeout=comfy.get("connect_timeout", float, 5.0, minimum=0.1),
         request_timeout=comfy.get("request_timeout", float, 30.0, minimum=0.1),
         stall_timeout=comfy.get("stall_timeout", float, 120.0, minimum=0.1),
@@ -230,7 +197,11 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
     )
     ret.finish()
 
-    workflows = _load_workflows(root)
+    image_limits = ImageLimits(
+        max_bytes=root.get("max_image_bytes", int, ImageLimits.max_bytes, minimum=1),
+        max_pixels=root.get("max_image_pixels", int, ImageLimits.max_pixels, minimum=1),
+    )
+    workflows = _load_workflows(root, image_limits)
     default_workflow = root.get("default_workflow", str, "txt2img")
     if default_workflow not in workflows:
         raise root.error("default_workflow", f"names no workflow in `workflows` ({', '.join(workflows)})")
@@ -244,7 +215,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         auth_token=auth_token,
         job_timeout=root.get("job_timeout", float, 600.0, minimum=1),
         allow_raw_workflows=root.get("allow_raw_workflows", bool, False),
-        max_body_bytes=root.get("max_body_bytes", int, 1_048_576, minimum=1024),
+        max_body_bytes=_max_body_bytes(root, workflows, image_limits),
         comfyui=comfyui,
         images_dir=images_dir,
         retention=retention,
@@ -252,9 +223,27 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         workflows=workflows,
         state_dir=state_dir,
         webhooks=webhooks,
+        image_limits=image_limits,
     )
     root.finish()
     return config
+
+
+def _max_body_bytes(root: Section, workflows: dict[str, WorkflowConfig], limits: ImageLimits) -> int:
+    """1 MiB, plus room for the base64 of the images a request may carry (``max_image_bytes`` each).
+
+    A ``max_body_bytes`` written in the file is kept; one too small for the images of a
+    ``max_image_bytes`` also written is a mistake (every image that size would get 413).
+    """
+    images = max((sum(p.type == "image" for p in wf.params.values()) for wf in workflows.values()), default=0)
+    needed = 1_048_576 + images * (-(-limits.max_bytes // 3) * 4)
+    written = root.get("max_body_bytes", int, None, minimum=1024)
+    if written is None:
+        return needed
+    if images and "max_image_bytes" in root.data and written < needed:
+        raise root.error("max_body_bytes", f"is too small for {images} image(s) of max_image_bytes "
+                                           f"{limits.max_bytes} sent as base64: make it at least {needed}")
+    return written
 
 
 def _load_webhooks(root: Section) -> WebhooksConfig:
@@ -280,23 +269,20 @@ def _load_webhooks(root: Section) -> WebhooksConfig:
     return config
 
 
-def _default_params() -> dict[str, dict[str, Any]]:
-    return {
-        "prompt": {"node": "6", "input": "text", "max_length": 2000},
-        "negative_prompt": {"node": "7", "input": "text", "default": "", "max_length": 2000},
-        "seed": {"node": "3", "input": "seed"},
-        "steps": {"node": "3", "input": "steps", "default": 20, "min": 1, "max": 150},
-        "width": {"node": "5", "input": "width", "default": 512, "min": 64, "max": 2048},
-        "height": {"node": "5", "input": "height", "default": 512, "min": 64, "max": 2048},
-    }
+def _builtin(name: str, section: Section, key: str, limits: ImageLimits) -> WorkflowConfig:
+    """A packaged template (t2i/workflows/<name>.json) with its parameters."""
+    file = PACKAGE_WORKFLOWS / f"{name}.json"
+    template = _read_template(file, section, key)
+    params = {p: builtin_spec(p, spec, limits) for p, spec in builtin_params(name).items()}
+    return WorkflowConfig(name, file, params, template)
 
 
-def _load_workflows(root: Section) -> dict[str, WorkflowConfig]:
+def _load_workflows(root: Section, limits: ImageLimits) -> dict[str, WorkflowConfig]:
+    """``workflows``; without it the built-ins (txt2img, img2img). An entry without ``file`` named
+    like a built-in is that built-in (its ``params``, when written, replace the built-in's)."""
     if root.data.get("workflows") is None:
         root.get("workflows", dict)
-        template = _read_template(PACKAGE_WORKFLOWS / "txt2img.json", root, "workflows")
-        params = {name: ParamSpec(name=name, **spec) for name, spec in _default_params().items()}
-        return {"txt2img": WorkflowConfig("txt2img", PACKAGE_WORKFLOWS / "txt2img.json", params, template)}
+        return {name: _builtin(name, root, "workflows", limits) for name in BUILTIN_WORKFLOWS}
     section = root.section("workflows")
     if not section.data:
         raise root.error("workflows", "must list at least one workflow")
@@ -304,41 +290,25 @@ def _load_workflows(root: Section) -> dict[str, WorkflowConfig]:
     for name in list(section.data):
         wf = section.section(str(name))
         file = wf.path("file")
-        if file is None:
-            raise wf.error("file", "is required")
-        template = _read_template(file, wf, "file")
-        params_section = wf.section("params")
-        params = {}
-        for pname in list(params_section.data):
-            if pname not in PARAM_KINDS:
-                raise params_section.error(str(pname), f"is not a parameter t2i knows ({', '.join(PARAM_KINDS)})")
-            params[pname] = _load_param(params_section.section(pname), pname, template)
-        params_section.finish()
+        if file is None and str(name) not in BUILTIN_WORKFLOWS:
+            raise wf.error("file", f"is required (built-in workflows: {', '.join(BUILTIN_WORKFLOWS)})")
+        if file is None and wf.data.get("params") is None:
+            wf.get("params", dict)
+            workflow = _builtin(str(name), wf, "file", limits)
+        else:
+            file = file or PACKAGE_WORKFLOWS / f"{name}.json"
+            template = _read_template(file, wf, "file")
+            params_section = wf.section("params")
+            params: dict[str, ParamSpec] = {}
+            taken: dict[tuple[str, str], str] = {}
+            for pname in list(params_section.data):
+                params[str(pname)] = load_param(params_section.section(pname), str(pname), template, limits, taken)
+            params_section.finish()
+            workflow = WorkflowConfig(str(name), file, params, template)
         wf.finish()
-        workflows[str(name)] = WorkflowConfig(str(name), file, params, template)
+        workflows[str(name)] = workflow
     section.finish()
     return workflows
-
-
-def _load_param(sec: Section, name: str, template: dict[str, Any]) -> ParamSpec:
-    kind = PARAM_KINDS[name]
-    node = sec.get("node", (str, int), required=True)
-    node = str(node)
-    inp = sec.get("input", str, required=True)
-    if node not in template:
-        raise sec.error("node", f"node {node!r} is not in the workflow file")
-    if inp not in template[node].get("inputs", {}):
-        raise sec.error("input", f"node {node!r} has no input {inp!r}")
-    if kind is int:
-        spec = ParamSpec(name, node, inp, default=sec.get("default", int), min=sec.get("min", int),
-                         max=sec.get("max", int))
-    else:
-        spec = ParamSpec(name, node, inp, default=sec.get("default", str),
-                         max_length=sec.get("max_length", int, 2000, minimum=1))
-    sec.finish()
-    if spec.min is not None and spec.max is not None and spec.min > spec.max:
-        raise sec.error("min", "is greater than max")
-    return spec
 
 
 def _read_template(file: Path, section: Section, key: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def classes_of(workflow: dict[str, Any]) -> set[str]:
             if isinstance(node, dict) and isinstance(node.get("class_type"), str)}
 
 
-def _options(spec: Any) -> list[Any] | None:
+def combo_options(spec: Any) -> list[Any] | None:
     """The allowed values of a COMBO input spec, in either of ComfyUI's two shapes; None otherwise."""
     if not isinstance(spec, list) or not spec:
         return None
@@ -58,7 +58,7 @@ def problems_of(workflow: dict[str, Any], object_info: dict[str, Any],
         for name, value in (node.get("inputs") or {}).items():
             if (node_id, name) in skip or isinstance(value, list):  # a link, or the request's value
                 continue
-            options = _options(declared.get(name))
+            options = combo_options(declared.get(name))
             if options is not None and value not in options:
                 kind = _KINDS.get(name, f"{name} value")
                 offered = ", ".join(str(o) for o in options[:_SHOWN]) + (" …" if len(options) > _SHOWN else "")

@@ -9,11 +9,13 @@ it costs a hop.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from t2i.config import PARAM_KINDS, SEED_MAX, WorkerConfig
+from t2i.dataurl import BadImage, decode_image
 
 GENERATE_FIELDS = frozenset(PARAM_KINDS) | {"workflow", "webhook_url"}
 NOT_PARAMS = frozenset({"workflow", "webhook_url"})  # request fields that fill no template input
@@ -60,10 +62,10 @@ def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> Generat
     """
     if not isinstance(body, dict):
         raise ValidationError("The request body must be a JSON object.")
+    known = _known_fields(catalogue)
     for name in body:
-        if name not in GENERATE_FIELDS:
-            raise ValidationError(f"Unknown field {name!r}; allowed: {', '.join(sorted(GENERATE_FIELDS))}.",
-                                  name)
+        if known is not None and name not in known:
+            raise ValidationError(f"Unknown field {name!r}; allowed: {', '.join(sorted(known))}.", name)
     webhook_url = check_webhook_url(body.get("webhook_url"), catalogue)
     workflows = (catalogue or {}).get("workflows")
     workflow = body.get("workflow")
@@ -88,8 +90,8 @@ def validate_generate(body: Any, catalogue: Mapping[str, Any] | None) -> Generat
                               "workflow")
     specs = workflows[workflow]["params"]
     params: dict[str, Any] = {}
-    for name in PARAM_KINDS:
-        if name in body and name not in specs:
+    for name in body:
+        if name not in specs and name not in NOT_PARAMS:
             raise ValidationError(f"Workflow {workflow!r} has no parameter {name!r}.", name)
     for name, spec in specs.items():
         value = body.get(name)
@@ -126,6 +128,18 @@ def check_webhook_url(url: Any, catalogue: Mapping[str, Any] | None) -> str | No
     return url
 
 
+def _known_fields(catalogue: Mapping[str, Any] | None) -> set[str] | None:
+    """Every request field some workflow of the catalogue takes (None without a catalogue: any)."""
+    workflows = (catalogue or {}).get("workflows")
+    if not isinstance(workflows, Mapping):
+        return None
+    known = set(NOT_PARAMS)
+    for spec in workflows.values():
+        if isinstance(spec, Mapping) and isinstance(spec.get("params"), Mapping):
+            known.update(spec["params"])
+    return known
+
+
 def _check_types_only(body: Mapping[str, Any]) -> dict[str, Any]:
     params = {}
     for name, kind in PARAM_KINDS.items():
@@ -137,7 +151,11 @@ def _check_types_only(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_value(name: str, value: Any, spec: Mapping[str, Any]) -> None:
-    if spec["type"] == "string":
+    kind = spec.get("type")
+    if kind in _CHECKS:
+        _CHECKS[kind](name, value, spec)
+        return
+    if kind == "string":
         if not isinstance(value, str):
             raise ValidationError(f"`{name}` must be a string.", name)
         if name == "prompt" and not value.strip():
@@ -148,13 +166,60 @@ def _check_value(name: str, value: Any, spec: Mapping[str, Any]) -> None:
         if limit is not None and len(value) > limit:
             raise ValidationError(f"`{name}` is longer than {limit} characters.", name)
         return
+    if kind != "integer":
+        return  # a type this version does not know: the worker that listed it checks it
     if not isinstance(value, int) or isinstance(value, bool):
         if isinstance(value, float) and value.is_integer():
             raise ValidationError(f"`{name}` must be a whole number without a decimal point.", name)
         raise ValidationError(f"`{name}` must be an integer.", name)
-    low = spec.get("min", 0)
+    # today's six (seed, steps, width, height) are never negative, whatever the catalogue says
+    low = spec.get("min", 0 if name in PARAM_KINDS else None)
     high = spec.get("max", SEED_MAX if name == "seed" else None)
-    if value < low:
+    _check_range(name, value, low, high)
+
+
+def _check_number(name: str, value: Any, spec: Mapping[str, Any]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValidationError(f"`{name}` must be a number.", name)
+    if not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number.", name)
+    _check_range(name, value, spec.get("min"), spec.get("max"))
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if low is not None and value < low:
         raise ValidationError(f"`{name}` must be at least {low}.", name)
     if high is not None and value > high:
         raise ValidationError(f"`{name}` must be at most {high}.", name)
+
+
+def _check_boolean(name: str, value: Any, spec: Mapping[str, Any]) -> None:
+    if not isinstance(value, bool):
+        raise ValidationError(f"`{name}` must be true or false.", name)
+
+
+SHOWN_CHOICES = 10  # choices named in an error, at most
+
+
+def _check_enum(name: str, value: Any, spec: Mapping[str, Any]) -> None:
+    choices = spec.get("choices")
+    if isinstance(choices, list):
+        if value in choices and not isinstance(value, bool):
+            return
+        shown = ", ".join(str(c) for c in choices[:SHOWN_CHOICES])
+        more = len(choices) - SHOWN_CHOICES
+        raise ValidationError(f"`{name}` must be one of: {shown}" + (f" (and {more} more)" if more > 0 else "")
+                              + ".", name)
+    # No list known yet (ComfyUI not asked): a plain string, which ComfyUI checks.
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 1000:
+        raise ValidationError(f"`{name}` must be a string naming one of its choices.", name)
+
+
+def _check_image(name: str, value: Any, spec: Mapping[str, Any]) -> None:
+    try:
+        decode_image(value, spec.get("max_bytes"), spec.get("max_pixels"))
+    except BadImage as exc:
+        raise ValidationError(f"`{name}` {exc}.", name) from None
+
+
+_CHECKS = {"number": _check_number, "boolean": _check_boolean, "enum": _check_enum, "image": _check_image}

@@ -39,10 +39,12 @@ def test_minimal_worker_yaml_gets_defaults_and_the_packaged_template(tmp_path):
     config = load_worker_config(write(tmp_path / "w.yaml", "listen: '127.0.0.1:9001'\n"))
     assert config.public_url == "http://127.0.0.1:9001"
     assert config.images_dir == tmp_path / "images"
-    assert config.job_timeout == 600 and config.max_body_bytes == 1_048_576
+    # 1 MiB plus one base64 image of max_image_bytes (8 MiB): the built-in img2img takes one
+    assert config.job_timeout == 600 and config.max_body_bytes == 1_048_576 + 11_184_812
     assert config.comfyui.connect_timeout == 5 and config.comfyui.request_timeout == 30
     assert set(config.workflows["txt2img"].params) == {"prompt", "negative_prompt", "seed", "steps", "width",
-                                                       "height"}
+                                                       "height", "cfg", "sampler_name", "scheduler", "batch_size"}
+    assert config.workflows["img2img"].params["image"].type == "image"
 
 
 def test_empty_file_is_all_defaults(tmp_path):
@@ -94,7 +96,7 @@ def test_workflow_mistakes(tmp_path):
     cases = [
         (base + "      seed: {node: '9', input: seed}\n", "node '9' is not in the workflow file"),
         (base + "      seed: {node: '3', input: sed}\n", "has no input 'sed'"),
-        (base + "      colour: {node: '3', input: seed}\n", "is not a parameter t2i knows"),
+        (base + "      workflow: {node: '3', input: seed}\n", "is a request field of its own"),
         (base + "      steps: {node: '3', input: seed, min: 5, max: 1}\n", "greater than max"),
         ("workflows:\n  mine:\n    file: missing.json\n", "not found"),
         ("workflows: {}\n", "at least one workflow"),

@@ -41,7 +41,7 @@ def test_defaults_and_random_seed(catalogue):
 
 def test_given_values_are_kept(catalogue):
     body = {"prompt": "p", "negative_prompt": "n", "seed": 42, "steps": 7, "width": 64, "height": 2048,
-            "workflow": "txt2img"}
+            "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "batch_size": 2, "workflow": "txt2img"}
     assert validate_generate(body, catalogue).params == {k: v for k, v in body.items() if k != "workflow"}
 
 

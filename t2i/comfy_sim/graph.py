@@ -42,6 +42,9 @@ class Signatures:
                     else:
                         parts.append([name, "value", value])
                 own_id = node_id if cls is not None and cls.has_unique_id(self.sim) else None
+                changed = cls.is_changed(self.sim, inputs) if cls is not None else None
+                if changed is not None:  # IS_CHANGED (LoadImage: the file's hash) joins the key
+                    parts.append(["is_changed", changed])
                 self.memo[node_id] = json.dumps([node.get("class_type"), own_id, parts], default=repr)
         return self.memo[node_id]
 

@@ -286,6 +286,47 @@ def _read(path: str) -> bytes:
         return handle.read()
 
 
+class UploadImageHandler(BaseHandler):
+    def post(self):
+        """server.py image_upload: store the ``image`` part in input/ (or temp/, output/), answer its name."""
+        upload_type = self.get_body_argument("type", None) or "input"
+        upload_dir = self.sim.directories.get(upload_type)
+        if upload_dir is None:  # get_dir_by_type leaves its folder unset: an UnboundLocalError in ComfyUI
+            raise web.HTTPError(500)
+        parts = self.request.files.get("image")
+        if not parts:
+            if "image" in self.request.body_arguments:  # a text field: ComfyUI reads `.file` off a str
+                raise web.HTTPError(500)
+            return self.empty(400)
+        image = parts[0]
+        filename = image.filename
+        if not filename:
+            return self.empty(400)
+        subfolder = self.get_body_argument("subfolder", "")
+        folder = os.path.join(upload_dir, os.path.normpath(subfolder))
+        path = os.path.abspath(os.path.join(folder, filename))
+        if os.path.commonpath((upload_dir, path)) != upload_dir:
+            return self.empty(400)
+        os.makedirs(folder, exist_ok=True)
+        stem, ext = os.path.splitext(filename)
+        duplicate = False
+        if self.get_body_argument("overwrite", None) not in ("true", "1") or self.sim.rename_uploads:
+            i = 1
+            while os.path.exists(path) or (self.sim.rename_uploads and i == 1):
+                if not self.sim.rename_uploads and _read(path) == image.body:  # compare_image_hash
+                    duplicate = True
+                    break
+                filename = f"{stem} ({i}){ext}"
+                path = os.path.join(folder, filename)
+                i += 1
+        if not duplicate:
+            with open(path, "wb") as handle:
+                handle.write(image.body)
+        answer = {"name": filename, "subfolder": subfolder, "type": upload_type}
+        self.sim.uploads.append(answer)
+        self.reply(answer)
+
+
 def _preview_jpeg(data: bytes) -> bytes | None:
     decoded = decode_png_rgb(data)
     if decoded is None:
@@ -360,7 +401,7 @@ def routes(sim: "ComfySim") -> list:
         (r"/object_info", ObjectInfoHandler), (r"/object_info/([^/]+)", ObjectInfoHandler),
         (r"/prompt", PromptHandler), (r"/queue", QueueHandler), (r"/interrupt", InterruptHandler),
         (r"/free", FreeHandler), (r"/history", HistoryHandler), (r"/history/([^/]+)", HistoryHandler),
-        (r"/view", ViewHandler),
+        (r"/view", ViewHandler), (r"/upload/image", UploadImageHandler),
     ]
     routes = [(r"/", IndexHandler, args)]
     for pattern, handler in table:

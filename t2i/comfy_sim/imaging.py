@@ -46,6 +46,9 @@ class Picture:
         row = bytes(self.params["rgb"]) * self.width
         return [row] * self.height
 
+    def _rows_pixels(self) -> list[bytes]:  # a decoded file's own rows
+        return self.params["rows"]
+
     def _rows_noise(self) -> list[bytes]:
         data = random.Random(self.params["seed"]).randbytes(self.width * self.height * 3)
         stride = self.width * 3

@@ -8,12 +8,16 @@ per step, reporting progress, and rendering pictures off the event loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mimetypes
 import os
 import time
 from typing import Any, Callable
 
-from .imaging import Picture, blend_blocks, encode_jpeg, encode_png, sample_blocks
+from t2i.dataurl import dimensions, sniff
+
+from .imaging import Picture, blend_blocks, decode_png_rgb, encode_jpeg, encode_png, sample_blocks
 
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -83,6 +87,10 @@ class VAE(_Opaque):
     module = "comfy.sd"
 
 
+class Mask(_Opaque):
+    module = "torch"
+
+
 class Conditioning:
     def __init__(self, text: str):
         self.text = text
@@ -116,10 +124,21 @@ class Node:
     function = "run"
     source_line = 1  # where a simulated failure "happens", for the traceback
     source_code = "raise RuntimeError(message)"
+    validate_args: tuple[str, ...] = ()  # the inputs of the class's VALIDATE_INPUTS (validation.py)
 
     @classmethod
     def input_types(cls, sim) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def validate(cls, sim, **inputs) -> Any:
+        """VALIDATE_INPUTS: True, or what is wrong (only called when ``validate_args`` is set)."""
+        return True
+
+    @classmethod
+    def is_changed(cls, sim, inputs: dict) -> Any:
+        """IS_CHANGED: a value that joins the node's cache key (None: the class has none)."""
+        return None
 
     @classmethod
     def info(cls, sim) -> dict:
@@ -344,8 +363,10 @@ class KSampler(Node):
     @classmethod
     async def run(cls, ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                   denoise, **_):
-        keys = [json.dumps([positive.text, negative.text, seed + i, steps, cfg, sampler_name, scheduler, denoise])
-                for i in range(len(latent_image.keys))]
+        # A latent encoded from an input image (VAEEncode) shapes the result too.
+        keys = [json.dumps([positive.text, negative.text, seed + i, steps, cfg, sampler_name, scheduler, denoise]
+                           + ([source] if isinstance(source, str) and source.startswith("image:") else []))
+                for i, source in enumerate(latent_image.keys)]
         width, height = max(1, latent_image.width), max(1, latent_image.height)
         for i in range(steps):
             await ctx.step(ctx.step_time)
@@ -485,6 +506,131 @@ def save_images(output_dir: str, images: list[Picture], prefix: str, prompt: Any
     return results
 
 
+# ----------------------------------------------------------------- input images (PROTOCOL §12)
+
+def input_path(sim, name: str) -> str | None:
+    """folder_paths.get_annotated_filepath: ``name`` (``sub/x.png``, ``x.png [output]``) -> a path.
+
+    Unlike ComfyUI, a name that leaves its folder is refused (None) rather than followed."""
+    base = sim.directories["input"]
+    for tag in ("output", "input", "temp"):
+        if name.endswith(f" [{tag}]"):
+            name, base = name[:-len(tag) - 3], sim.directories[tag]
+            break
+    path = os.path.abspath(os.path.join(base, name))
+    return path if os.path.commonpath((path, os.path.abspath(base))) == os.path.abspath(base) else None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def load_picture(data: bytes, path: str) -> Picture:
+    """What PIL would open: a PNG's own pixels, or (JPEG, WebP) a picture of the image's size."""
+    kind = sniff(data)
+    size = dimensions(data, kind) if kind else None
+    key = "image:" + hashlib.sha256(data).hexdigest()
+    if size is None:
+        raise NodeFailure(f"cannot identify image file '{path}'", "PIL.UnidentifiedImageError", LoadImage.frames())
+    decoded = decode_png_rgb(data) if kind == "image/png" else None
+    if decoded is not None:
+        width, height, rows = decoded
+        return Picture(width, height, "pixels", rows=rows, key=key)
+    return Picture(size[0], size[1], "painting", key=key)
+
+
+class LoadImage(Node):
+    name = "LoadImage"
+    display_name = "Load Image"
+    category = "image"
+    return_types = ("IMAGE", "MASK")
+    function = "load_image"
+    source_line = 1700
+    source_code = "img = node_helpers.pillow(Image.open, image_path)"
+    validate_args = ("image",)
+
+    @classmethod
+    def input_types(cls, sim):
+        # The input folder's own files (not its subfolders), by content type from the name.
+        folder = sim.directories["input"]
+        try:
+            files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+        except FileNotFoundError:
+            files = []
+        files = [f for f in files if (mimetypes.guess_type(f)[0] or "").split("/")[0] == "image"]
+        return {"required": {"image": [sorted(files), {"image_upload": True}]}}
+
+    @classmethod
+    def validate(cls, sim, image=None, **_):
+        path = input_path(sim, image) if isinstance(image, str) else None
+        if path is None or not os.path.isfile(path):
+            return f"Invalid image file: {image}"
+        return True
+
+    @classmethod
+    def is_changed(cls, sim, inputs):
+        path = input_path(sim, str(inputs.get("image")))
+        try:
+            return hashlib.sha256(_read(path)).hexdigest() if path else "nan"
+        except OSError:
+            return "nan"
+
+    @classmethod
+    async def run(cls, ctx, image, **_):
+        path = input_path(ctx.sim, image)
+        data = await ctx.blocking(_read, path)
+        picture = await ctx.blocking(load_picture, data, path)
+        return ([picture], Mask()), None
+
+
+class VAEEncode(Node):
+    name = "VAEEncode"
+    display_name = "VAE Encode"
+    category = "latent"
+    return_types = ("LATENT",)
+    function = "encode"
+    source_line = 322
+    source_code = "t = vae.encode(pixels[:,:,:,:3])"
+
+    @classmethod
+    def input_types(cls, sim):
+        return {"required": {"pixels": ["IMAGE"], "vae": ["VAE"]}}
+
+    @classmethod
+    async def run(cls, ctx, pixels, vae, **_):
+        # The VAE crops to a multiple of 8 pixels (vae_encode_crop_pixels); a latent pixel is 8x8 of them.
+        first = pixels[0]
+        return (Latent(first.width // 8, first.height // 8, [_image_key(p) for p in pixels]),), None
+
+
+def _image_key(picture: Picture) -> str:
+    """What an encoded picture contributes to the sampler's result: its file's hash, or its making."""
+    key = picture.params.get("key")
+    if isinstance(key, str) and key.startswith("image:"):
+        return key
+    making = [picture.kind, picture.width, picture.height, key, picture.params.get("seed"), picture.params.get("rgb")]
+    return "image:" + hashlib.sha256(json.dumps(making).encode()).hexdigest()
+
+
+class RepeatLatentBatch(Node):
+    name = "RepeatLatentBatch"
+    display_name = "Repeat Latent Batch"
+    category = "latent/batch"
+    return_types = ("LATENT",)
+    function = "repeat"
+    source_line = 1302
+    source_code = "s[\"samples\"] = s_in.repeat((amount, 1, 1, 1))"
+
+    @classmethod
+    def input_types(cls, sim):
+        return {"required": {"samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": 64}]}}
+
+    @classmethod
+    async def run(cls, ctx, samples, amount, **_):
+        return (Latent(samples.width, samples.height, list(samples.keys) * amount),), None
+
+
 NODE_CLASSES: dict[str, type[Node]] = {cls.name: cls for cls in (
     CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode, SaveImage, EmptyImage,
-    SlowNoiseImage)}
+    SlowNoiseImage, LoadImage, VAEEncode, RepeatLatentBatch)}

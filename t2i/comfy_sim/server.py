@@ -28,15 +28,18 @@ class ComfySim:
     """A ComfyUI 0.3.64 test double on a real socket. See t2i/comfy_sim/__init__.py for the knobs."""
 
     def __init__(self, step_time: float = 0.05, output_dir: str | None = None, previews: bool = False,
-                 checkpoints=("v1-5-pruned-emaonly.safetensors",)):
+                 checkpoints=("v1-5-pruned-emaonly.safetensors",), input_dir: str | None = None):
         self.step_time = float(step_time)
         if output_dir is None:
             output_dir = tempfile.mkdtemp(prefix="comfy-sim-output-")
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = os.path.abspath(output_dir)
-        # /view's other folder types; the sim never writes there (no upload, no PreviewImage), so they 404.
-        self.directories = {"output": self.output_dir, "input": self.output_dir + ".input",
-                            "temp": self.output_dir + ".temp"}
+        # POST /upload/image writes to input/ (LoadImage reads it); nothing writes temp/ (no PreviewImage).
+        self.input_dir = os.path.abspath(input_dir or self.output_dir + ".input")
+        os.makedirs(self.input_dir, exist_ok=True)
+        self.directories = {"output": self.output_dir, "input": self.input_dir, "temp": self.output_dir + ".temp"}
+        self.rename_uploads = False  # True: every upload is stored as "<name> (1).png", as if that name were taken
+        self.uploads: list[dict] = []  # what POST /upload/image answered, in order
         self.previews = bool(previews)
         self.checkpoints = tuple(checkpoints)
         self.stall = False

@@ -73,6 +73,7 @@ def validate_inputs(sim, prompt: dict, unique_id: str, validated: dict, visiting
     required = types.get("required", {})
     names = list(required) + [n for n in types.get("optional", {}) if n not in required]
 
+    validate_args = cls.validate_args  # VALIDATE_INPUTS' own inputs skip the min/max/list checks
     for x in names:
         input_type, category, extra = _input_info(types, x)
         if x not in inputs:
@@ -141,6 +142,8 @@ def validate_inputs(sim, prompt: dict, unique_id: str, validated: dict, visiting
                                "extra_info": {"input_name": x, "input_config": info, "received_value": val,
                                               "exception_message": str(ex)}})
                 continue
+            if x in validate_args:
+                continue
             if "min" in extra and val < extra["min"]:
                 errors.append({"type": "value_smaller_than_min",
                                "message": "Value {} smaller than min of {}".format(val, extra["min"]),
@@ -161,6 +164,15 @@ def validate_inputs(sim, prompt: dict, unique_id: str, validated: dict, visiting
                                "details": f"{x}: '{val}' not in {listing}",
                                "extra_info": {"input_name": x, "input_config": config, "received_value": val}})
                 continue
+
+    if validate_args:
+        given = {x: inputs[x] for x in validate_args if x in inputs and not isinstance(inputs[x], list)}
+        ret = cls.validate(sim, **given) if given else True
+        if ret is not True:
+            for x in given:
+                details = f"{x}" if ret is False else f"{x} - {ret}"
+                errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                               "details": details, "extra_info": {"input_name": x}})
 
     result = (False, errors, unique_id) if errors or valid is not True else (True, [], unique_id)
     validated[unique_id] = result

@@ -64,7 +64,8 @@ class GenerateHandler(WorkerBodyHandler):
         try:
             if key is not None:
                 check_key(key)
-            request = validate_generate(body, self.catalogue)
+            # with the choices ComfyUI lists (object_info) for enum parameters that configure none
+            request = validate_generate(body, self.runner.readiness.catalogue(self.catalogue))
         except BadKey as exc:
             raise APIError(400, str(exc), header=IDEMPOTENCY_HEADER) from None
         except ValidationError as exc:

@@ -19,7 +19,7 @@ from tornado.ioloop import PeriodicCallback
 from t2i.comfyui import ComfyUIClient, ComfyUIError
 from t2i.config import WorkerConfig
 from t2i.passes import SerialPass
-from t2i.readiness import classes_of, problems_of
+from t2i.readiness import classes_of, combo_options, problems_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class WorkflowReadiness:
         self.checked_at: float | None = None  # wall clock of the last complete check
         self._state: dict[str, tuple[bool | None, str | None]] = {name: (None, None) for name in config.workflows}
         self._rejected: dict[str, tuple[float, str]] = {}  # workflow -> (monotonic until, why)
+        # workflow -> enum parameter -> the values ComfyUI lists for its input (object_info), when no
+        # `choices` are configured: GET /workflows shows them and requests are checked against them.
+        self.choices: dict[str, dict[str, list[Any]]] = {}
         self._pass = SerialPass(self.check, "checking the workflows against ComfyUI")
         self._callback: PeriodicCallback | None = None
 
@@ -63,6 +66,11 @@ class WorkflowReadiness:
         for name, spec in catalogue["workflows"].items():
             ready, reason = self.of(name)
             workflows[name] = {**spec, "ready": ready, "reason": reason}
+            listed = self.choices.get(name)
+            if listed:
+                params = spec.get("params", {})
+                workflows[name]["params"] = {p: {**params[p], "choices": listed[p]} if p in listed
+                                             and "choices" not in params[p] else params[p] for p in params}
         return {**catalogue, "workflows": workflows, "checked_at": self.checked_at}
 
     # --- changing -------------------------------------------------------------------
@@ -86,6 +94,7 @@ class WorkflowReadiness:
         object_info = dict(zip(classes, infos))
         for name, workflow in self.config.workflows.items():
             skip = [(param.node, param.input) for param in workflow.params.values()]
+            self.choices[name] = _listed_choices(workflow, object_info)
             problems = problems_of(workflow.template, object_info, skip)
             state = (not problems, "; ".join(problems) or None)
             if state != self._state.get(name):
@@ -94,3 +103,18 @@ class WorkflowReadiness:
             self._state[name] = state
         self.checked_at = time.time()
         return True
+
+
+def _listed_choices(workflow: Any, object_info: dict[str, Any]) -> dict[str, list[Any]]:
+    """The options ComfyUI lists for each enum parameter without configured ``choices``."""
+    found = {}
+    for pname, param in workflow.params.items():
+        if param.type != "enum" or param.choices is not None:
+            continue
+        info = object_info.get(workflow.template[param.node].get("class_type")) or {}
+        declared = {**((info.get("input") or {}).get("optional") or {}),
+                    **((info.get("input") or {}).get("required") or {})}
+        options = combo_options(declared.get(param.input))
+        if options is not None:
+            found[pname] = options
+    return found

@@ -127,6 +127,7 @@ class JSONHandler(web.RequestHandler):
             self.set_header("Allow", ", ".join(allowed_methods(self)))
         body: dict[str, Any] = {}
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.error_exc = exc  # t2i.metrics counts a 503 by the exception behind it
         if isinstance(exc, APIError):
             for name, value in exc.headers.items():
                 self.set_header(name, value)
@@ -308,3 +309,6 @@ def log_request(handler: web.RequestHandler) -> None:
         # request.uri has no credentials: tokens only travel in headers.
         log.log(level, "%d %s %s (%s) %.1fms", status, request.method, short_uri(request.uri),
                 request.remote_ip, 1000.0 * request.request_time())
+    from t2i.metrics import observe_request  # not at the top: t2i.metrics imports this module
+
+    observe_request(handler)

@@ -174,6 +174,7 @@ class Runner:
     def _finished(self, job: Job) -> None:
         """Log, metrics, memory freed: once per job, when it reaches a final phase."""
         metrics.JOBS_FINISHED.labels(self.name, job.status).inc()
+        metrics.observe_job(self.name, job)
         if job.status == COMPLETED:
             metrics.JOB_DURATION.labels(self.name).observe(max(0.0, (job.finished_at or self.clock()) - job.created_at))
             log.info("job %s: completed, %d image(s)", job.prompt_id, len(job.images))

@@ -27,6 +27,8 @@ setup(
             "playwright>=1.40",
             # The scheduler's default client (measured faster); tests cover both.
             "pycurl>=7.45",
+            # tests/test_fuzz.py: both servers fuzzed from their OpenAPI documents (4.x Python API).
+            "schemathesis>=4.32,<5",
         ],
         "curl": ["pycurl>=7.45"],
     },

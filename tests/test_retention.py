@@ -423,7 +423,7 @@ async def test_report_shape_and_last_report(tmp_path):
     assert pruner.last_report is None
     report = await pruner.prune_once()
     assert set(report) == {"at", "duration", "tasks_removed", "images_removed", "bytes_removed",
-                           "comfyui_files_removed", "errors"}
+                           "comfyui_files_removed", "comfyui_inputs_removed", "errors"}
     assert report["at"] == T0 and report["duration"] >= 0
     assert pruner.last_report is report
 

@@ -119,7 +119,7 @@ async def _start_pruner(worker: Worker) -> Any:
         log.info("retention module not available: images and finished jobs are not pruned")
         return None
     pruner = Pruner(worker.store, worker.images, worker.config.retention, worker.config.comfyui.output_dir,
-                    worker.config.name)
+                    worker.config.name, comfy_input_dir=worker.config.comfyui.input_dir)
     await _maybe_await(pruner.start())
     return pruner
 

@@ -25,7 +25,7 @@ SUBFOLDER = "t2i"  # ComfyUI's input/t2i/: every upload of t2i, and nothing else
 
 # An upload's name in input/t2i/, as ComfyUI may have stored it ("<name> (1).png" after a clash).
 UPLOAD_NAME = re.compile(
-    r"^(?P<prompt_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})_[a-z][a-z0-9_]*"
+    r"^(?P<prompt_id>[0-9a-f]{8}-[0-9a-f]{4}-[45][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})_[a-z][a-z0-9_]*"
     r"(?: \(\d+\))?\.(?:png|jpg|webp)$")
 
 

@@ -1,4 +1,4 @@
-"""Retention: prune finished task states, old images and t2i's files in ComfyUI's output folder.
+"""Retention: prune finished task states, old images and t2i's files in ComfyUI's output and input folders.
 
 One pass (:meth:`Pruner.prune_once`) at start, then one every ``retention.interval``
 seconds from a ``PeriodicCallback`` (jitter 0.1), as jupyterhub-idle-culler does.
@@ -22,13 +22,16 @@ from tornado.ioloop import PeriodicCallback
 from t2i.config import RetentionConfig
 from t2i.metrics import PRUNED, PRUNED_BYTES
 from t2i.worker.images import ImageStore
+from t2i.worker.inputs import SUBFOLDER as INPUT_SUBFOLDER
+from t2i.worker.inputs import UPLOAD_NAME
 from t2i.worker.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
 # The files t2i's SaveImage node writes (filename_prefix ``t2i_<prompt_id>``); nothing else there is touched.
+# (Job ids are UUID4s, or UUID5s made from an Idempotency-Key.)
 COMFY_OUTPUT_NAME = re.compile(
-    r"^t2i_(?P<prompt_id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})"
+    r"^t2i_(?P<prompt_id>[0-9a-f]{8}-[0-9a-f]{4}-[45][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})"
     r"_\d{5}_\.(?:png|jpg|jpeg|webp)$")
 
 SLICE_SECONDS = 0.005    # longest run of Python work on the loop before yielding
@@ -78,12 +81,12 @@ def _unlink_batch(directory: str, names: list[str]) -> tuple[list[str], list[str
     return removed, gone, failed
 
 
-def _scan_comfy_output(directory: str) -> list[tuple[str, str, float]]:
-    """(name, prompt_id, mtime) of t2i's files in ComfyUI's output folder -- runs in the executor."""
+def _scan_comfy_output(directory: str, pattern: re.Pattern = COMFY_OUTPUT_NAME) -> list[tuple[str, str, float]]:
+    """(name, prompt_id, mtime) of t2i's files in a ComfyUI folder -- runs in the executor."""
     found = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            match = COMFY_OUTPUT_NAME.match(entry.name)
+            match = pattern.match(entry.name)
             if match is None:
                 continue
             try:
@@ -111,11 +114,14 @@ class Pruner:
     def __init__(self, store: JobStore, images: ImageStore, config: RetentionConfig,
                  comfy_output_dir: Path | str | None, worker_name: str,
                  clock: Callable[[], float] = time.time, *, comfy_grace: float = COMFY_GRACE,
-                 slice_seconds: float = SLICE_SECONDS, unlink_batch: int = UNLINK_BATCH):
+                 slice_seconds: float = SLICE_SECONDS, unlink_batch: int = UNLINK_BATCH,
+                 comfy_input_dir: Path | str | None = None):
         self.store = store
         self.images = images
         self.config = config
         self.comfy_output_dir = Path(comfy_output_dir) if comfy_output_dir else None
+        # t2i's uploads: input/t2i/<prompt_id>_<param>.<ext> (t2i.worker.inputs), nothing else
+        self.comfy_inputs_dir = Path(comfy_input_dir) / INPUT_SUBFOLDER if comfy_input_dir else None
         self.worker_name = worker_name
         self.clock = clock
         self.comfy_grace = comfy_grace
@@ -164,9 +170,10 @@ class Pruner:
             started = time.perf_counter()
             report: dict[str, Any] = {"at": self.clock(), "duration": 0.0, "tasks_removed": 0,
                                       "images_removed": 0, "bytes_removed": 0,
-                                      "comfyui_files_removed": 0, "errors": []}
+                                      "comfyui_files_removed": 0, "comfyui_inputs_removed": 0, "errors": []}
             slicer = _Slicer(self.slice_seconds)
-            for phase in (self._prune_tasks, self._prune_images, self._prune_comfy_output):
+            for phase in (self._prune_tasks, self._prune_images, self._prune_comfy_output,
+                          self._prune_comfy_inputs):
                 try:
                     await phase(report, slicer)
                 except Exception as exc:
@@ -257,10 +264,22 @@ class Pruner:
         """t2i's own files in ComfyUI's output folder (and only those)."""
         if self.comfy_output_dir is None:
             return
-        directory = str(self.comfy_output_dir)
+        await self._prune_comfy_files(report, slicer, str(self.comfy_output_dir), COMFY_OUTPUT_NAME,
+                                      "comfyui_files_removed", "ComfyUI output files")
+
+    async def _prune_comfy_inputs(self, report: dict[str, Any], slicer: _Slicer) -> None:
+        """The input images t2i uploaded (ComfyUI never deletes them), once their job has ended."""
+        if self.comfy_inputs_dir is None:
+            return
+        await self._prune_comfy_files(report, slicer, str(self.comfy_inputs_dir), UPLOAD_NAME,
+                                      "comfyui_inputs_removed", "ComfyUI input images")
+
+    async def _prune_comfy_files(self, report: dict[str, Any], slicer: _Slicer, directory: str,
+                                 pattern: re.Pattern, counter: str, what: str) -> None:
+        """t2i's files of ended (or forgotten) jobs in a ComfyUI folder, after ``comfy_grace``."""
         loop = asyncio.get_running_loop()
         try:
-            found = await loop.run_in_executor(None, _scan_comfy_output, directory)
+            found = await loop.run_in_executor(None, _scan_comfy_output, directory, pattern)
         except FileNotFoundError:
             return
         now = report["at"]
@@ -278,10 +297,10 @@ class Pruner:
                 await slicer.tick()
         failures: list[tuple[str, OSError]] = []
         async for removed, gone, failed in self._unlink(directory, victims):
-            report["comfyui_files_removed"] += len(removed) + len(gone)
+            report[counter] += len(removed) + len(gone)
             failures.extend(failed)
         if failures:
-            report["errors"].append(self._summarise("ComfyUI output files", directory, len(victims), failures))
+            report["errors"].append(self._summarise(what, directory, len(victims), failures))
 
     async def _unlink(self, directory: Path | str, names: list[str]):
         """Unlink ``names`` in the executor, ``unlink_batch`` at a time; yields each batch's outcome."""
@@ -303,14 +322,15 @@ class Pruner:
     def _count(self, report: dict[str, Any]) -> None:
         worker = self.worker_name
         for kind, key in (("tasks", "tasks_removed"), ("images", "images_removed"),
-                          ("comfyui_files", "comfyui_files_removed")):
+                          ("comfyui_files", "comfyui_files_removed"), ("comfyui_inputs", "comfyui_inputs_removed")):
             if report[key]:
                 PRUNED.labels(worker=worker, kind=kind).inc(report[key])
         if report["bytes_removed"]:
             PRUNED_BYTES.labels(worker=worker).inc(report["bytes_removed"])
-        removed = report["tasks_removed"] or report["images_removed"] or report["comfyui_files_removed"]
+        removed = report["tasks_removed"] or report["images_removed"] or report["comfyui_files_removed"] \
+            or report["comfyui_inputs_removed"]
         log.log(logging.INFO if removed else logging.DEBUG,
-                "Pruned %d task states, %d images (%d bytes), %d ComfyUI files in %.3fs%s",
+                "Pruned %d task states, %d images (%d bytes), %d ComfyUI files, %d ComfyUI input images in %.3fs%s",
                 report["tasks_removed"], report["images_removed"], report["bytes_removed"],
-                report["comfyui_files_removed"], report["duration"],
+                report["comfyui_files_removed"], report["comfyui_inputs_removed"], report["duration"],
                 f"; {len(report['errors'])} errors" if report["errors"] else "")

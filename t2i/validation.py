@@ -176,6 +176,8 @@ def _check_value(name: str, value: Any, spec: Mapping[str, Any]) -> None:
     low = spec.get("min", 0 if name in PARAM_KINDS else None)
     high = spec.get("max", SEED_MAX if name == "seed" else None)
     _check_range(name, value, low, high)
+    if name in ("width", "height") and value % 8:  # ComfyUI's latents are 8x8-pixel blocks: it would round down
+        raise ValidationError(f"`{name}` must be a multiple of 8 ({value} would make {value - value % 8}).", name)
 
 
 def _check_number(name: str, value: Any, spec: Mapping[str, Any]) -> None:

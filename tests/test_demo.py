@@ -1,8 +1,11 @@
 """The newcomer's path: `python -m t2i.demo` starts, makes an image, stops cleanly."""
 
 import configparser
+import gc
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -121,3 +125,62 @@ def test_pytest_says_why_tests_are_skipped():
     ini = configparser.ConfigParser()
     ini.read(Path(__file__).resolve().parents[1] / "pytest.ini")
     assert "-rs" in ini["pytest"]["addopts"].split()
+
+
+# --- smaller things a newcomer or an operator trips over (issue 11) ---------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_images_are_readable_by_a_reverse_proxy(tmp_path):
+    from t2i.worker.images import ImageStore
+
+    store = ImageStore(tmp_path)
+    name = await store.save(ImageStore.filename_for(str(uuid.uuid4()), 0), b"\x89PNG\r\n\x1a\n")
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_width_the_latent_would_round_is_refused_naming_the_field(tmp_path):
+    from support.cluster import WorkerCluster
+
+    async with WorkerCluster(tmp_path) as c:
+        refused = await c.generate({"prompt": "a fox", "width": 100})
+        assert refused.code == 400 and refused.json["field"] == "width", refused
+        assert "multiple of 8" in refused.json["error"] and "96" in refused.json["error"]
+        refused = await c.generate({"prompt": "a fox", "height": 516})
+        assert refused.code == 400 and refused.json["field"] == "height", refused
+        assert (await c.generate({"prompt": "a fox", "width": 104, "height": 64, "steps": 1})).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_scheduler_logs_each_placement_with_job_and_worker(tmp_path, caplog):
+    from support.cluster import SchedulerCluster, call
+
+    caplog.set_level(logging.INFO, logger="t2i.scheduler")
+    async with SchedulerCluster(tmp_path, n=1) as c:
+        placed = await call("POST", c.scheduler.url + "/generate", {"prompt": "a fox", "steps": 1})
+        assert placed.code == 200, placed
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert f"placed job {placed.json['prompt_id']} on worker gpu-0" in lines, lines
+
+
+def test_the_comfyui_double_removes_the_temp_folder_it_made():
+    from t2i.comfy_sim import ComfySim
+
+    sim = ComfySim()
+    made = Path(sim.output_dir).parent
+    assert made.is_dir() and made.name.startswith("comfy-sim-")
+    del sim
+    gc.collect()
+    assert not made.exists()
+    # The standalone double, stopped as systemd or Ctrl-C stops it.
+    process = subprocess.Popen([sys.executable, "-m", "t2i.comfy_sim", "--port", "0", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        output = Path(re.search(r"\(output (\S+)\)", line).group(1))
+        assert output.is_dir(), line
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        process.stdout.close()
+    assert not output.parent.exists()

@@ -12,8 +12,10 @@ import errno
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
+import weakref
 from typing import Any
 
 from tornado import httpserver, netutil, web
@@ -31,7 +33,10 @@ class ComfySim:
                  checkpoints=("v1-5-pruned-emaonly.safetensors",), input_dir: str | None = None):
         self.step_time = float(step_time)
         if output_dir is None:
-            output_dir = tempfile.mkdtemp(prefix="comfy-sim-output-")
+            # One temp folder of our own (output/ and the .input beside it), removed with the sim or at exit.
+            owned = tempfile.mkdtemp(prefix="comfy-sim-")
+            weakref.finalize(self, shutil.rmtree, owned, True)
+            output_dir = os.path.join(owned, "output")
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = os.path.abspath(output_dir)
         # POST /upload/image writes to input/ (LoadImage reads it); nothing writes temp/ (no PreviewImage).

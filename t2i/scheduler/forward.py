@@ -228,6 +228,7 @@ class JobRouter:
     def _placed(self, state: WorkerState, answer: dict[str, Any]) -> Reply:
         self.mirror.note_submitted(answer["prompt_id"], state.name)
         SCHEDULER_ROUTED.labels(worker=state.name).inc()
+        log.info("placed job %s on worker %s", answer["prompt_id"], state.name)
         return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
 
     def _answer(self, state: WorkerState, body: Any, response: JSONResponse) -> Reply | Refusal:

@@ -82,6 +82,7 @@ class ImageStore:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would keep a reverse proxy from serving it
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())

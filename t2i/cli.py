@@ -17,8 +17,8 @@ from t2i import __version__
 from t2i.config import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-# "Authorization: Bearer abc", "Authorization: abc", "bearer abc": the credential part.
-_CREDENTIAL = re.compile(r"(?i)(\bauthorization:\s*(?:bearer\s+)?|\bbearer\s+)[^\s'\",;]+")
+# "Authorization: Bearer abc", "Authorization: Basic abc", "Authorization: abc", "bearer abc": the credential.
+_CREDENTIAL = re.compile(r"(?i)(\bauthorization:\s*(?:[a-z]+\s+(?=\S))?|\bbearer\s+)[^\s'\",;]+")
 
 
 def build_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:

@@ -261,6 +261,12 @@ def test_credentials_are_redacted_from_any_log_line():
                                (">", "Authorization: Bearer abc123"), None)
     assert RedactCredentials().filter(record)
     assert record.getMessage() == "> Authorization: Bearer [redacted]"
+    for line, redacted in [("Authorization: Basic dXNlcjpwdw==", "Authorization: Basic [redacted]"),
+                           ("authorization: abc123", "authorization: [redacted]"),
+                           ("sent 'Bearer abc123', got 401", "sent 'Bearer [redacted]', got 401")]:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, line, None, None)
+        RedactCredentials().filter(record)
+        assert record.getMessage() == redacted
 
 
 # --- 4 and 5. paths: NUL bytes, symlinks ---------------------------------------------------

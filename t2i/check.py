@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from t2i.comfyui import ComfyUIClient, ComfyUIError, ComfyUIUnavailable
 from t2i.config import SchedulerConfig, WorkerConfig, WorkerEntry
@@ -25,9 +25,22 @@ def _print(line: str) -> None:
 
 # --- the worker: its ComfyUI, each workflow ---------------------------------------------
 
+async def _guarded(check: Awaitable[int], say: Say) -> int:
+    """A check that failed in a way nobody foresaw is one line and exit 1, never a traceback."""
+    try:
+        return await check
+    except Exception as exc:
+        say(f"the check itself failed: {type(exc).__name__}: {exc}")
+        return 1
+
+
 async def check_worker(config: WorkerConfig, say: Say = _print) -> int:
     """Reach ComfyUI and check every workflow against its ``/object_info``: node classes, model files,
     sampler names (the worker's routing readiness does the same, with :func:`t2i.readiness.problems_of`)."""
+    return await _guarded(_check_worker(config, say), say)
+
+
+async def _check_worker(config: WorkerConfig, say: Say) -> int:
     comfy = ComfyUIClient(config.comfyui.url, connect_timeout=config.comfyui.connect_timeout,
                           request_timeout=config.comfyui.request_timeout)
     classes = sorted(set().union(*(classes_of(wf.template) for wf in config.workflows.values())))
@@ -57,6 +70,10 @@ async def check_worker(config: WorkerConfig, say: Say = _print) -> int:
 
 async def check_scheduler(config: SchedulerConfig, workers: list[WorkerEntry], say: Say = _print) -> int:
     """The page's files, then each enabled worker: reachable, the token accepted, every workflow ready."""
+    return await _guarded(_check_scheduler(config, workers, say), say)
+
+
+async def _check_scheduler(config: SchedulerConfig, workers: list[WorkerEntry], say: Say) -> int:
     ok = True
     index = Path(config.static_dir) / "index.html"
     if index.is_file():

@@ -128,3 +128,15 @@ async def test_scheduler_check_config_errors_exit_2(tmp_path):
     (tmp_path / "workers.yaml").write_text("workers:\n  - {name: gpu-a}\n")
     code, lines, stderr = await run("t2i.scheduler", "--config", str(config), "--check")
     assert code == 2 and lines == [] and "workers.yaml" in stderr, stderr
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_check_that_fails_unforeseen_is_one_line_and_exit_1():
+    from t2i.check import _guarded
+
+    async def broken() -> int:
+        raise RuntimeError("disk on fire")
+
+    lines: list[str] = []
+    assert await _guarded(broken(), lines.append) == 1
+    assert lines == ["the check itself failed: RuntimeError: disk on fire"]

@@ -3,28 +3,40 @@
 // Same-origin paths only. Image and preview URLs point at workers and are
 // loaded by <img> (and fetch for downloads) elsewhere, never through here.
 
-export const FINAL_STATES = new Set(["completed", "failed", "cancelled"]);
+import { isFinal } from "./status.js";
 
 /** The request never got an HTTP answer (server down, network gone, timeout). */
 export class NetworkError extends Error {}
 
-/** Exponential backoff: first, first*2, first*4 … capped; reset() after a success. */
+/**
+ * Exponential backoff with jitter: about first, first*2, first*4 … capped at `cap`, each
+ * shortened by a random part of up to `jitter` of it (so tabs that lost the server together do
+ * not come back in lockstep); reset() after a success. `random` is Math.random unless a test
+ * gives its own.
+ */
 export class Backoff {
-  constructor(first = 1500, cap = 30000) {
+  constructor(first = 1500, cap = 30000, { jitter = 0.5, random = Math.random } = {}) {
     this.first = first;
     this.cap = cap;
+    this.jitter = jitter;
+    this.random = random;
     this.current = first;
   }
 
   next() {
-    const delay = this.current;
+    const base = this.current;
     this.current = Math.min(this.current * 2, this.cap);
-    return delay;
+    return Math.round(base * (1 - this.jitter * this.random()));
   }
 
   reset() {
     this.current = this.first;
   }
+}
+
+/** A server's Retry-After (seconds) as a wait in ms: never sooner, up to a quarter later, spread. */
+export function afterRetryAfter(seconds, random = Math.random) {
+  return Math.round(Math.max(0, seconds || 0) * 1000 * (1 + 0.25 * random()));
 }
 
 /** Seconds from a Retry-After header (seconds or HTTP date), or null. */
@@ -119,10 +131,11 @@ const longPollSlots = { free: 3 };
  * Callbacks: onUpdate(state) for every new state (the last one final),
  * onTrouble({message, retryIn}) while retrying and onTrouble(null) once
  * answers come again, onGone(kind) when the server no longer knows the job
- * ("unknown" for 404, "expired" for 410).
+ * ("unknown" for 404, "expired" for 410). `startedAt` (ms) is when the job was
+ * submitted: a 404 soon after is the scheduler not having heard of it yet.
  */
 export class JobWatcher {
-  constructor(id, { interval = 1500, wait = 20, onUpdate, onTrouble, onGone }) {
+  constructor(id, { interval = 1500, wait = 20, startedAt = Date.now(), onUpdate, onTrouble, onGone }) {
     this.id = id;
     this.interval = interval;
     this.wait = wait;
@@ -132,7 +145,7 @@ export class JobWatcher {
     this.stopped = false;
     this.longPoll = true; // until the server shows it ignores ?wait
     this.quickAnswers = 0; // long-polls answered at once with nothing new, in a row
-    this.startedAt = Date.now();
+    this.startedAt = startedAt;
     this.wake = new AbortController();
   }
 
@@ -192,9 +205,9 @@ export class JobWatcher {
         }
         const version = typeof data.version === "number" ? data.version : null;
         const newer = since === null || version === null || version > since;
-        if (FINAL_STATES.has(data.status)) {
+        if (isFinal(data.status)) {
           this.stopped = true;
-          this.onUpdate(data.status === "completed" ? await this.finalResult(data) : data);
+          this.onUpdate(await this.finalResult(data));
           return;
         }
         if (newer) this.onUpdate(data);
@@ -219,20 +232,25 @@ export class JobWatcher {
         continue;
       }
       // 502/503 (the job's worker is unreachable) and anything else: retry.
-      const retryIn = Math.max(backoff.next(), (answer.retryAfter || 0) * 1000);
+      const retryIn = Math.max(backoff.next(), afterRetryAfter(answer.retryAfter));
       troubled = true;
       this.onTrouble({ message: data.error || `The server answered ${status}.`, retryIn });
       await sleep(retryIn, this.wake.signal);
     }
   }
 
-  /** The final word on a completed job: GET /result, merged over the status. */
+  /**
+   * The final state. /status holds the image URLs; GET /result is asked only for a completed
+   * job whose status names no image and does not say it expired (an older server).
+   */
   async finalResult(state) {
+    const hasImage = state.image_url || (state.image_urls || []).length || state.image_expired;
+    if (state.status !== "completed" || hasImage) return state;
     try {
       const answer = await api.result(this.id);
       if (answer.status === 200) return { ...state, ...answer.data, status: state.status };
     } catch {
-      // The status already carries the image URL; the result is a courtesy.
+      // Nothing more to learn now: the job is done, without an image to show.
     }
     return state;
   }

@@ -1,11 +1,13 @@
-// Wiring: the form submits jobs, each job gets a card and a status watcher,
-// finished images go to the gallery.
+// Wiring: the form submits jobs, each job gets a row and a status watcher, and a finished
+// image leaves its row for the gallery (shown once).
 
-import { api, Backoff, JobWatcher, NetworkError } from "./api.js";
+import { afterRetryAfter, api, Backoff, JobWatcher, NetworkError } from "./api.js";
 import { httpUrl } from "./download.js";
+import { plainCatalogueError, plainSubmitError, plainTrouble, plainUnavailable } from "./errors.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
-import { JobCard } from "./jobs.js";
+import { JobRow } from "./jobs.js";
+import { tookSeconds } from "./status.js";
 
 const $ = (id) => document.getElementById(id);
 const ACTIVE_KEY = "t2i.active.v1"; // unfinished jobs of this tab, resumed after a reload
@@ -13,8 +15,9 @@ const ACTIVE_KEY = "t2i.active.v1"; // unfinished jobs of this tab, resumed afte
 const settings = readSettings();
 const jobList = $("jobs");
 const announcer = $("announcer");
+const rates = new Map(); // worker name -> steps per second lately, for estimates
 
-const form = new GenerateForm($("generate-form"), { onSubmit: startJob });
+const form = new GenerateForm($("generate-form"), { onSubmit: startJob, announce });
 const gallery = new Gallery({
   list: $("gallery"),
   template: $("gallery-template"),
@@ -23,14 +26,22 @@ const gallery = new Gallery({
   empty: $("gallery-empty"),
   onReuse: (item) => form.fill(item),
 });
-const cardHandlers = { onCancel: cancel, onRetry: retry, onDismiss: dismiss, announce };
+const rowHandlers = { onCancel: cancel, onRetry: retry, onDismiss: dismiss, announce, rates };
 
 $("jobs-clear").addEventListener("click", () => {
-  for (const el of [...jobList.children]) {
-    if (el.card && el.card.final) removeCard(el.card);
+  for (const row of rows()) {
+    if (row.final) removeRow(row);
   }
   $("jobs-title").focus();
 });
+
+// Elapsed times and estimates move on by themselves.
+setInterval(() => {
+  const now = Date.now();
+  for (const row of rows()) {
+    if (!row.final) row.tick(now);
+  }
+}, 1000);
 
 /** Poll interval and long-poll wait: ?poll= and ?wait= win over <meta name="t2i-poll-interval">. */
 function readSettings() {
@@ -49,166 +60,197 @@ function announce(text) {
   announcer.textContent = text;
 }
 
+function rows() {
+  return [...jobList.children].map((el) => el.row);
+}
+
 function refreshJobsHeader() {
-  const cards = [...jobList.children].map((el) => el.card);
-  $("jobs-empty").hidden = cards.length > 0;
-  $("jobs-clear").hidden = !cards.some((card) => card.final);
+  const all = rows();
+  const counts = { running: 0, queued: 0 };
+  for (const row of all) {
+    if (row.final) continue;
+    if (row.lastStatus === "running") counts.running += 1;
+    else counts.queued += 1;
+  }
+  const words = [];
+  if (counts.running) words.push(`${counts.running} running`);
+  if (counts.queued) words.push(`${counts.queued} waiting`);
+  $("jobs-count").textContent = words.length ? `(${words.join(", ")})` : "";
+  $("jobs-empty").hidden = all.length > 0;
+  $("jobs-clear").hidden = !all.some((row) => row.final);
 }
 
-function addCard(job) {
-  const card = new JobCard($("job-template"), job, cardHandlers);
-  card.el.card = card;
-  jobList.prepend(card.el);
+function addRow(job) {
+  const row = new JobRow($("job-template"), job, rowHandlers);
+  row.el.row = row;
+  jobList.prepend(row.el);
   refreshJobsHeader();
-  return card;
+  return row;
 }
 
-function removeCard(card) {
-  if (card.watcher) card.watcher.stop();
-  card.abandoned = true;
-  card.stopCountdown();
-  card.trouble(null);
-  card.el.remove();
-  forget(card);
+function removeRow(row) {
+  if (row.watcher) row.watcher.stop();
+  row.abandoned = true;
+  row.stopCountdown();
+  row.trouble(null);
+  row.stopPreview();
+  row.el.remove();
+  forget(row);
   refreshJobsHeader();
 }
 
 function startJob(job) {
-  submit(addCard(job));
+  job.submittedAt = Date.now();
+  const row = addRow(job);
+  // On a phone the list is below the form: show the new job's state without a scroll.
+  row.el.scrollIntoView({ block: "nearest", behavior: reducedMotion() ? "auto" : "smooth" });
+  submit(row);
+}
+
+function reducedMotion() {
+  return window.matchMedia("(prefers-reduced-motion: reduce)").matches;
 }
 
 /** POST /generate, waiting out 503s (Retry-After) and network errors until it is taken or refused. */
-async function submit(card) {
+async function submit(row) {
   const backoff = new Backoff(1500, 30000);
   const busy = new Backoff(1000, 10000);
-  while (!card.abandoned) {
-    card.showSubmitting();
+  while (!row.abandoned) {
+    row.showSubmitting();
     let answer;
     try {
-      answer = await api.generate(card.job.body);
+      answer = await api.generate(row.job.body);
     } catch (err) {
-      if (card.abandoned || !(err instanceof NetworkError)) return;
-      await card.showWaiting((n) => `Cannot reach the server — retrying in ${n} s`, backoff.next(), "reconnecting");
+      if (row.abandoned || !(err instanceof NetworkError)) return;
+      await row.showWaiting((n) => `Cannot reach the server — trying again in ${n} s`, backoff.next(), "reconnecting");
       continue;
     }
     const { status, data } = answer;
     if (status === 200 && data.prompt_id) {
-      if (card.abandoned) {
+      if (row.abandoned) {
         // Cancel (or Dismiss) was pressed while the request was on its way: the job exists
-        // now, so stop it on the server too. The card already says so; nothing to watch.
+        // now, so stop it on the server too. The row already says so; nothing to watch.
         api.cancel(data.prompt_id).catch(() => {});
         return;
       }
-      card.accepted(data);
-      remember(card);
-      watch(card);
+      row.accepted(data);
+      remember(row);
+      watch(row);
+      refreshJobsHeader();
       return;
     }
-    if (card.abandoned) return;
+    if (row.abandoned) return;
     if (status === 503) {
-      // The server's Retry-After, stretched while the pool stays full (many tabs, many jobs).
-      const wait = Math.max((answer.retryAfter ?? 0) * 1000, busy.next());
-      await card.showWaiting((n) => `No worker available — retrying in ${n} s`, wait);
+      // Every queue full, or no worker up: said differently, retried after the server's
+      // Retry-After, stretched (and spread) while it lasts.
+      const why = plainUnavailable(data);
+      const wait = Math.max(afterRetryAfter(answer.retryAfter), busy.next());
+      await row.showWaiting(why.text, wait, why.kind, why.detail);
       continue;
     }
     if (status === 400) {
-      removeCard(card);
+      removeRow(row);
       form.showError(data.field, data.error || "The server refused this request.");
       return;
     }
-    card.failed(submitError(status, data));
+    row.failed(plainSubmitError(status, data));
     refreshJobsHeader();
     return;
   }
 }
 
-function submitError(status, data) {
-  if (status === 413) return "the request is too large; shorten the prompt.";
-  let message = data.error || `the server answered ${status}.`;
-  const nodeErrors = data.node_errors && Object.values(data.node_errors);
-  if (nodeErrors && nodeErrors.length) {
-    const first = nodeErrors[0];
-    const detail = first && first.errors && first.errors[0];
-    if (detail && detail.message) message += ` (${first.class_type || "node"}: ${detail.message})`;
-  }
-  return message;
-}
-
-function watch(card) {
-  card.watcher = new JobWatcher(card.id, {
+function watch(row) {
+  row.watcher = new JobWatcher(row.id, {
     interval: settings.interval,
     wait: settings.wait,
+    startedAt: row.job.submittedAt || Date.now(),
     onUpdate: (state) => {
-      card.update(state);
-      if (card.final) finished(card, state);
+      row.update(state);
+      if (row.final) finished(row, state);
+      refreshJobsHeader();
     },
-    onTrouble: (info) => card.trouble(info),
+    onTrouble: (info) => {
+      const plain = info && plainTrouble(info.message);
+      row.trouble(info && { message: plain.text, detail: plain.detail, retryIn: info.retryIn });
+    },
     onGone: (kind) => {
-      card.gone(kind);
-      forget(card);
+      row.gone(kind);
+      forget(row);
       refreshJobsHeader();
     },
   }).start();
 }
 
-function finished(card, state) {
-  forget(card);
-  refreshJobsHeader();
+/** A final state: a completed image goes to the gallery and its row goes away. */
+function finished(row, state) {
+  forget(row);
   const imageUrl = httpUrl(state.image_url || (state.image_urls || [])[0]);
   if (state.status !== "completed" || !imageUrl || state.image_expired) return;
-  const { params } = card.job;
-  gallery.add({
-    id: card.id,
-    prompt: card.job.prompt,
+  const { params } = row.job;
+  const hadFocus = row.el.contains(document.activeElement);
+  const item = gallery.add({
+    id: row.id,
+    prompt: row.job.prompt,
     negative_prompt: params.negative_prompt,
+    workflow: row.job.body.workflow,
     seed: state.seed ?? params.seed,
     steps: params.steps,
     width: params.width,
     height: params.height,
     image_url: imageUrl,
+    took: tookSeconds(state),
     created_at: state.completed_at || Date.now() / 1000,
   });
+  removeRow(row);
+  if (item) {
+    item.classList.add("fresh");
+    setTimeout(() => item.classList.remove("fresh"), 2500);
+    if (hadFocus) item.querySelector("a.open").focus();
+  }
 }
 
-async function cancel(card) {
-  if (card.final) return;
-  if (!card.id) {
+async function cancel(row) {
+  if (row.final) return;
+  if (!row.id) {
     // Not submitted yet (waiting for a worker, or the POST is on its way).
-    card.abandoned = true;
-    card.cancelledBeforeSubmit();
+    row.abandoned = true;
+    row.cancelledBeforeSubmit();
     refreshJobsHeader();
     return;
   }
-  const button = card.parts.cancel;
+  const button = row.parts.cancel;
   button.disabled = true;
   button.textContent = "Cancelling…";
   try {
-    const { status, data } = await api.cancel(card.id);
-    if (status >= 500) card.note(`Could not cancel: ${data.error || `the server answered ${status}`}. Try again.`);
+    const { status } = await api.cancel(row.id);
+    if (status >= 500) row.note("Could not cancel: the server has a problem right now. Try again.");
     // 200: it is being cancelled; 409: it already finished; 404: gone. Either way, ask for the state now.
-    if (card.watcher) card.watcher.poke();
+    if (row.watcher) row.watcher.poke();
   } catch {
-    card.note("Could not reach the server to cancel. Try again.");
+    row.note("Could not reach the server to cancel. Try again.");
   } finally {
     button.disabled = false;
     button.textContent = "Cancel";
   }
 }
 
-function retry(card) {
-  const job = { ...card.job, params: { ...card.job.params } };
-  // A fresh seed unless the user chose one.
-  if (job.body.seed === undefined) delete job.params.seed;
-  const next = addCard(job);
-  removeCard(card);
+/** The same job again: same prompt, settings and seed. */
+function retry(row) {
+  const body = { ...row.job.body };
+  const seed = body.seed ?? row.job.params.seed;
+  if (seed !== undefined && seed !== null) body.seed = seed;
+  const job = { prompt: row.job.prompt, body, params: { ...row.job.params } };
+  const next = addRow(job);
+  removeRow(row);
+  job.submittedAt = Date.now();
   submit(next);
   next.parts.cancel.focus();
 }
 
-function dismiss(card) {
-  const sibling = card.el.nextElementSibling || card.el.previousElementSibling;
-  removeCard(card);
-  const target = sibling && sibling.card && (sibling.card.final ? sibling.card.parts.dismiss : sibling.card.parts.cancel);
+function dismiss(row) {
+  const sibling = row.el.nextElementSibling || row.el.previousElementSibling;
+  removeRow(row);
+  const target = sibling && sibling.row && (sibling.row.final ? sibling.row.parts.dismiss : sibling.row.parts.cancel);
   (target || $("jobs-title")).focus();
 }
 
@@ -231,42 +273,59 @@ function writeActive(items) {
   }
 }
 
-function remember(card) {
-  const items = readActive().filter((item) => item.id !== card.id);
-  items.push({ id: card.id, worker: card.worker, job: card.job });
+function remember(row) {
+  const items = readActive().filter((item) => item.id !== row.id);
+  items.push({ id: row.id, worker: row.worker, job: row.job });
   writeActive(items);
 }
 
-function forget(card) {
-  if (card.id) writeActive(readActive().filter((item) => item.id !== card.id));
+function forget(row) {
+  if (row.id) writeActive(readActive().filter((item) => item.id !== row.id));
 }
 
 function resume() {
   for (const item of readActive()) {
-    if (!item || !item.id || !item.job) continue;
-    const card = addCard(item.job);
-    card.accepted({ prompt_id: item.id, worker: item.worker });
-    watch(card);
+    if (!item || !item.id || !item.job || !item.job.prompt) continue;
+    item.job.params = item.job.params || {};
+    item.job.body = item.job.body || { prompt: item.job.prompt };
+    const row = addRow(item.job);
+    row.accepted({ prompt_id: item.id, worker: item.worker });
+    watch(row);
   }
 }
 
 // --- start ---------------------------------------------------------------------
 
-/** GET /workflows; a scheduler that has not heard from a worker yet answers 503: ask again later. */
-async function loadCatalogue(attempt = 0) {
-  let retryIn = null;
-  try {
-    const { status, data, retryAfter } = await api.workflows();
-    if (status === 200 && data && data.workflows) {
-      form.setCatalogue(data);
-    } else if (status === 503 || status >= 500) {
-      retryIn = (retryAfter || 2 ** attempt) * 1000;
+/**
+ * GET /workflows: the form's fields, ranges and defaults. Asked again (with backoff) until it
+ * answers; `settled()` is called once the form has its settings or has said why it has none.
+ */
+async function loadCatalogue(settled) {
+  const backoff = new Backoff(1000, 30000);
+  let told = false;
+  for (;;) {
+    let status = null;
+    let data = {};
+    let retryAfter = null;
+    try {
+      ({ status, data, retryAfter } = await api.workflows());
+      if (status === 200 && data && data.workflows && form.setCatalogue(data)) {
+        settled();
+        return;
+      }
+    } catch {
+      status = null;
     }
-  } catch {
-    retryIn = 2 ** attempt * 1000;
+    const wait = Math.max(backoff.next(), afterRetryAfter(retryAfter));
+    const plain = plainCatalogueError(status === 200 ? 500 : status, data);
+    form.showSettingsNote(plain);
+    if (!told) {
+      announce(plain.text);
+      told = true;
+      settled();
+    }
+    await new Promise((resolve) => setTimeout(resolve, wait));
   }
-  // Meanwhile the form keeps its fallback ranges.
-  if (retryIn !== null && attempt < 8) setTimeout(() => loadCatalogue(attempt + 1), Math.min(retryIn, 30000));
 }
 
 async function checkHealth() {
@@ -285,6 +344,6 @@ async function checkHealth() {
 
 // Jobs of before a reload are resumed once the server's poll interval is known.
 checkHealth().then(resume);
-loadCatalogue().then(() => {
+loadCatalogue(() => {
   document.documentElement.dataset.ready = "true";
 });

@@ -1,7 +1,9 @@
-// The images made in this browser, kept in localStorage, newest first.
+// The one image grid: every image made in this browser, once, newest first, kept in
+// localStorage (in memory too, so a full or disabled storage loses nothing on this page).
 
 import { api } from "./api.js";
 import { downloadImage, fileName, httpUrl } from "./download.js";
+import { metaParts, renderMeta } from "./status.js";
 
 const KEY = "t2i.gallery.v1";
 const LIMIT = 100;
@@ -32,51 +34,70 @@ export class Gallery {
     this.clearButton = clearButton;
     this.empty = empty;
     this.onReuse = onReuse;
+    this.items = read();
     this.clearButton.addEventListener("click", () => {
       if (confirm("Remove every image from this browser's gallery? The images stay on the servers until they expire.")) {
-        write([]);
+        this.items = [];
+        write(this.items);
         this.render();
       }
     });
     // Another tab added or removed something.
     window.addEventListener("storage", (event) => {
-      if (event.key === KEY) this.render();
+      if (event.key === KEY) {
+        this.items = read();
+        this.render();
+      }
     });
     this.render();
   }
 
+  /** Add (or move to the front) an image; returns its element. */
   add(item) {
-    const items = read().filter((other) => other.id !== item.id);
-    items.unshift(item);
-    write(items);
+    this.items = [item, ...this.items.filter((other) => other.id !== item.id)].slice(0, LIMIT);
+    write(this.items);
     this.render();
+    return this.list.querySelector(`[data-id="${CSS.escape(item.id)}"]`);
   }
 
   remove(id) {
-    write(read().filter((item) => item.id !== id));
+    this.items = this.items.filter((item) => item.id !== id);
+    write(this.items);
     this.render();
   }
 
   markExpired(id) {
-    const items = read();
-    const item = items.find((other) => other.id === id);
+    const item = this.items.find((other) => other.id === id);
     if (item && !item.expired) {
       item.expired = true;
-      write(items);
+      write(this.items);
     }
   }
 
+  /**
+   * Bring the list in line with the items, keyed by id: existing elements stay where they are
+   * (their images are not asked again, a focused button keeps its focus), new ones are inserted.
+   */
   render() {
-    const items = read();
-    // A keyboard user on a gallery button keeps their place when another job adds an image.
-    const focused = this.list.contains(document.activeElement) ? document.activeElement : null;
-    const focusedItem = focused && focused.closest("[data-id]");
-    const focusedClass = focused && focused.classList[0];
-    this.list.replaceChildren(...items.map((item) => this.renderItem(item)));
-    if (focusedItem && focusedClass) {
-      const again = this.list.querySelector(
-        `[data-id="${CSS.escape(focusedItem.dataset.id)}"] .${CSS.escape(focusedClass)}`);
-      if (again) again.focus();
+    const items = this.items;
+    const existing = new Map([...this.list.children].map((node) => [node.dataset.id, node]));
+    const wanted = new Set(items.map((item) => item.id));
+    for (const [id, node] of existing) {
+      if (!wanted.has(id)) node.remove();
+    }
+    let cursor = this.list.firstElementChild;
+    for (const item of items) {
+      let node = existing.get(item.id);
+      if (!node || (item.expired && !node.classList.contains("expired"))) {
+        const fresh = this.renderItem(item);
+        if (node) node.replaceWith(fresh);
+        node = fresh;
+      }
+      if (node === cursor) {
+        cursor = cursor.nextElementSibling;
+      } else {
+        this.list.insertBefore(node, cursor);
+      }
     }
     this.count.textContent = items.length ? `(${items.length})` : "";
     this.clearButton.hidden = items.length === 0;
@@ -92,10 +113,9 @@ export class Gallery {
     node.dataset.id = item.id;
     caption.textContent = item.prompt;
     caption.title = item.prompt;
-    meta.textContent = describe(item);
+    renderMeta(meta, describe(item));
     open.href = item.image_url;
     open.setAttribute("aria-label", `Open full size: ${item.prompt}`);
-    if (item.width && item.height) node.style.setProperty("--ratio", `${item.width} / ${item.height}`);
     img.alt = item.prompt;
     if (item.expired) {
       this.showExpired(node, item);
@@ -154,11 +174,7 @@ export class Gallery {
   }
 }
 
+/** An image's settings line: size, steps, seed, how long it took, when. */
 export function describe(item) {
-  const parts = [];
-  if (item.width && item.height) parts.push(`${item.width}×${item.height}`);
-  if (item.steps) parts.push(`${item.steps}\u00a0steps`);
-  if (item.seed !== undefined && item.seed !== null) parts.push(`seed\u00a0${item.seed}`);
-  if (item.created_at) parts.push(new Date(item.created_at * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }));
-  return parts.join(" · ");
+  return metaParts({ ...item, worker: null, when: item.created_at });
 }

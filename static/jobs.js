@@ -1,122 +1,104 @@
-// One card per job: its state in words, a progress bar, the preview and the image.
+// One compact row per unfinished (or failed, cancelled, lost) job: its state in words, time,
+// progress and a small live preview when there is one. A finished image leaves the list for
+// the gallery, so no image is shown twice.
 
-import { downloadImage, fileName, httpUrl } from "./download.js";
+import { httpUrl } from "./download.js";
+import { describeState, duration, isFinal, metaParts, renderMeta, WORDS } from "./status.js";
 
-let cardCount = 0;
-
-/** The state of a job in words, as the card shows it. */
-export function stateText(state) {
-  switch (state.status) {
-    case "pending": {
-      const position = state.queue_position;
-      if (position === null || position === undefined) return unfinished("Queued", state);
-      return unfinished(position === 0 ? "Queued — up next" : `Queued — position ${position}`, state);
-    }
-    case "running": {
-      const progress = state.progress;
-      if (!progress || !progress.max) return unfinished("Generating — starting…", state);
-      return unfinished(`Generating — step ${progress.value} of ${progress.max}`, state);
-    }
-    case "completed":
-      return "Done";
-    case "failed":
-      return `Failed — ${state.error || "the job failed for an unknown reason."}`;
-    case "cancelled":
-      return "Cancelled";
-    default:
-      return state.status || "Unknown";
-  }
-}
-
-/** An unfinished job's words, with what the worker says is wrong right now and a second attempt. */
-function unfinished(text, state) {
-  const parts = [text];
-  if (state.attempt > 1) parts.push(`attempt ${state.attempt} (ComfyUI restarted)`);
-  if (state.error) parts.push(state.error);
-  return parts.join(" — ");
-}
+let rowCount = 0;
 
 function seconds(ms) {
   return Math.max(1, Math.round(ms / 1000));
 }
 
-export class JobCard {
+/** Seconds since an epoch-seconds time of the server, or null when the clocks disagree. */
+function sinceServer(epochSeconds, nowMs) {
+  if (!Number.isFinite(epochSeconds) || epochSeconds <= 0) return null;
+  const elapsed = nowMs / 1000 - epochSeconds;
+  return elapsed >= 0 && elapsed < 86400 ? elapsed : null;
+}
+
+export class JobRow {
   /**
-   * `job` is {prompt, params}; `handlers` are onCancel(card), onRetry(card),
-   * onDismiss(card) and announce(text) for the screen-reader live region.
+   * `job` is {prompt, body, params, submittedAt}; `handlers` are onCancel(row), onRetry(row),
+   * onDismiss(row), announce(text) for the screen-reader live region, and `rates`, a Map of
+   * worker name -> steps per second seen lately (for an estimate before a job's own rate).
    */
   constructor(template, job, handlers) {
     this.job = job;
     this.handlers = handlers;
     this.id = null;
+    this.worker = null;
     this.final = false;
     this.lastStatus = null;
     this.countdown = null;
+    this.state = null; // the last state from the server
+    this.details = { state: null, trouble: null };
     const el = template.content.firstElementChild.cloneNode(true);
     this.el = el;
     const $ = (selector) => el.querySelector(selector);
     this.parts = {
-      frame: $(".frame"),
-      img: $("img.result"),
-      badge: $(".badge"),
-      expired: $(".expired-label"),
-      note: $(".frame-note"),
+      thumb: $(".job-thumb"),
+      preview: $("img.preview"),
       prompt: $(".prompt"),
       meta: $(".meta"),
       state: $(".state"),
+      time: $(".time"),
+      notice: $(".notice"),
       bar: $("progress"),
       trouble: $(".trouble"),
+      details: $("details.details"),
+      detailText: $(".detail-text"),
       cancel: $("button.cancel"),
-      open: $("a.open"),
-      download: $("button.download"),
       retry: $("button.retry"),
       dismiss: $("button.dismiss"),
     };
-    const n = ++cardCount;
+    const n = ++rowCount;
     const p = this.parts;
     p.prompt.id = `job-${n}-prompt`;
     p.state.id = `job-${n}-state`;
     el.setAttribute("aria-labelledby", p.prompt.id);
+    el.setAttribute("aria-describedby", p.state.id);
     p.bar.setAttribute("aria-labelledby", p.state.id);
-    for (const button of [p.cancel, p.download, p.retry, p.dismiss, p.open]) {
-      button.setAttribute("aria-describedby", p.prompt.id);
-    }
+    for (const button of [p.cancel, p.retry, p.dismiss]) button.setAttribute("aria-describedby", p.prompt.id);
     p.prompt.textContent = job.prompt;
-    const { width, height } = job.params;
-    if (width && height) el.style.setProperty("--ratio", `${width} / ${height}`);
+    p.prompt.title = job.prompt;
     this.renderMeta();
 
     p.cancel.addEventListener("click", () => this.handlers.onCancel(this));
     p.retry.addEventListener("click", () => this.handlers.onRetry(this));
     p.dismiss.addEventListener("click", () => this.handlers.onDismiss(this));
-    p.download.addEventListener("click", () =>
-      downloadImage(p.download, this.imageUrl, fileName({ prompt: job.prompt, id: this.id, image_url: this.imageUrl })));
     this.showSubmitting();
   }
 
-  renderMeta(extra = []) {
+  renderMeta() {
     const { params } = this.job;
-    const parts = [];
-    if (params.width && params.height) parts.push(`${params.width}×${params.height}`);
-    if (params.steps) parts.push(`${params.steps}\u00a0steps`);
-    if (params.seed !== undefined && params.seed !== null) parts.push(`seed\u00a0${params.seed}`);
-    if (this.worker) parts.push(`on\u00a0${this.worker}`);
-    this.parts.meta.textContent = [...parts, ...extra].join(" · ");
+    renderMeta(this.parts.meta, metaParts({ ...params, worker: this.worker }));
   }
 
   setState(kind, text, { announce = false } = {}) {
     this.el.dataset.state = kind;
-    // A mark in the empty frame of a job that will not make an image.
-    this.parts.note.textContent = { failed: "✕", cancelled: "⊘", gone: "?" }[kind] || "";
-    this.parts.state.textContent = text;
+    const state = this.parts.state;
+    const at = this.worker ? text.indexOf(`on ${this.worker}`) : -1;
+    if (at < 0) {
+      state.textContent = text;
+    } else {
+      // "on gpu-a" never breaks at its hyphen.
+      const keep = document.createElement("span");
+      keep.className = "nowrap";
+      keep.textContent = `on ${this.worker}`;
+      state.replaceChildren(text.slice(0, at), keep, text.slice(at + keep.textContent.length));
+    }
     if (announce) this.handlers.announce(`${text}: ${this.job.prompt}`);
   }
 
-  setProgress(value, max) {
+  /** A determinate bar (value of max), an indeterminate one (value null), or none (hidden). */
+  setProgress(value, max, hidden = false) {
     const bar = this.parts.bar;
-    bar.hidden = false;
+    bar.hidden = hidden;
+    if (hidden) return;
     if (value === null) {
-      bar.removeAttribute("value"); // indeterminate
+      bar.removeAttribute("value");
     } else {
       bar.max = max;
       bar.value = value;
@@ -128,24 +110,41 @@ export class JobCard {
     const p = this.parts;
     p.cancel.hidden = final;
     p.dismiss.hidden = !final;
-    if (final) this.trouble(null);
+    if (final) {
+      this.trouble(null);
+      this.stopPreview();
+      p.time.hidden = true;
+      p.notice.hidden = true;
+      this.setProgress(null, null, true);
+    }
+  }
+
+  /** The technical text behind "Details": the current trouble's, else the state's. */
+  setDetail(which, text) {
+    this.details[which] = text || null;
+    const shown = this.details.trouble || this.details.state;
+    this.parts.detailText.textContent = shown || "";
+    this.parts.details.hidden = !shown;
   }
 
   showSubmitting() {
     this.stopCountdown();
-    this.setState("submitting", "Submitting…");
+    this.setState("submitting", WORDS.submitting);
     this.setProgress(null);
+    this.setDetail("state", null);
     this.setFinal(false);
   }
 
   /** Show `message(n)` counting down from `ms`; resolves when it reaches zero. */
-  showWaiting(message, ms, kind = "waiting") {
+  showWaiting(message, ms, kind = "waiting", detail = null) {
     this.stopCountdown();
     const until = Date.now() + ms;
-    // Announced once per kind of wait, not at every retry (that would drown other cards' news).
+    // Announced once per kind of wait, not at every retry (that would drown other jobs' news).
     const announce = this.announcedWait !== kind;
     this.announcedWait = kind;
-    this.setState(kind, message(seconds(ms)), { announce });
+    this.setState(kind === "reconnecting" ? "reconnecting" : "waiting", message(seconds(ms)), { announce });
+    this.el.dataset.wait = kind;
+    this.setDetail("state", detail);
     return new Promise((resolve) => {
       const tick = () => {
         const left = until - Date.now();
@@ -172,103 +171,141 @@ export class JobCard {
     this.id = answer.prompt_id;
     this.worker = answer.worker || null;
     this.el.dataset.id = this.id;
+    delete this.el.dataset.wait;
+    this.acceptedAt = this.acceptedAt || Date.now();
     this.renderMeta();
-    this.setState("pending", "Queued");
+    this.setState("pending", WORDS.accepted);
+    this.setDetail("state", null);
+    this.setProgress(null, null, true);
   }
 
-  /** A new state from GET /status (or /result). */
+  /** A new state from GET /status. */
   update(state) {
     const p = this.parts;
+    const now = Date.now();
     const changed = state.status !== this.lastStatus;
     this.lastStatus = state.status;
-    const text = stateText(state);
-    if (!this.el.classList.contains("reconnecting")) this.parts.trouble.hidden = true; // an old note
-    const final = ["completed", "failed", "cancelled"].includes(state.status);
+    this.state = state;
+    const { text, notice, detail } = describeState(state, { worker: this.worker });
+    if (!this.el.classList.contains("reconnecting")) p.trouble.hidden = true; // an old note
+    const final = isFinal(state.status);
     this.setState(state.status, text, { announce: changed });
+    p.notice.textContent = notice || "";
+    p.notice.hidden = !notice;
+    if (notice && notice !== this.lastNotice && !changed) this.handlers.announce(`${notice}: ${this.job.prompt}`);
+    this.lastNotice = notice || null;
+    this.setDetail("state", detail);
     if (state.seed !== undefined && state.seed !== null && this.job.params.seed === undefined) {
       this.job.params.seed = state.seed;
       this.renderMeta();
     }
-    if (state.status === "running" && state.progress && state.progress.max) {
-      this.setProgress(state.progress.value, state.progress.max);
-    } else if (state.status === "completed") {
-      this.setProgress(1, 1);
-    } else if (final) {
-      p.bar.hidden = true;
-    } else {
-      this.setProgress(null);
-    }
-    const previewUrl = httpUrl(state.preview_url);
-    if (state.status === "running" && previewUrl) this.showPreview(previewUrl);
-    if (state.status === "completed") this.showImage(state);
-    if (final) {
-      if (state.status !== "completed") this.clearFrame();
-      p.retry.hidden = state.status === "completed";
-      if (state.status === "completed" && state.started_at && state.completed_at > state.started_at) {
-        this.renderMeta([`${(state.completed_at - state.started_at).toFixed(1)}\u00a0s`]);
+    if (state.status === "pending") {
+      this.queuedFrom = this.queuedFrom ?? (sinceServer(state.created_at, now) !== null
+        ? now - sinceServer(state.created_at, now) * 1000 : this.acceptedAt || now);
+      this.setProgress(null, null, true);
+    } else if (state.status === "running") {
+      if (this.runFrom === undefined) {
+        const since = sinceServer(state.started_at, now);
+        this.runFrom = since !== null ? now - since * 1000 : now;
       }
+      const progress = state.progress;
+      if (progress && progress.max) {
+        this.setProgress(progress.value, progress.max);
+        this.noteProgress(progress, now);
+      } else {
+        this.setProgress(null);
+      }
+      const previewUrl = httpUrl(state.preview_url);
+      if (previewUrl) this.showPreview(previewUrl);
     }
+    if (final) p.retry.hidden = state.status === "completed";
     this.setFinal(final);
+    if (!final) this.tick(now);
+  }
+
+  /** Steps per second from the first and the latest progress seen (the model load is not counted). */
+  noteProgress(progress, now) {
+    if (!this.firstStep || progress.value < this.firstStep.value) this.firstStep = { value: progress.value, at: now };
+    if (progress.value !== this.lastProgressValue) {
+      this.lastProgressValue = progress.value;
+      this.lastProgressAt = now;
+    }
+    const steps = progress.value - this.firstStep.value;
+    const ms = now - this.firstStep.at;
+    if (steps >= 2 && ms >= 500) {
+      this.rate = (steps * 1000) / ms;
+      if (this.worker) this.handlers.rates.set(this.worker, this.rate);
+    }
+  }
+
+  /** Elapsed time (and an estimate of what is left) for a queued or running job; called every second. */
+  tick(now = Date.now()) {
+    const time = this.parts.time;
+    const state = this.state;
+    let text = "";
+    if (!this.final && state && state.status === "running" && this.runFrom !== undefined) {
+      text = duration((now - this.runFrom) / 1000);
+      const left = this.estimateLeft(now);
+      if (left !== null) text += ` · about ${duration(Math.max(1, left))} left`;
+    } else if (!this.final && state && state.status === "pending" && this.queuedFrom !== undefined) {
+      const waited = (now - this.queuedFrom) / 1000;
+      if (waited >= 1) text = `waiting ${duration(waited)}`;
+    }
+    time.textContent = text;
+    time.hidden = !text;
+  }
+
+  /** Seconds left at the job's own rate, else at its worker's recent rate; null when unknown. */
+  estimateLeft(now) {
+    const progress = this.state.progress;
+    if (!progress || !progress.max) return null;
+    const rate = this.rate || (this.worker && this.handlers.rates.get(this.worker));
+    if (!rate) return null;
+    const sinceLast = this.lastProgressAt ? (now - this.lastProgressAt) / 1000 : 0;
+    return (progress.max - progress.value) / rate - sinceLast;
   }
 
   showPreview(url) {
-    if (url === this.previewUrl) return;
-    this.previewUrl = url;
-    // Load off-screen first, so the frame never flashes an empty image.
+    // One preview load at a time; a newer one waits for it. Nothing is asked after the job ends.
+    this.previewWanted = url;
+    if (this.previewLoader || url === this.previewShown) return;
     const loader = new Image();
-    loader.onload = () => {
-      if (this.imageUrl || this.previewUrl !== url) return;
-      this.parts.img.src = url;
-      this.parts.img.alt = `Preview of: ${this.job.prompt}`;
-      this.parts.img.hidden = false;
-      this.parts.badge.hidden = false;
-      this.parts.frame.classList.add("has-image");
+    this.previewLoader = loader;
+    const done = (ok) => {
+      if (this.previewLoader !== loader) return;
+      this.previewLoader = null;
+      if (ok && !this.final) {
+        this.previewShown = url;
+        this.parts.preview.src = url;
+        this.parts.preview.alt = `Live preview of: ${this.job.prompt}`;
+        this.parts.thumb.hidden = false;
+      }
+      if (!this.final && this.previewWanted && this.previewWanted !== url) this.showPreview(this.previewWanted);
     };
+    loader.onload = () => done(true);
+    loader.onerror = () => done(false);
     loader.src = url;
   }
 
-  showImage(state) {
-    const p = this.parts;
-    const url = httpUrl(state.image_url || (state.image_urls || [])[0]);
-    p.badge.hidden = true;
-    if (!url || state.image_expired) {
-      this.showExpired();
-      return;
+  stopPreview() {
+    this.previewWanted = null;
+    if (this.previewLoader) {
+      this.previewLoader.onload = this.previewLoader.onerror = null;
+      this.previewLoader.removeAttribute("src");
+      this.previewLoader = null;
     }
-    this.imageUrl = url;
-    p.img.alt = this.job.prompt;
-    p.img.onerror = () => this.showExpired();
-    p.img.onload = () => p.frame.classList.add("has-image");
-    p.img.src = url;
-    p.img.hidden = false;
-    p.open.href = url;
-    p.open.hidden = false;
-    p.download.hidden = false;
+    this.parts.thumb.hidden = true;
+    this.parts.preview.removeAttribute("src");
   }
 
-  showExpired() {
-    const p = this.parts;
-    this.clearFrame();
-    p.expired.hidden = false;
-    p.open.hidden = true;
-    p.download.hidden = true;
-  }
-
-  clearFrame() {
-    const p = this.parts;
-    p.img.hidden = true;
-    p.img.removeAttribute("src");
-    p.badge.hidden = true;
-    p.frame.classList.remove("has-image");
-  }
-
-  /** Polling trouble: {message, retryIn} while retrying, null once it is over. */
+  /** Polling trouble: {message, detail, retryIn} while retrying, null once it is over. */
   trouble(info) {
     const line = this.parts.trouble;
     clearInterval(this.troubleTimer);
     if (!info) {
       line.hidden = true;
       this.el.classList.remove("reconnecting");
+      this.setDetail("trouble", null);
       return;
     }
     const until = Date.now() + info.retryIn;
@@ -282,31 +319,32 @@ export class JobCard {
     this.troubleTimer = setInterval(tick, 500);
     line.querySelector(".reason").textContent = info.message || "";
     line.hidden = false;
+    this.setDetail("trouble", info.detail);
     this.el.classList.add("reconnecting");
   }
 
-  /** The server no longer knows this job. */
+  /** The server no longer knows this job: it can be tried again. */
   gone(kind) {
-    this.setState("gone", kind === "expired" ? "Expired — the server no longer keeps this job" :
-      "Lost — no server knows this job any more (its worker may have restarted)", { announce: true });
-    this.parts.bar.hidden = true;
-    this.clearFrame();
+    this.setState("gone", kind === "expired" ? WORDS.expired : WORDS.lost, { announce: true });
+    this.parts.retry.hidden = false;
     this.setFinal(true);
   }
 
-  /** The submission itself failed (413, 502, …): no job was made. */
-  failed(message) {
+  /** The submission itself failed (413, 502, …): no job was made. `plain` is {text, detail}. */
+  failed(plain) {
     this.stopCountdown();
-    this.setState("failed", `Failed — ${message}`, { announce: true });
-    this.parts.bar.hidden = true;
+    delete this.el.dataset.wait;
+    this.setState("failed", `Failed — ${plain.text}`, { announce: true });
+    this.setDetail("state", plain.detail);
     this.parts.retry.hidden = false;
     this.setFinal(true);
   }
 
   cancelledBeforeSubmit() {
     this.stopCountdown();
-    this.setState("cancelled", "Cancelled", { announce: true });
-    this.parts.bar.hidden = true;
+    delete this.el.dataset.wait;
+    this.setState("cancelled", WORDS.cancelled, { announce: true });
+    this.setDetail("state", null);
     this.parts.retry.hidden = false;
     this.setFinal(true);
   }

@@ -72,6 +72,8 @@ class GenerateHandler(WorkerBodyHandler):
             raise APIError(400, str(exc), field=exc.field) from None
         try:
             job, duplicate = await self.runner.submit(request, key, fingerprint(body) if key is not None else None)
+        except ValidationError as exc:  # an input image found wanting only when it was decoded
+            raise APIError(400, str(exc), field=exc.field) from None
         except KeyConflict as exc:
             headers = {"Retry-After": "1"} if exc.status == 409 else {}
             raise APIError(exc.status, str(exc), prompt_id=exc.job.prompt_id, headers=headers) from None

@@ -34,6 +34,7 @@ from t2i.worker import lifecycle as lc
 from t2i.worker.collect import CollectError, collect_images, discard_images
 from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
+from t2i.worker.inputs import upload_inputs
 from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
 from t2i.worker.readiness import WorkflowReadiness
@@ -288,6 +289,8 @@ class Runner:
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
             raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")
+        # Input images go to ComfyUI first: the workflow names them as ComfyUI answered.
+        request, _ = await upload_inputs(self.comfy, self.config, request, prompt_id)
         graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
                   seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,

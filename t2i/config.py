@@ -339,7 +339,8 @@ def load_scheduler_config(path: Path | str) -> SchedulerConfig:
         health_interval=root.get("health_interval", float, 5.0, minimum=0.1),
         auth_token=root.get("auth_token", str),
         static_dir=root.path("static_dir") or default_static_dir(),
-        max_body_bytes=root.get("max_body_bytes", int, 1_048_576, minimum=1024),
+        # input images come base64 in POST /generate: room for the workers' default (t2i.params)
+        max_body_bytes=root.get("max_body_bytes", int, 16 * 1024 * 1024, minimum=1024),
         poll_interval=root.get("poll_interval", float, 1.5, minimum=0.1),
     )
     root.finish()

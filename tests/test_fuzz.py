@@ -4,8 +4,11 @@ A ComfyUI test double, a worker and a scheduler run as processes on 127.0.0.1
 (``python -m t2i.comfy_sim|t2i.worker|t2i.scheduler``), as they are deployed.
 Schemathesis runs its examples, coverage and fuzzing phases on every operation of
 each document, with a fixed seed and at most ``MAX_EXAMPLES`` fuzzed examples per
-operation, and fails on any 5xx, any status, content type, header or body the
-document does not promise, and any schema-invalid request that is not refused.
+operation, and fails on any 500 (or other 5xx), any 502/503 where the document does
+not promise one (it does where design.md does: ComfyUI rejected the workflow, no
+worker with room, ComfyUI or the job's owner unreachable), any other status, content
+type, header or body the document does not promise, and any schema-invalid request
+that is not refused.
 
 Not checked: ``positive_data_acceptance`` (a schema-valid request answered 2xx). The
 document cannot hold a workflow's configured limits (steps up to ``max``, a prompt
@@ -32,7 +35,6 @@ from pathlib import Path
 import pytest
 import schemathesis
 import yaml
-
 from schemathesis.core.parameters import ParameterLocation
 
 from support.net import free_port

@@ -20,7 +20,7 @@ from support.net import free_port
 pytest.importorskip("playwright")
 from playwright.sync_api import expect  # noqa: E402
 
-from support.page import (POLL_MS, RAW, expect_state, generate_bodies, grid_columns,  # noqa: E402
+from support.page import (RAW, expect_state, generate_bodies, grid_columns,  # noqa: E402
                           open_advanced, open_page, picture, row, seen_states, submit, wait_done)
 
 STEP_TIME = 0.05  # seconds per sampler step: 20 steps make an image in about 1 s
@@ -425,8 +425,7 @@ def test_gallery_keeps_keyboard_focus_when_another_tab_adds_an_image(cluster, pa
     item.locator("button.reuse").focus()
     other = page.context.new_page()
     try:
-        other.goto(f"{cluster.url}/?poll={POLL_MS}")
-        other.wait_for_selector("html[data-ready]")
+        other.goto(f"{cluster.url}/style.css")  # any page of the same origin shares the storage
         # The other tab finishes a job: the gallery is re-drawn here from the storage event.
         other.evaluate("""() => {
           const items = JSON.parse(localStorage.getItem('t2i.gallery.v1') || '[]');

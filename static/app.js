@@ -7,7 +7,7 @@ import { plainCatalogueError, plainSubmitError, plainTrouble, plainUnavailable }
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobRow } from "./jobs.js";
-import { tookSeconds } from "./status.js";
+import { tookSeconds, WORDS } from "./status.js";
 
 const $ = (id) => document.getElementById(id);
 const ACTIVE_KEY = "t2i.active.v1"; // unfinished jobs of this tab, resumed after a reload
@@ -122,7 +122,7 @@ async function submit(row) {
       answer = await api.generate(row.job.body);
     } catch (err) {
       if (row.abandoned || !(err instanceof NetworkError)) return;
-      await row.showWaiting((n) => `Cannot reach the server — trying again in ${n} s`, backoff.next(), "reconnecting");
+      await row.showWaiting(WORDS.unreachable, backoff.next(), "reconnecting");
       continue;
     }
     const { status, data } = answer;

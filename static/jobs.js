@@ -334,7 +334,7 @@ export class JobRow {
   failed(plain) {
     this.stopCountdown();
     delete this.el.dataset.wait;
-    this.setState("failed", `Failed — ${plain.text}`, { announce: true });
+    this.setState("failed", WORDS.failed(plain.text), { announce: true });
     this.setDetail("state", plain.detail);
     this.parts.retry.hidden = false;
     this.setFinal(true);

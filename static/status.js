@@ -18,6 +18,8 @@ export const WORDS = {
   cancelled: "Cancelled",
   expired: "Expired — the server no longer keeps this job",
   lost: "Lost — no server knows this job any more (its worker may have restarted)",
+  failed: (why) => `Failed — ${why}`,
+  unreachable: (n) => `Cannot reach the server — trying again in ${n} s`,
 };
 
 /**
@@ -44,7 +46,7 @@ export function describeState(state, { worker } = {}) {
       return { text: state.image_expired ? "Done — the image has already expired" : WORDS.completed };
     case "failed": {
       const plain = plainFailure(state.error);
-      return { text: `Failed — ${plain.text}`, detail: plain.detail };
+      return { text: WORDS.failed(plain.text), detail: plain.detail };
     }
     case "cancelled":
       return { text: WORDS.cancelled };

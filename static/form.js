@@ -40,6 +40,11 @@ export class GenerateForm {
     this.settingsNote = form.querySelector(".settings-note");
     this.restore();
     this.applyParams(null);
+    if (coarsePointer()) {
+      // The Enter hint is not shown on a touch screen: not read out either.
+      const prompt = form.elements.prompt;
+      prompt.setAttribute("aria-describedby", prompt.getAttribute("aria-describedby").replace("prompt-hint ", ""));
+    }
 
     form.addEventListener("submit", (event) => {
       event.preventDefault();

@@ -203,6 +203,24 @@ def test_settings_that_cannot_be_read_are_said_so(cluster, page):
     expect(page.locator("#steps")).to_have_value("20")
 
 
+def test_on_a_touch_screen_enter_is_a_new_line(cluster, browser):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    try:
+        page = context.new_page()
+        open_page(page, cluster.url)
+        expect(page.locator("#prompt-hint")).to_be_hidden()  # no "Enter generates" where there is no key
+        open_advanced(page)
+        page.fill("#steps", "2")
+        page.fill("#prompt", "a kite over the dunes")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#prompt")).to_have_value("a kite over the dunes\n")
+        expect(page.locator("li.job")).to_have_count(0)
+        page.locator("button.primary").tap()
+        wait_done(page, "a kite over the dunes")
+    finally:
+        context.close()
+
+
 # --- errors in plain words ----------------------------------------------------------
 
 

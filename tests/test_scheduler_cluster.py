@@ -368,7 +368,7 @@ async def test_forwarded_long_polls_wait_briefly_on_the_worker(tmp_path, monkeyp
 
 @pytest.mark.gen_test(timeout=40)
 async def test_status_codes(tmp_path):
-    async with Cluster(tmp_path, n=1) as c:
+    async with Cluster(tmp_path, n=1, max_body_bytes=1_048_576) as c:
         base = c.scheduler.url
         stall(c)
         ok = await generate(c.scheduler)

@@ -99,3 +99,40 @@ async def test_sighup_reloads_at_once_and_sigterm_exits_0(tmp_path, http_client)
 async def _feed_up(workers) -> bool:
     listed = await workers()
     return bool(listed) and listed[0]["feed"]["state"] == "up"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_while_starting_with_a_thousand_silent_workers_exits_0(tmp_path):
+    """A thousand workers that take connections and never answer: start-up waits for them a bounded
+    time, and SIGTERM meanwhile stops the scheduler at once, with no traceback."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader, writer):
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0, backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    workers = [{"name": f"w{i:04d}", "url": f"http://127.0.0.1:{port}"} for i in range(1000)]
+    path, _ = write_config(tmp_path, workers)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "t2i.scheduler", "--config", str(path), "--log-level", "info", cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        lines = []
+        while not any(b"starting with 1000 workers" in line for line in lines):
+            line = await proc.stderr.readline()
+            assert line, b"".join(lines).decode()
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+        stderr = (b"".join(lines) + rest).decode()
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+        assert "shutting down while starting" in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for writer in held:
+            writer.close()
+        server.close()

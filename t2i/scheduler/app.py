@@ -8,6 +8,7 @@ the periodic health / reload callbacks, then listens. ``stop()`` undoes it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -31,13 +32,13 @@ from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHand
                                     default_handlers)
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
-from t2i.scheduler.registry import Registry
+from t2i.scheduler.registry import HEALTH_TICK, Registry
 from t2i.serve import serve
 from t2i.web import body_size_limit, log_request
 
 log = logging.getLogger(__name__)
 
-STARTUP_FEED_WAIT = 3.0   # start() waits this long at most for the first listing of every feed
+STARTUP_FEED_WAIT = 3.0   # start() waits this long at most for the first checks and listings
 SHUTDOWN_GRACE = 2.0
 FEED_CONNECTIONS = 100_000  # the feeds' client: one long-poll per followed worker, never queued
 
@@ -68,7 +69,8 @@ class Scheduler:
         self.config = config
         self.simulated = simulated  # the demo's workers drive simulated ComfyUIs (GET /health says so)
         self.mirror = Mirror(auth_token=config.auth_token)
-        self.registry = Registry(config.workers_file, self.mirror, auth_token=config.auth_token)
+        self.registry = Registry(config.workers_file, self.mirror, auth_token=config.auth_token,
+                                 health_interval=config.health_interval)
         self.registry.load_initial()
         self.placement = Placement(self.registry, self.mirror, clock=clock)
         self.router = JobRouter(self.registry, self.mirror, self.placement, auth_token=config.auth_token)
@@ -92,13 +94,14 @@ class Scheduler:
         self.feed_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=FEED_CONNECTIONS)
         self.registry.client = self.router.client = self.client
         self.mirror.client = self.feed_client
-        self.registry.start()
+        checked = self.registry.start()
         feeds = [self.mirror.feed(name) for name in self.registry.workers]
-        await asyncio.gather(
-            self.registry.check_all(),
-            asyncio.wait_for(asyncio.gather(*(f.tried.wait() for f in feeds if f)), STARTUP_FEED_WAIT),
-            return_exceptions=True)
-        self._periodic(self.registry.check_all, self.config.health_interval)
+        listed = asyncio.ensure_future(_all_tried(feeds))
+        # Listen soon whatever the pool does: unreachable workers are still being checked (each
+        # up to its timeouts) and their feeds retried after this.
+        await asyncio.wait([checked, listed], timeout=STARTUP_FEED_WAIT)
+        listed.cancel()
+        self._periodic(self.registry.check_due, min(HEALTH_TICK, self.config.health_interval / 4))
         self._periodic(self.reload, self.config.reload_interval)
         app = make_app(self.config, self.registry, self.mirror, self.placement, self.router,
                        simulated=self.simulated)
@@ -144,6 +147,12 @@ class Scheduler:
         self.client = self.feed_client = None
 
 
+async def _all_tried(feeds) -> None:
+    for feed in feeds:
+        if feed is not None:
+            await feed.tried.wait()
+
+
 def close_client(client: AsyncHTTPClient) -> None:
     """Close our client even with feed long-polls in flight.
 
@@ -184,12 +193,27 @@ async def main(argv: list[str] | None = None) -> int:
     stop = asyncio.Event()
     install_shutdown_handlers(stop)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, scheduler.reload, True)
+    # SIGTERM while starting (a large pool, workers slow to answer) stops at once too.
+    log.info("starting with %d workers", len(scheduler.registry.workers))
+    starting = asyncio.ensure_future(scheduler.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait([starting])
+        log.info("shutting down while starting")
+        await scheduler.stop()
+        return 0
+    stopping.cancel()
     try:
-        await scheduler.start()
+        starting.result()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port, exc)
         await scheduler.stop()
         return 1
+    # What start-up made (modules, the pool's state, a thousand feed followers) lives as long as the
+    # process: out of the garbage collector's full passes, which otherwise scan it every few seconds.
+    gc.freeze()
     await stop.wait()
     log.info("shutting down")
     await scheduler.stop()

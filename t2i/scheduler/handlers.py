@@ -91,9 +91,12 @@ class CancelHandler(SchedulerBodyHandler):
 
 
 class WorkersHandler(SchedulerHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         """The pool as last loaded: health, load, feed, readiness and breakers, and the last reload error."""
-        self.write_json({"workers": self.placement.describe(), "config": self.registry.config.to_json()})
+        workers: list[dict[str, Any]] = []
+        async for chunk in self.placement.describe_in_slices():  # a thousand workers: the loop breathes
+            workers += chunk
+        self.write_json({"workers": workers, "config": self.registry.config.to_json()})
 
 
 class HealthHandler(SchedulerHandler):
@@ -104,10 +107,7 @@ class HealthHandler(SchedulerHandler):
 
     def get(self) -> None:
         """200 when at least one worker can take jobs, else 503; each worker in short."""
-        workers = [{"name": w["name"], "ok": w["routable"], "reachable": w["reachable"],
-                    "comfyui_reachable": w["comfyui_reachable"], "enabled": w["enabled"],
-                    "pending": w["pending"], "running": w["running"]}
-                   for w in self.placement.describe() if w["listed"]]
+        workers = self.placement.summary()
         ok = any(w["ok"] for w in workers)
         # The page polls /status at the interval ops configured (scheduler.yaml poll_interval).
         body: dict[str, Any] = {"ok": ok, "workers": workers, "poll_interval": self.poll_interval}

@@ -31,6 +31,7 @@ ENDINGS = frozenset({COMPLETED, FAILED})   # outcomes that say whether a worker 
 FEED_WAIT = 25.0            # seconds a feed request waits for changes on the worker
 FEED_CONNECT_TIMEOUT = 2.0
 FEED_SLACK = 10.0           # request_timeout = wait + slack
+FEED_PAGE = 500             # jobs per feed answer: a worker holding 20,000 is listed in 40 small pages
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
 RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
@@ -63,6 +64,19 @@ class Entry:
         return self._encoded
 
 
+class Listing:
+    """A full listing of a worker's jobs being read page by page (``since`` fixed, ``after`` moving)."""
+
+    __slots__ = ("since", "epoch", "first_seq", "after", "keep")
+
+    def __init__(self, since: int, epoch: Any, first_seq: int) -> None:
+        self.since = since
+        self.epoch = epoch
+        self.first_seq = first_seq   # where the changes go on from once the listing is done
+        self.after = 0
+        self.keep: set[str] = set()
+
+
 class Feed:
     """The follower of one worker's ``GET /jobs`` feed."""
 
@@ -72,6 +86,8 @@ class Feed:
         self.up = False
         self.epoch: str | None = None
         self.seq = 0
+        self.listing: Listing | None = None
+        self.more = False               # the last page of changes said there are more: ask at once
         self.last_error: str | None = None
         self.last_ok: float | None = None
         self.task: asyncio.Task | None = None
@@ -88,10 +104,11 @@ class Mirror:
     """prompt_id -> (worker, status object), per-worker feeds, and long-poll waits."""
 
     def __init__(self, *, client=None, auth_token: str | None = None, feed_wait: float = FEED_WAIT,
-                 clock: Callable[[], float] = time.time):
+                 page_size: int | None = None, clock: Callable[[], float] = time.time):
         self.client = client
         self.auth_token = auth_token
         self.feed_wait = feed_wait
+        self.page_size = page_size or FEED_PAGE
         self.clock = clock
         self._jobs: dict[str, Entry] = {}
         self._ids: dict[str, set[str]] = {}                 # worker -> its job ids
@@ -194,17 +211,25 @@ class Mirror:
             self._recent_by_worker.get(worker, {}).pop(prompt_id, None)
 
     def apply(self, worker: str, page: dict[str, Any]) -> None:
-        """Apply one ``GET /jobs`` answer of ``worker``."""
+        """Apply one whole ``GET /jobs`` answer of ``worker`` (a full listing in one page, or changes)."""
+        jobs = self._apply_jobs(worker, page)
+        if page.get("full"):
+            self.keep_only(worker, {job["prompt_id"] for job in jobs})
+
+    def _apply_jobs(self, worker: str, page: dict[str, Any]) -> list[dict[str, Any]]:
+        """The page's jobs and removals into the mirror; its valid jobs."""
         jobs = [job for job in page.get("jobs") or () if isinstance(job, dict)
                 and isinstance(job.get("prompt_id"), str)]
         listing = bool(page.get("full"))
-        if listing:
-            keep = {job["prompt_id"] for job in jobs}
-            self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
         for job in jobs:
             self._put(worker, job, listing)
         removed = page.get("removed") or ()
         self._remove(worker, [pid for pid in removed if isinstance(pid, str)])
+        return jobs
+
+    def keep_only(self, worker: str, keep: set[str]) -> None:
+        """A full listing ended: the worker's jobs it did not name are gone."""
+        self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
 
     def _put(self, worker: str, status: dict[str, Any], listing: bool = False) -> None:
         prompt_id = status["prompt_id"]
@@ -344,7 +369,8 @@ class Mirror:
             except Exception as exc:  # a bug or a very odd page: keep following, loudly
                 log.exception("job feed of worker %s: unexpected error", feed.name)
                 error = f"unexpected error: {exc}"
-            feed.tried.set()
+            if error is not None or feed.up:
+                feed.tried.set()
             if error is None:
                 backoff = BACKOFF_MIN
                 continue
@@ -357,15 +383,26 @@ class Mirror:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _poll_once(self, feed: Feed) -> str | None:
-        """One ``GET /jobs`` applied to the mirror; the error when it failed."""
-        since = feed.seq if feed.epoch is not None else 0
-        # Once listed, always long-poll, since=0 included: a worker with no job yet holds the
-        # request too (asking it again at once would spin, thousands of times a second).
-        wait = self.feed_wait if feed.up else 0
-        query = urlencode({"since": since, "wait": wait})
+        """One ``GET /jobs`` (one page) applied to the mirror; the error when it failed.
+
+        Answers come in pages of at most ``page_size`` jobs, so neither side builds, sends or
+        applies a huge one. A full listing is read with the same ``since`` and ``after=cursor``
+        until ``more`` is false; then the changes go on from the first page's ``seq``, so nothing
+        that changed while paging is missed (what comes twice is applied twice, harmlessly).
+        """
+        listing = feed.listing
+        if listing is not None:
+            since, wait = listing.since, 0
+            query = {"since": since, "after": listing.after, "limit": self.page_size}
+        else:
+            since = feed.seq if feed.epoch is not None else 0
+            # Once listed, always long-poll, since=0 included: a worker with no job yet holds the
+            # request too (asking it again at once would spin, thousands of times a second).
+            wait = self.feed_wait if feed.up and not feed.more else 0
+            query = {"since": since, "wait": wait, "limit": self.page_size}
         try:
             response = await fetch_json(
-                f"{feed.url()}/jobs?{query}", token=self.auth_token, client=self.client,
+                f"{feed.url()}/jobs?{urlencode(query)}", token=self.auth_token, client=self.client,
                 connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK)
         except UpstreamUnavailable as exc:
             return str(exc)
@@ -374,15 +411,35 @@ class Mirror:
             return f"GET /jobs answered {response.status}"
         if not isinstance(page, dict) or not isinstance(page.get("seq"), int):
             return "GET /jobs answered without a feed page"
-        epoch = page.get("epoch")
-        if feed.epoch is not None and epoch != feed.epoch and not page.get("full"):
+        epoch, full, cursor = page.get("epoch"), bool(page.get("full")), page.get("cursor")
+        if listing is not None and (epoch != listing.epoch or not full):
+            log.info("worker %s changed while its jobs were listed; listing them again", feed.name)
+            feed.listing, feed.epoch = None, None
+            return None
+        if listing is None and feed.epoch is not None and epoch != feed.epoch and not full:
             log.info("worker %s restarted (new feed epoch); listing its jobs again", feed.name)
             feed.epoch = None
             return None
-        self.apply(feed.name, page)
+        if full and listing is None:
+            # The next pages ask with since=0: a full listing whatever the worker's seq is now.
+            listing = feed.listing = Listing(0, epoch, page["seq"])
+            if feed.up:  # listed again: its jobs are not known to be complete until the last page
+                feed.up = False
+                self.wake_all(feed.name)
+        jobs = self._apply_jobs(feed.name, page)
+        if listing is not None:
+            listing.keep.update(job["prompt_id"] for job in jobs)
+            if page.get("more") and isinstance(cursor, int) and cursor > listing.after:
+                listing.after = cursor
+                return None
+            self.keep_only(feed.name, listing.keep)
+            feed.listing = None
+            feed.epoch, feed.seq, feed.more = epoch, listing.first_seq, False
+        else:
+            feed.more = bool(page.get("more")) and isinstance(cursor, int) and cursor > feed.seq
+            feed.seq = cursor if feed.more else page["seq"]
         if not feed.up:
             log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
-        feed.epoch, feed.seq = epoch, page["seq"]
         feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
         return None
 
@@ -390,5 +447,6 @@ class Mirror:
         if feed.up or feed.last_error is None:
             log.warning("job feed of worker %s is down: %s", feed.name, error)
         feed.up = False
+        feed.listing = None  # a listing cut short is read again from its start
         feed.last_error = error
         self.wake_all(feed.name)

@@ -22,8 +22,9 @@ A worker gets a job when it is listed, enabled, reachable with its ComfyUI, and
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from t2i.jobstate import COMPLETED, FAILED
 from t2i.scheduler.registry import Registry, WorkerState
@@ -35,6 +36,7 @@ PROBE_TIMEOUT = 600.0      # a trial job that never ends lets another be tried a
 REFUSED_HOLD = 30.0        # a worker that refused a template is not sent that workflow for this long
 RAW = "(raw)"              # a raw workflow: the workers' status objects name it so
 MAX_REASONS = 6            # per-worker reasons in one "no worker" sentence
+DESCRIBE_SLICE = 100       # workers described between two turns of the event loop (GET /workers)
 
 
 class NoWorkerAvailable(Exception):
@@ -309,12 +311,30 @@ class Placement:
             workflows[name] = workflow
         return {**specs, "workflows": workflows}
 
-    def describe(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[dict[str, Any]]:
+        """Each listed worker in short, for ``GET /health``."""
+        out = []
+        for state in self.registry.workers.values():
+            if state.listed:
+                pending, running = self.counts(state)
+                out.append({"name": state.name, "ok": state.routable, "reachable": state.reachable,
+                            "comfyui_reachable": state.comfyui_reachable, "enabled": state.entry.enabled,
+                            "pending": pending, "running": running})
+        return out
+
+    async def describe_in_slices(self, size: int = DESCRIBE_SLICE) -> AsyncIterator[list[dict[str, Any]]]:
+        """:meth:`describe`, ``size`` workers at a time, yielding to the event loop in between."""
+        states = list(self.registry.workers.values())
+        for start in range(0, len(states), size):
+            yield self.describe(states[start:start + size])
+            await asyncio.sleep(0)
+
+    def describe(self, states: Iterable[WorkerState] | None = None) -> list[dict[str, Any]]:
         """Each worker for ``GET /workers``: config, health, load, feed, readiness and breakers."""
         self.absorb()
         mirror = self.mirror
         out = []
-        for state in self.registry.workers.values():
+        for state in self.registry.workers.values() if states is None else states:
             pending, running = self.counts(state)
             feed = mirror.feed(state.name)
             catalogue = state.catalogue or {}

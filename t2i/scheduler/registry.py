@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 HEALTH_CONNECT_TIMEOUT = 2.0
 HEALTH_REQUEST_TIMEOUT = 3.0
 HEALTH_CONCURRENCY = 16
+HEALTH_TICK = 0.25      # how often check_due() looks for workers due a check (at most)
+CATALOGUE_MAX_AGE = 6   # GET /workflows at least every this many health intervals (and on changes)
 
 
 class WorkerState:
@@ -44,7 +47,11 @@ class WorkerState:
         self.last_checked: float | None = None
         self.health: dict[str, Any] = {}
         self.catalogue: dict[str, Any] | None = None
+        self.catalogue_at: float | None = None   # monotonic time of the last GET /workflows
+        self.health_status: int | None = None    # status of the last GET /health
         self.in_flight = 0                     # POST /generate calls on their way to it
+        self.next_check = 0.0                  # monotonic time its next health check is due
+        self.checking = False
         # Placement's bookkeeping for this worker (t2i.scheduler.placement), per workflow name:
         self.unready: dict[str, tuple[str, float]] = {}   # refused a template: (why, until)
         self.breakers: dict[str, Any] = {}
@@ -93,8 +100,9 @@ class Registry:
     drain_linger = 30.0
 
     def __init__(self, workers_file: Path, mirror: Any, *, client=None, auth_token: str | None = None,
-                 clock: Callable[[], float] = time.time):
+                 health_interval: float = 5.0, clock: Callable[[], float] = time.time):
         self.workers_file = Path(workers_file)
+        self.health_interval = health_interval
         self.mirror = mirror  # t2i.scheduler.mirror.Mirror: follows the feeds of the workers listed here
         self.client = client
         self.auth_token = auth_token
@@ -110,11 +118,14 @@ class Registry:
 
     # --- following the pool -------------------------------------------------
 
-    def start(self) -> None:
-        """Follow every worker's feed (from now on, added workers are followed and checked at once)."""
+    def start(self) -> asyncio.Task:
+        """Follow every worker's feed and check them all once (the task returned); from now on,
+        added workers are followed and checked at once, and :meth:`check_due` checks each again
+        every ``health_interval``."""
         self._started = True
         for state in self.workers.values():
             self._follow(state)
+        return self._spawn(self.check_all())
 
     def stop(self) -> None:
         self._started = False
@@ -128,9 +139,13 @@ class Registry:
         if not self._started:
             return
         self._follow(state)
-        task = asyncio.ensure_future(self.check(state))
+        self._spawn(self.check(state))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- workers.yaml -------------------------------------------------------
 
@@ -243,11 +258,42 @@ class Registry:
         """Ask every worker's /health and /workflows, concurrently, bounded."""
         await asyncio.gather(*(self.check(state) for state in list(self.workers.values())))
 
+    def check_due(self) -> None:
+        """Check the workers whose turn it is (every HEALTH_TICK). Each worker is checked every
+        ``health_interval`` (jittered) from its own last check, so with a thousand workers the
+        checks are spread over the interval instead of coming all at once."""
+        now = time.monotonic()
+        for state in self.workers.values():
+            if state.next_check <= now and not state.checking:
+                self._spawn(self.check(state))
+
     async def check(self, state: WorkerState) -> None:
+        if state.checking:
+            return
+        state.checking = True
+        first = state.last_checked is None
+        try:
+            await self._check(state)
+        finally:
+            state.checking = False
+            # After the first check each worker gets a phase of its own (spread over the interval),
+            # then keeps it, give or take the jitter.
+            spread = random.uniform(0.1, 1.0) if first else random.uniform(0.9, 1.1)
+            state.next_check = time.monotonic() + self.health_interval * spread
+
+    async def _check(self, state: WorkerState) -> None:
         async with self._semaphore:
             try:
-                health, workflows = await asyncio.gather(
-                    self._get(state, "/health"), self._get(state, "/workflows"))
+                health = await self._get(state, "/health")
+                body = health.body if isinstance(health.body, dict) else None
+                if health.status not in (200, 503) or body is None or "ok" not in body:
+                    self._record(state, reachable=False,
+                                 error=f"GET /health answered {health.status} without a health object")
+                    return
+                comfy = body.get("comfyui") if isinstance(body.get("comfyui"), dict) else {}
+                comfy_ok = bool(comfy.get("reachable", health.status == 200))
+                if self._catalogue_due(state, health.status, comfy_ok):
+                    self._take_catalogue(state, await self._get(state, "/workflows"))
             except UpstreamUnavailable as exc:
                 self._record(state, reachable=False, error=f"unreachable: {exc}")
                 return
@@ -255,20 +301,28 @@ class Registry:
                 log.exception("health check of %s failed", state.name)
                 self._record(state, reachable=False, error=f"health check failed: {exc}")
                 return
-        body = health.body if isinstance(health.body, dict) else None
-        if health.status not in (200, 503) or body is None or "ok" not in body:
-            self._record(state, reachable=False,
-                         error=f"GET /health answered {health.status} without a health object")
-            return
-        comfy = body.get("comfyui") if isinstance(body.get("comfyui"), dict) else {}
-        comfy_ok = bool(comfy.get("reachable", health.status == 200))
-        state.health = body
-        if workflows.status == 200 and isinstance(workflows.body, dict) \
-                and isinstance(workflows.body.get("workflows"), dict) and workflows.body != state.catalogue:
-            state.catalogue = workflows.body
-            self.generation += 1
+        if body != state.health:
+            state.health = body  # unchanged: the old copy stays (no churn of long-lived objects)
         error = None if comfy_ok and health.status == 200 else "its ComfyUI is unreachable"
         self._record(state, reachable=True, comfyui=comfy_ok, error=error)
+
+    def _catalogue_due(self, state: WorkerState, status: int, comfy_ok: bool) -> bool:
+        """Whether to fetch /workflows with this check: it changes rarely (the worker re-checks its
+        workflows at start, after a ComfyUI reconnect and every few minutes), so only when the worker's
+        health changed, or the copy is CATALOGUE_MAX_AGE intervals old."""
+        changed = (state.reachable is not True or state.comfyui_reachable is not comfy_ok
+                   or state.health_status != status)
+        state.health_status = status
+        return (changed or state.catalogue is None or state.catalogue_at is None
+                or time.monotonic() - state.catalogue_at >= CATALOGUE_MAX_AGE * self.health_interval)
+
+    def _take_catalogue(self, state: WorkerState, workflows) -> None:
+        if workflows.status == 200 and isinstance(workflows.body, dict) \
+                and isinstance(workflows.body.get("workflows"), dict):
+            state.catalogue_at = time.monotonic()
+            if workflows.body != state.catalogue:
+                state.catalogue = workflows.body
+                self.generation += 1
 
     async def _get(self, state: WorkerState, path: str):
         return await fetch_json(state.url + path, token=self.auth_token, client=self.client,

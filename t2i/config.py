@@ -60,6 +60,7 @@ class ComfyUIConfig:
     request_timeout: float = 30.0
     stall_timeout: float = 120.0
     max_resubmits: int = 1
+    ahead: int = 2
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class WorkerConfig:
     default_workflow: str
     workflows: dict[str, WorkflowConfig]
     state_dir: Path = Path("state")
+    backlog: int = 32
     webhooks: WebhooksConfig = WebhooksConfig()
     image_limits: ImageLimits = ImageLimits()
 
@@ -178,6 +180,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         request_timeout=comfy.get("request_timeout", float, 30.0, minimum=0.1),
         stall_timeout=comfy.get("stall_timeout", float, 120.0, minimum=0.1),
         max_resubmits=comfy.get("max_resubmits", int, 1, minimum=0),
+        ahead=comfy.get("ahead", int, 2, minimum=1),
     )
     comfy.finish()
 
@@ -222,6 +225,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         default_workflow=default_workflow,
         workflows=workflows,
         state_dir=state_dir,
+        backlog=root.get("backlog", int, 32, minimum=0),
         webhooks=webhooks,
         image_limits=image_limits,
     )

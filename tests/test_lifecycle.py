@@ -27,8 +27,8 @@ import pytest
 from t2i.comfyui import ImageRef, Outcome, images_of, outcome_of, parse_queue
 from t2i.jobstate import PENDING, RUNNING
 from t2i.worker import lifecycle as lc
-from t2i.worker.jobs import (CANCELLED, COLLECTING, COMPLETED, FAILED, FINISHED, FINISHING, QUEUED, STARTED,
-                             SUBMITTING, Job)
+from t2i.worker.jobs import (BACKLOG, CANCELLED, COLLECTING, COMPLETED, FAILED, FINISHED, FINISHING, QUEUED,
+                             STARTED, SUBMITTING, Job)
 
 RECORDINGS = Path(__file__).resolve().parent / "recordings"
 
@@ -71,6 +71,7 @@ def make_job(phase: str, **fields: Any) -> Job:
     if phase in FINISHED:
         values.update(graph=None, finished_at=WALL0)
     values.update(fields)
+    values.setdefault("accepted", values["attempt"] >= 1)  # a job ComfyUI took once was answered 200
     return Job(prompt_id, created_at, phase=phase, **values)
 
 
@@ -124,15 +125,37 @@ def case(label: str, phase: str, event: Any, expect: dict | None = None, effects
 
 
 CASES = [
+    # The worker's own queue (backlog): accepted, waiting for room in ComfyUI's.
+    case("room in ComfyUI", BACKLOG, lc.Dispatch(), {"phase": SUBMITTING, "queue_position": None},
+         [JOURNAL, lc.DISPATCH], accepted=True, queue_position=3),
+    case("moved up", BACKLOG, lc.Waiting(2), {"queue_position": 2}, accepted=True, queue_position=3),
+    case("cancelled while waiting: nothing to undo", BACKLOG, lc.CancelRequested(),
+         ended(CANCELLED, lc.CANCELLED_BY_REQUEST), [JOURNAL, FINISHED_EFFECT], accepted=True),
+    case("read back after a restart", BACKLOG, lc.Restored(), {"queue_position": None}, accepted=True,
+         queue_position=4),
+    case("dispatch refused: it was accepted, so it fails with the reason", SUBMITTING,
+         lc.SubmitRefused("ComfyUI rejected the workflow: x"), ended(FAILED, "ComfyUI rejected the workflow: x"),
+         [JOURNAL, FINISHED_EFFECT], accepted=True),
+    case("dispatch found ComfyUI away: back in the worker's queue", SUBMITTING,
+         lc.SubmitRefused("Connection refused", unavailable=True), {"phase": BACKLOG, "error": DOWN}, [JOURNAL],
+         accepted=True),
+    case("dispatch killed before ComfyUI had it: queued again", QUEUED, lc.Absent(),
+         {"phase": BACKLOG, "queue_position": None}, [JOURNAL], accepted=True, attempt=0),
+    case("a dispatch cancelled while its POST was out", CANCELLED, lc.SubmitRefused("x", unavailable=True,
+                                                                                     maybe_queued=True),
+         {}, [WITHDRAW], accepted=True, attempt=0),
+    case("no timers in the worker's own queue", BACKLOG, lc.Tick(CLIENT), t=10 ** 6, accepted=True),
+
     # Submitted: ComfyUI answered POST /prompt with 200.
     case("accepted", SUBMITTING, lc.Submitted(),
-         {"phase": QUEUED, "attempt": 1, "queued_at": M, "active_at": M, "error": None}, [JOURNAL]),
+         {"phase": QUEUED, "attempt": 1, "accepted": True, "queued_at": M, "active_at": M, "error": None},
+         [JOURNAL]),
     case("resubmit accepted", SUBMITTING, lc.Submitted(),
          {"phase": QUEUED, "attempt": 2, "queued_at": M, "active_at": M}, [JOURNAL], attempt=1),
-    case("reply after a queue snapshot", QUEUED, lc.Submitted(), {"attempt": 1}, [JOURNAL], attempt=0),
-    case("reply after its messages", STARTED, lc.Submitted(), {"attempt": 1}, [JOURNAL], attempt=0),
-    case("reply after the run ended", FINISHING, lc.Submitted(), {"attempt": 1}, [JOURNAL], attempt=0),
-    case("reply while collecting", COLLECTING, lc.Submitted(), {"attempt": 1}, [JOURNAL], attempt=0),
+    case("reply after a queue snapshot", QUEUED, lc.Submitted(), {"attempt": 1, "accepted": True}, [JOURNAL], attempt=0),
+    case("reply after its messages", STARTED, lc.Submitted(), {"attempt": 1, "accepted": True}, [JOURNAL], attempt=0),
+    case("reply after the run ended", FINISHING, lc.Submitted(), {"attempt": 1, "accepted": True}, [JOURNAL], attempt=0),
+    case("reply while collecting", COLLECTING, lc.Submitted(), {"attempt": 1, "accepted": True}, [JOURNAL], attempt=0),
     case("cancelled during the POST", CANCELLED, lc.Submitted(), {}, [WITHDRAW], attempt=0),
     case("finished before the reply", COMPLETED, lc.Submitted(), attempt=0),
     case("failed before the reply", FAILED, lc.Submitted(), attempt=0),

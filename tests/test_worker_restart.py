@@ -91,7 +91,8 @@ async def _scheduler_knows(url: str, prompt_id: str) -> bool:
 async def test_jobs_comfyui_finished_while_the_worker_was_down_are_collected(tmp_path):
     """Even when their output files look old to retention: nothing uncollected is pruned."""
     sim = await start_sim(step_time=0.02)
-    worker = await _worker(tmp_path, sim, comfyui={"output_dir": sim.output_dir},
+    # ahead 3: all three go to ComfyUI at once (none waits in the worker's own queue).
+    worker = await _worker(tmp_path, sim, comfyui={"output_dir": sim.output_dir, "ahead": 3},
                            retention={"image_max_age": 3600})
     try:
         await worker.start()

@@ -20,12 +20,13 @@ FEED = object()  # the key feed followers wait on
 
 # A job's phase: where it is in its lifecycle (t2i.worker.lifecycle moves it). Its public
 # ``status`` is a function of the phase, so the two can never disagree.
+BACKLOG = "backlog"         # accepted, waiting in this worker's own queue for room in ComfyUI's
 SUBMITTING = "submitting"   # POST /prompt in flight
 QUEUED = "queued"           # in ComfyUI's queue
 STARTED = "running"         # ComfyUI runs it
 FINISHING = "finishing"     # the run ended; reading its history
 COLLECTING = "collecting"   # copying its images into images/
-PHASE_STATUS = {SUBMITTING: PENDING, QUEUED: PENDING, STARTED: RUNNING, FINISHING: RUNNING,
+PHASE_STATUS = {BACKLOG: PENDING, SUBMITTING: PENDING, QUEUED: PENDING, STARTED: RUNNING, FINISHING: RUNNING,
                 COLLECTING: RUNNING, COMPLETED: COMPLETED, FAILED: FAILED, CANCELLED: CANCELLED}
 PHASES = tuple(PHASE_STATUS)
 
@@ -41,7 +42,7 @@ class Job:
         # what was asked
         "prompt_id", "created_at", "workflow", "seed", "params", "graph",
         # where it is (lifecycle)
-        "phase", "attempt", "client_id", "error", "ending", "outputs",
+        "phase", "accepted", "attempt", "client_id", "error", "ending", "outputs",
         "queued_at", "running_at", "active_at",  # monotonic seconds: timeouts and the stall watchdog
         # what /status shows
         "version", "progress_value", "progress_max", "queue_position", "images", "preview_version",
@@ -60,6 +61,7 @@ class Job:
         self.params = params
         self.graph = graph  # the built ComfyUI workflow, kept until the job ends (to resubmit it)
         self.phase = phase
+        self.accepted = phase == BACKLOG  # answered 200: from here on it ends with an image or a reason
         self.attempt = 0  # how many times ComfyUI accepted it (a resubmit after a ComfyUI restart adds one)
         self.client_id = client_id  # the websocket clientId it was submitted under
         self.error: str | None = None  # finished: why it failed; unfinished: a problem right now

@@ -39,6 +39,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     prompt_id TEXT PRIMARY KEY,
     phase TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
     client_id TEXT,
     created_at REAL NOT NULL,
@@ -64,7 +65,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
 );
 """
 
-COLUMNS = ("prompt_id", "phase", "attempt", "client_id", "created_at", "started_at", "finished_at", "error",
+COLUMNS = ("prompt_id", "phase", "accepted", "attempt", "client_id", "created_at", "started_at", "finished_at", "error",
            "images", "outputs", "seed", "workflow", "params", "graph", "progress_max", "client",
            "idempotency_key", "webhook", "ending", "request_hash")
 UPSERT = (f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) "
@@ -77,7 +78,7 @@ class JournalError(Exception):
 
 def _row_of(job: Job) -> tuple:
     """The fields of a job the journal keeps (the graph is JSON-encoded later, in the writer thread)."""
-    return (job.prompt_id, job.phase, job.attempt, job.client_id, job.created_at, job.started_at,
+    return (job.prompt_id, job.phase, int(job.accepted), job.attempt, job.client_id, job.created_at, job.started_at,
             job.finished_at, job.error, job.images, job.outputs, job.seed, job.workflow, job.params,
             None if job.phase in FINISHED else job.graph, job.progress_max, job.client, job.idempotency_key,
             job.webhook, job.ending, job.request_hash)
@@ -102,6 +103,7 @@ def _job_of(row: sqlite3.Row) -> Job:
     job = Job(row["prompt_id"], row["created_at"], workflow=row["workflow"], seed=seed,
               client_id=row["client_id"], phase=row["phase"], graph=loads(row["graph"]), params=loads(row["params"]))
     job.attempt = row["attempt"]
+    job.accepted = bool(row["accepted"])
     job.started_at = row["started_at"]
     job.finished_at = row["finished_at"]
     job.error = row["error"]

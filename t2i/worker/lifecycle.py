@@ -8,9 +8,10 @@ event with no cell for the job's phase changes nothing.
 
 Phases (``t2i.worker.jobs``), and the public status each shows::
 
-    submitting ─▶ queued ─▶ running ─▶ finishing ─▶ collecting ─▶ completed
-    (pending)     (pending)  (running)  (reading      (copying       failed
-                                         history)      images)       cancelled
+    backlog ─▶ submitting ─▶ queued ─▶ running ─▶ finishing ─▶ collecting ─▶ completed
+    (pending:  (pending)     (pending)  (running)  (reading      (copying       failed
+     this worker's                                  history)      images)       cancelled
+     own queue)
         ▲            │          │
         └────────────┴──────────┘  ComfyUI lost it (restarted): submitted again,
                                    at most ``max_resubmits`` times
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from t2i.comfyui import error_sentence, images_of
-from t2i.worker.jobs import (CANCELLED, COLLECTING, COMPLETED, FAILED, FINISHED, FINISHING, QUEUED, STARTED,
-                             SUBMITTING, Job)
+from t2i.worker.jobs import (BACKLOG, CANCELLED, COLLECTING, COMPLETED, FAILED, FINISHED, FINISHING, QUEUED,
+                             STARTED, SUBMITTING, Job)
 
 # --- the sentences a job can end (or wait) with -------------------------------------------
 
@@ -68,6 +69,17 @@ class Limits:
 
 
 # --- events: what happened -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dispatch:
+    """ComfyUI has room: a job of the worker's own queue goes to it now."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A job of the worker's own queue is now ``position`` prompts from the front."""
+    position: int
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -207,6 +219,7 @@ class Effect:
 WITHDRAW = Effect("withdraw")            # delete from ComfyUI's queue + targeted interrupt
 FETCH_HISTORY = Effect("fetch_history")
 SUBMIT = Effect("submit")                # POST /prompt with the job's graph (a resubmit)
+DISPATCH = Effect("dispatch")            # POST /prompt with the job's graph (from the worker's own queue)
 JOURNAL = Effect("journal")              # write the job's row
 FINISHED_EFFECT = Effect("finished")     # log, metrics, free the preview
 STALLED = Effect("stalled")              # the worker is unhealthy until ComfyUI moves
@@ -224,7 +237,7 @@ NOTHING: Step = ({}, ())
 
 # --- the rules -------------------------------------------------------------------------------
 
-UNFINISHED_PHASES = (SUBMITTING, QUEUED, STARTED, FINISHING, COLLECTING)
+UNFINISHED_PHASES = (BACKLOG, SUBMITTING, QUEUED, STARTED, FINISHING, COLLECTING)
 BEFORE_RUN_END = (SUBMITTING, QUEUED, STARTED)  # ComfyUI still has it, as far as we know
 FOLLOWED = (QUEUED, STARTED)  # what reconcile and the timers look at
 
@@ -248,8 +261,16 @@ def _stopped_end(job: Job, now: Now) -> Step:
     return _end(job, phase, now, error)
 
 
+def _on_dispatch(job: Job, event: Dispatch, now: Now, limits: Limits) -> Step:
+    return {"phase": SUBMITTING, "queue_position": None}, (JOURNAL, DISPATCH)
+
+
+def _on_waiting(job: Job, event: Waiting, now: Now, limits: Limits) -> Step:
+    return {"queue_position": event.position}, ()
+
+
 def _on_submitted(job: Job, event: Submitted, now: Now, limits: Limits) -> Step:
-    changes: dict[str, Any] = {"attempt": job.attempt + 1}
+    changes: dict[str, Any] = {"attempt": job.attempt + 1, "accepted": True}
     if job.phase == SUBMITTING:
         changes.update(phase=QUEUED, queued_at=now.mono, active_at=now.mono, error=None)
     return changes, (JOURNAL,)
@@ -261,10 +282,16 @@ def _on_submitted_after_end(job: Job, event: Submitted, now: Now, limits: Limits
 
 def _on_submit_refused(job: Job, event: SubmitRefused, now: Now, limits: Limits) -> Step:
     extra = (WITHDRAW,) if event.maybe_queued else ()
-    if job.attempt == 0:
+    if not job.accepted:
         # Never accepted (even if its first messages beat the answer): the client gets the
         # error, no job remains.
         return {}, (DROP, *extra)
+    if job.attempt == 0:  # from the worker's own queue: it was accepted, so it ends with a reason
+        if event.unavailable:
+            if job.phase != SUBMITTING:
+                return NOTHING
+            return {"phase": BACKLOG, "error": down_sentence(event.error)}, (JOURNAL, *extra)
+        return _end(job, FAILED, now, event.error, *extra)
     if event.unavailable:
         if job.phase != SUBMITTING:
             return NOTHING  # its messages came: ComfyUI has it, whatever the POST said
@@ -341,6 +368,8 @@ def _on_history_unreadable(job: Job, event: HistoryUnreadable, now: Now, limits:
 def _on_absent(job: Job, event: Absent, now: Now, limits: Limits) -> Step:
     if job.ending is not None:
         return _end(job, job.ending[0], now, job.ending[1])  # gone, as the stop wanted
+    if job.attempt == 0:  # its dispatch never reached ComfyUI (the worker died meanwhile): queue it again
+        return {"phase": BACKLOG, "queue_position": None}, (JOURNAL,)
     resubmits = max(job.attempt - 1, 0)
     if resubmits >= limits.max_resubmits:
         return _end(job, FAILED, now, lost_sentence(resubmits))
@@ -367,7 +396,8 @@ def _on_collect_failed(job: Job, event: CollectFailed, now: Now, limits: Limits)
 
 
 def _on_cancel_before_accepted(job: Job, event: CancelRequested, now: Now, limits: Limits) -> Step:
-    return _end(job, CANCELLED, now, CANCELLED_BY_REQUEST)  # Submitted will withdraw it
+    # In the worker's own queue: nothing to undo. During POST /prompt: Submitted will withdraw it.
+    return _end(job, CANCELLED, now, CANCELLED_BY_REQUEST)
 
 
 def _on_cancel(job: Job, event: CancelRequested, now: Now, limits: Limits) -> Step:
@@ -414,10 +444,12 @@ def _on_comfy_up(job: Job, event: ComfyUp, now: Now, limits: Limits) -> Step:
 
 
 def _on_restored(job: Job, event: Restored, now: Now, limits: Limits) -> Step:
-    if job.phase == SUBMITTING and job.attempt == 0:
+    if job.phase == SUBMITTING and not job.accepted:
         # Killed during its first POST /prompt: the client never had a 200. ComfyUI may have
         # queued it; take it back so a retry elsewhere does not make it run twice.
         return {}, (WITHDRAW, DROP)
+    if job.phase == BACKLOG:
+        return {"queue_position": None, "error": None}, ()
     # Whatever I/O the old process had in flight is gone: reconcile finds where it is now
     # (the queue, the history, or lost), as after a websocket reconnect.
     phase = QUEUED if job.phase == SUBMITTING else STARTED if job.phase in (FINISHING, COLLECTING) else job.phase
@@ -434,10 +466,12 @@ def _cells(rule: Rule, phases: tuple[str, ...]) -> dict[str, Rule]:
 
 # event type -> {phase: rule}. A missing cell: the event changes nothing in that phase.
 TRANSITIONS: dict[type, dict[str, Rule]] = {
-    Submitted: {**_cells(_on_submitted, UNFINISHED_PHASES), **_cells(_on_submitted_after_end, (CANCELLED,))},
+    Dispatch: _cells(_on_dispatch, (BACKLOG,)),
+    Waiting: _cells(_on_waiting, (BACKLOG,)),
+    Submitted: {**_cells(_on_submitted, UNFINISHED_PHASES[1:]), **_cells(_on_submitted_after_end, (CANCELLED,))},
     SubmitRefused: {**_cells(_on_submit_refused, BEFORE_RUN_END),
                     CANCELLED: lambda job, event, now, limits: (
-                        {}, ((DROP,) if job.attempt == 0 else ()) + ((WITHDRAW,) if event.maybe_queued else ()))},
+                        {}, ((DROP,) if not job.accepted else ()) + ((WITHDRAW,) if event.maybe_queued else ()))},
     Started: _cells(_on_started, BEFORE_RUN_END),
     Progress: _cells(_on_progress, BEFORE_RUN_END),
     Preview: _cells(_on_preview, (STARTED,)),
@@ -452,7 +486,8 @@ TRANSITIONS: dict[type, dict[str, Rule]] = {
     Absent: _cells(_on_absent, FOLLOWED),
     Collected: {COLLECTING: _on_collected, **_cells(_on_collected_after_end, tuple(FINISHED))},
     CollectFailed: _cells(_on_collect_failed, (COLLECTING,)),
-    CancelRequested: {SUBMITTING: _on_cancel_before_accepted, **_cells(_on_cancel, FOLLOWED)},
+    CancelRequested: {BACKLOG: _on_cancel_before_accepted, SUBMITTING: _on_cancel_before_accepted,
+                      **_cells(_on_cancel, FOLLOWED)},
     StopDone: _cells(_on_stop_done, FOLLOWED),
     StopFailed: _cells(_on_stop_failed, FOLLOWED),
     Tick: _cells(_on_tick, FOLLOWED),

@@ -48,6 +48,7 @@ LOST = lc.lost_sentence(0)
 INTERRUPTED = lc.INTERRUPTED
 CANCELLED_BY_REQUEST = lc.CANCELLED_BY_REQUEST
 QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR
+IN_COMFYUI = (lc.SUBMITTING, lc.QUEUED, lc.STARTED)  # phases that hold a place in ComfyUI's queue
 
 
 class JobFinished(Exception):
@@ -60,6 +61,10 @@ class JobFinished(Exception):
 
 class WorkerStarting(ComfyUIUnavailable):
     """Journaled jobs are still being checked against ComfyUI: no new job yet."""
+
+
+class QueueFull(ComfyUIUnavailable):
+    """This worker's own queue is at ``backlog``: go elsewhere, or come back."""
 
 
 class WorkflowNotReady(ComfyUIUnavailable):
@@ -139,6 +144,8 @@ class Runner:
         for effect in effects:
             if effect not in skip:
                 self._carry_out(new, effect)
+        if job.phase in IN_COMFYUI and new.phase not in IN_COMFYUI:
+            self._dispatch()  # ComfyUI has room for the next one of this worker's queue
         return new
 
     def _carry_out(self, job: Job, effect: lc.Effect) -> None:
@@ -155,6 +162,8 @@ class Runner:
             self._spawn(self._fetch_history(job.prompt_id), finishing=True)
         elif kind == "collect":
             self._spawn(self._collect(job.prompt_id, list(effect.refs)), finishing=True)
+        elif kind == "dispatch":
+            self._spawn(self._dispatch_post(job.prompt_id), finishing=True)
         elif kind == "submit":
             metrics.JOBS_RESUBMITTED.labels(self.name).inc()
             log.warning("job %s: ComfyUI lost it; submitting it again (attempt %d)", job.prompt_id, job.attempt + 1)
@@ -268,7 +277,7 @@ class Runner:
             if known.request_hash != request_hash:
                 raise KeyConflict(422, f"The {IDEMPOTENCY_HEADER} was used for another request (job {prompt_id}).",
                                   known)
-            if known.phase == lc.SUBMITTING and known.attempt == 0:
+            if known.phase == lc.SUBMITTING and not known.accepted:
                 raise KeyConflict(409, f"A request with this {IDEMPOTENCY_HEADER} is still being submitted "
                                        f"(job {prompt_id}); ask again in a moment.", known)
             return known, True
@@ -289,13 +298,22 @@ class Runner:
         if not await self.comfy.wait_connected(wait):
             detail = self.comfy.last_error or "its websocket is not connected"
             raise ComfyUIUnavailable(f"ComfyUI is not reachable ({detail}).")
+        # ComfyUI is kept `ahead` prompts deep; beyond that, jobs wait in this worker's own queue.
+        waiting = self._backlog()
+        backlogged = bool(waiting) or self._in_comfyui() >= self.config.comfyui.ahead
+        if backlogged and len(waiting) >= self.config.backlog:
+            raise QueueFull(f"This worker's queue is full ({len(waiting)} job(s) waiting); try another worker "
+                            "or again shortly.")
         # Input images go to ComfyUI first: the workflow names them as ComfyUI answered.
         request, _ = await upload_inputs(self.comfy, self.config, request, prompt_id)
         graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
                   seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,
                   params=dict(request.params), idempotency_key=key, request_hash=request_hash,
-                  webhook=new_state(request.webhook_url) if request.webhook_url else None)
+                  webhook=new_state(request.webhook_url) if request.webhook_url else None,
+                  phase=lc.BACKLOG if backlogged else lc.SUBMITTING)
+        if backlogged:
+            return await self._accept_into_backlog(job), False
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
         if self.journal is not None:
@@ -322,6 +340,49 @@ class Runner:
         if job.status == PENDING:
             self._schedule_queue_refresh()
         return job, False
+
+    async def _accept_into_backlog(self, job: Job) -> Job:
+        """Accepted into this worker's own queue: answered once the journal holds it."""
+        self.store.add(job)
+        if self.journal is not None:
+            self.journal.save(job)
+            try:
+                await self.journal.flush()
+            except Exception:
+                self.store.remove([job.prompt_id])
+                raise
+        metrics.JOBS_SUBMITTED.labels(self.name).inc()
+        log.info("job %s: accepted into this worker's queue (workflow %s, seed %s)", job.prompt_id, job.workflow,
+                 job.seed)
+        self._dispatch()  # room may have opened while we wrote; and it needs its position
+        return self.store.get(job.prompt_id) or job
+
+    def _in_comfyui(self) -> int:
+        return sum(1 for job in self.store.unfinished() if job.phase in IN_COMFYUI)
+
+    def _backlog(self) -> list[Job]:
+        return sorted((job for job in self.store.unfinished() if job.phase == lc.BACKLOG),
+                      key=lambda job: job.created_at)
+
+    def _dispatch(self) -> None:
+        """Keep ComfyUI ``ahead`` prompts deep from this worker's own queue, oldest first; number the rest."""
+        waiting = self._backlog()
+        if not waiting:
+            return
+        in_comfyui = self._in_comfyui()
+        room = self.config.comfyui.ahead - in_comfyui
+        if room > 0 and self.comfy.connected and self.stalled is None and self.ready.is_set():
+            for job in waiting[:room]:
+                self.apply(job.prompt_id, lc.Dispatch())
+            waiting, in_comfyui = waiting[room:], in_comfyui + min(room, len(waiting))
+        for index, job in enumerate(waiting):
+            self.apply(job.prompt_id, lc.Waiting(in_comfyui + index))
+
+    async def _dispatch_post(self, prompt_id: str) -> None:
+        try:
+            await self._post(prompt_id)
+        except ComfyUIError as exc:
+            log.warning("job %s: could not hand it to ComfyUI: %s", prompt_id, exc)
 
     async def _post(self, prompt_id: str) -> None:
         """POST /prompt of the job's graph under our current websocket; the answer becomes an event."""
@@ -424,6 +485,7 @@ class Runner:
         event = lc.Tick(self.comfy.client_id if self.comfy.connected else None)
         for job in self.store.unfinished():
             self.apply(job.prompt_id, event)
+        self._dispatch()  # after a stall or an outage, or once the journal's jobs are checked
         counts = self.store.counts()
         metrics.QUEUE_DEPTH.labels(self.name, PENDING).set(counts[PENDING])
         metrics.QUEUE_DEPTH.labels(self.name, RUNNING).set(counts[RUNNING])
@@ -439,6 +501,7 @@ class Runner:
         # Nothing is replayed: whatever happened while we were away is in /queue and /history.
         self.request_reconcile()
         self.readiness.request_check()  # a restarted ComfyUI may have other models now
+        self._dispatch()
 
     def on_disconnected(self, reason: str) -> None:
         self._running_id = None

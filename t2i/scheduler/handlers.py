@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -79,8 +80,23 @@ class StatusHandler(SchedulerHandler):
 
 class ResultHandler(SchedulerHandler):
     async def get(self, prompt_id: str) -> None:
-        """200 with the image URLs (or the error) when finished, 202 while not."""
-        self.write_reply(await self.router.result(prompt_id))
+        """200 with the image URLs (or the error) when finished, 202 while not; ``?wait=S`` holds
+        the request until the job ends, ``?redirect=image`` answers a completed job with a 303."""
+        wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
+        deadline = time.monotonic() + wait
+        entry = self.mirror.fresh(prompt_id)
+        while entry is not None and not entry.final and (left := deadline - time.monotonic()) > 0:
+            if not await self.wait_unless_gone(self.mirror.wait(prompt_id, entry.version, left)):
+                return
+            entry = self.mirror.fresh(prompt_id)
+        if entry is not None:
+            self.write_result(entry.status)
+            return
+        reply = await self.router.result(prompt_id)
+        if reply.status in (200, 202):
+            self.write_result(reply.body)  # the owner's answer, redirected when asked
+        else:
+            self.write_reply(reply)
 
 
 class CancelHandler(SchedulerBodyHandler):

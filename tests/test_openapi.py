@@ -102,7 +102,7 @@ async def test_scheduler_cancel_when_the_owner_cannot_answer(tmp_path):
         for name, url in (("gone", f"http://127.0.0.1:{free_port()}"), ("imposter", sim.url)):
             (tmp_path / name).mkdir()
             write_workers_yaml(tmp_path / name / "workers.yaml", [{"name": name, "url": url}])
-            schedulers.append(await start_scheduler(tmp_path / name, []))
+            schedulers.append(await start_scheduler(tmp_path / name, [], max_body_bytes=1_048_576))
         gone, imposter = schedulers
         unreachable = await call("POST", f"{gone.url}/cancel/some-id")
         assert unreachable.code == 503 and unreachable.headers["Retry-After"] and "gone" in unreachable.json["error"]

@@ -53,3 +53,19 @@ async def test_the_worker_queue_survives_a_restart(tmp_path):
         for prompt_id in [first, *waiting]:
             assert (await c.wait(prompt_id))["status"] == "completed"
         assert [p for p, _, _ in c.sim.submitted] == [first, *waiting]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_health_reports_the_steps_left_and_the_measured_speed(tmp_path):
+    """What a scheduler needs to place a job where it finishes first."""
+    async with WorkerCluster(tmp_path, comfyui={"ahead": 1}) as c:
+        assert (await call("GET", f"{c.url}/health")).json["load"] == {"steps": 0, "seconds_per_step": None}
+        done = await c.submit({"prompt": "measure", "steps": 4})
+        assert (await c.wait(done))["status"] == "completed"
+        c.sim.stall = True
+        running = await c.submit({"prompt": "a", "steps": 6})
+        await c.wait(running, "running")
+        await c.submit({"prompt": "b", "steps": 10})  # waits in the worker's own queue
+        load = (await call("GET", f"{c.url}/health")).json["load"]
+        assert load["steps"] == 16 and load["seconds_per_step"] > 0
+        c.sim.stall = False

@@ -182,7 +182,7 @@ class HealthHandler(WorkerHandler):
         comfyui = await self.runner.health()
         ok = bool(comfyui.pop("ok"))
         self.write_json({"ok": ok, "name": self.config.name, "comfyui": comfyui, "jobs": self.store.counts(),
-                         "prune": self.prune_report()}, status=200 if ok else 503)
+                         "load": self.runner.load(), "prune": self.prune_report()}, status=200 if ok else 503)
 
 
 class PreviewHandler(WorkerHandler):

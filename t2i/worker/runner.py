@@ -51,6 +51,26 @@ QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR
 IN_COMFYUI = (lc.SUBMITTING, lc.QUEUED, lc.STARTED)  # phases that hold a place in ComfyUI's queue
 
 
+DEFAULT_STEPS = 20  # a raw workflow's steps are unknown: count it as a typical job
+
+
+class Speed:
+    """Seconds per sampler step on this GPU, from completed jobs (moving average; None until one)."""
+
+    weight = 0.2  # the newest job's share: follows a model change within a few jobs
+
+    def __init__(self) -> None:
+        self.seconds_per_step: float | None = None
+
+    def observe(self, job: Job) -> None:
+        steps = (job.params or {}).get("steps") or job.progress_max
+        if not steps or job.started_at is None or job.finished_at is None:
+            return
+        sample = max(job.finished_at - job.started_at, 0.0) / int(steps)
+        old = self.seconds_per_step
+        self.seconds_per_step = round(sample if old is None else old + self.weight * (sample - old), 6)
+
+
 class JobFinished(Exception):
     """A cancel of a job that already ended."""
 
@@ -127,6 +147,7 @@ class Runner:
         self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
         self.readiness = WorkflowReadiness(config, self.comfy, monotonic)
         self.webhooks = Webhooks(config, store, journal, clock)
+        self.speed = Speed()
 
     # --- the one way a job changes ------------------------------------------------------
 
@@ -187,6 +208,7 @@ class Runner:
         metrics.observe_job(self.name, job)
         if job.status == COMPLETED:
             metrics.JOB_DURATION.labels(self.name).observe(max(0.0, (job.finished_at or self.clock()) - job.created_at))
+            self.speed.observe(job)
             log.info("job %s: completed, %d image(s)", job.prompt_id, len(job.images))
         elif job.status == CANCELLED:
             log.info("job %s: cancelled", job.prompt_id)
@@ -568,6 +590,15 @@ class Runner:
     def _unstall(self, why: str) -> None:
         log.info("ComfyUI moves again (%s): this worker is healthy again", why)
         self.stalled = None
+
+    def load(self) -> dict[str, Any]:
+        """What placement needs to tell which worker finishes a new job first: the sampler steps
+        this worker still has to run (its own queue included) and how fast it runs them."""
+        steps = 0
+        for job in self.store.unfinished():
+            total = (job.params or {}).get("steps") or job.progress_max or DEFAULT_STEPS
+            steps += max(int(total) - (job.progress_value or 0), 0) if job.phase == lc.STARTED else int(total)
+        return {"steps": steps, "seconds_per_step": self.speed.seconds_per_step}
 
     async def health(self) -> dict[str, Any]:
         """The probe's view of ComfyUI, plus what only the runner knows: a stall, a start-up check."""

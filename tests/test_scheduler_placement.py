@@ -239,10 +239,14 @@ async def test_raw_workflows_in_a_mixed_pool_go_to_the_worker_that_allows_them(t
         await until(lambda: _is(workflow_ready(c.scheduler, "gpu-1"), True), what="catalogues")
         assert (await call("GET", c.scheduler.url + "/workflows")).body["allow_raw_workflows"] is True
         posts = CountingRoute(monkeypatch, worker_handlers.GenerateHandler, "post")
+        placed = []
         for _ in range(4):
             reply = await generate(c.scheduler, {"workflow": TXT2IMG})
             assert reply.status == 200 and reply.body["worker"] == "gpu-1", reply.body
+            placed.append(reply.body["prompt_id"])
         assert posts.at(c.workers[0]) == 0 and posts.at(c.workers[1]) == 4
+        for pid in placed:  # an idle worker hands the next job to ComfyUI at once (no backlog)
+            await wait_status(c.scheduler.url, pid)
         # A raw workflow ComfyUI rejects is the client's own mistake: passed on, not tried elsewhere.
         broken = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
         rejected = await generate(c.scheduler, {"workflow": broken})

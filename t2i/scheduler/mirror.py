@@ -232,6 +232,9 @@ class Mirror:
         self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
 
     def _put(self, worker: str, status: dict[str, Any], listing: bool = False) -> None:
+        # Lists as tuples: a tuple of strings drops out of the garbage collector's passes after the
+        # first, a list never does (20,000 mirrored jobs: 40,000 objects for each full pass, not 60,000).
+        status = {key: tuple(value) if type(value) is list else value for key, value in status.items()}
         prompt_id = status["prompt_id"]
         old = self._jobs.get(prompt_id)
         if old is not None and old.worker != worker:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import importlib.resources
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,12 @@ from urllib.parse import urlsplit
 
 from t2i.params import (BUILTIN_WORKFLOWS, PARAM_KINDS, SEED_MAX, ImageLimits, ParamSpec, builtin_params,
                         builtin_spec, load_param)
-from t2i.yamlfile import ConfigError, Section, load_yaml
+from t2i.yamlfile import ConfigError, LineDict, Section, load_yaml
 
 __all__ = [
     "ConfigError", "ParamSpec", "WorkflowConfig", "ComfyUIConfig", "RetentionConfig",
-    "WorkerConfig", "SchedulerConfig", "WorkerEntry", "load_worker_config",
-    "load_scheduler_config", "load_workers_file", "parse_listen", "PARAM_KINDS", "SEED_MAX",
+    "WorkerConfig", "SchedulerConfig", "ClientsConfig", "WorkerEntry", "load_worker_config",
+    "load_scheduler_config", "load_workers_file", "load_keys_file", "parse_listen", "PARAM_KINDS", "SEED_MAX",
 ]
 
 PACKAGE_WORKFLOWS = Path(__file__).parent / "workflows"
@@ -109,6 +110,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ClientsConfig:
+    """scheduler.yaml ``clients``: API keys (name -> key, or a file of them) and each client's share."""
+
+    keys: dict[str, str] = field(default_factory=dict, repr=False)   # never printed: they are secrets
+    keys_file: Path | None = None
+    allow_anonymous: bool = True
+    max_jobs: int = 8
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     file: Path
     listen_host: str
@@ -120,6 +131,7 @@ class SchedulerConfig:
     static_dir: Path
     max_body_bytes: int
     poll_interval: float
+    clients: ClientsConfig = ClientsConfig()
 
 
 @dataclass(frozen=True)
@@ -346,9 +358,74 @@ def load_scheduler_config(path: Path | str) -> SchedulerConfig:
         # input images come base64 in POST /generate: room for the workers' default (t2i.params)
         max_body_bytes=root.get("max_body_bytes", int, 16 * 1024 * 1024, minimum=1024),
         poll_interval=root.get("poll_interval", float, 1.5, minimum=0.1),
+        clients=_load_clients(root),
     )
     root.finish()
     return config
+
+
+# A client's name travels in logs, metrics, the T2I-Client header and every job's status; "anon:" is
+# taken by anonymous clients (the colon is not allowed here).
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+KEY_CHARS = re.compile(r"[\x21-\x7e]+")   # printable ASCII, no spaces: it travels in a header
+KEY_MIN_LENGTH = 16
+
+
+def _load_clients(root: Section) -> ClientsConfig:
+    section = root.section("clients")
+    keys: dict[str, str] = {}
+    keys_file = section.path("keys_file")
+    section._seen.add("keys")
+    if "keys" in section.data:
+        if keys_file is not None:
+            raise section.error("keys", "write either `keys` or `keys_file`, not both")
+        keys = check_keys(section.data["keys"], section.file, section._key("keys"), section.line("keys"))
+    elif keys_file is not None:
+        keys = load_keys_file(keys_file)
+    config = ClientsConfig(keys=keys, keys_file=keys_file,
+                           allow_anonymous=section.get("allow_anonymous", bool, True),
+                           max_jobs=section.get("max_jobs", int, 8, minimum=1))
+    section.finish()
+    if not config.allow_anonymous and keys_file is None and not keys:
+        raise section.error("allow_anonymous", "is false and no keys are given: nobody could submit a job "
+                                               "(add `keys` or `keys_file`)")
+    return config
+
+
+def load_keys_file(path: Path | str) -> dict[str, str]:
+    """A clients' keys file (``name: key`` per line, the shape of ``clients.keys``); a bad entry fails the
+    whole file (the running scheduler keeps its last good keys)."""
+    path = Path(path)
+    data = load_yaml(path)
+    if data is None:
+        raise ConfigError(path, "is empty: list `name: key` pairs (or write `{}` for no keys)")
+    return check_keys(data, path, None, getattr(data, "line", None))
+
+
+def check_keys(data: Any, file: Path, key: str | None, line: int | None) -> dict[str, str]:
+    """name -> key, checked. Error messages name the client, never show a key."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, "must be a mapping of client name to key", key=key, line=line)
+    keys: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for name, value in data.items():
+        where = f"{key}.{name}" if key else str(name)
+        at = data.line_of(name) if isinstance(data, LineDict) else line
+        if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+            raise ConfigError(file, "a client name must be 1-64 letters, digits and . _ @ + - (starting with a "
+                                    "letter or digit)", key=where, line=at)
+        if not isinstance(value, str):
+            raise ConfigError(file, "the key must be a string (quote it)", key=where, line=at)
+        if len(value) < KEY_MIN_LENGTH or not KEY_CHARS.fullmatch(value):
+            raise ConfigError(file, f"the key must be at least {KEY_MIN_LENGTH} printable ASCII characters without "
+                                    "spaces (make one with: python -c \"import secrets; "
+                                    "print(secrets.token_urlsafe(24))\")", key=where, line=at)
+        if value in owners:
+            raise ConfigError(file, f"has the same key as {owners[value]!r}: each client needs its own",
+                              key=where, line=at)
+        owners[value] = name
+        keys[name] = value
+    return keys
 
 
 def load_workers_file(path: Path | str) -> list[WorkerEntry]:

@@ -42,6 +42,10 @@ PRUNED_BYTES = Counter("t2i_pruned_bytes_total", "Image bytes removed by retenti
 CONFIG_RELOADS = Counter("t2i_config_reloads_total", "workers.yaml reloads, by result (ok, failed)",
                          ["result"])
 SCHEDULER_ROUTED = Counter("t2i_scheduler_routed_total", "Jobs the scheduler placed, by worker", ["worker"])
+# Per client name (all anonymous clients are "anonymous": an address each would be unbounded).
+CLIENT_ACCEPTED = Counter("t2i_client_jobs_accepted_total", "Jobs the scheduler placed, by client", ["client"])
+CLIENT_THROTTLED = Counter("t2i_client_throttled_total", "POST /generate answered 429 (the client held max_jobs "
+                           "unfinished jobs), by client", ["client"])
 # Where a job's time went, from its record: created_at -> started_at (waiting in ComfyUI's queue) ->
 # finished_at (running, images copied). Observed when the job ends, for jobs that started.
 _JOB_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -63,7 +67,7 @@ class MetricsHandler(JSONHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest() + pool_metrics(self.application))
+        self.finish(generate_latest() + pool_metrics(self.application) + client_metrics(self.application))
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -167,6 +171,27 @@ def pool_metrics(application: web.Application) -> bytes:
         queue.add_metric([name, "running"], float(worker.get("running") or 0))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed([up, routable, ready, queue]))
+    return generate_latest(registry)
+
+
+def client_metrics(application: web.Application) -> bytes:
+    """Unfinished jobs per client, from the Clients the scheduler's routes were given (read when scraped)."""
+    clients = next((rule.target_kwargs["clients"] for rule in application.wildcard_router.rules
+                    if "clients" in (rule.target_kwargs or {})), None)
+    if clients is None:
+        return b""
+    from t2i.scheduler.clients import metric_label
+
+    unfinished = GaugeMetricFamily("t2i_client_unfinished_jobs", "Unfinished jobs each client holds, as this "
+                                   "scheduler counts them for max_jobs", labels=["client"])
+    totals: dict[str, float] = {name: 0.0 for name in clients.names}
+    for client in clients.index.clients():
+        label = metric_label(client)
+        totals[label] = totals.get(label, 0.0) + clients.index.held(client)
+    for label, value in sorted(totals.items()):
+        unfinished.add_metric([label], value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([unfinished]))
     return generate_latest(registry)
 
 

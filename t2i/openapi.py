@@ -1,7 +1,10 @@
 """The hand-written OpenAPI document (``openapi.yaml``): served, and checked against.
 
 One file describes both servers: ``x-servers`` on each operation (and, where only
-one of them can answer with a status, on that response) says which serve it.
+one of them can answer with a status, on that response) says which serve it. Where
+the two serve the same method and path differently (``GET /jobs``: the worker's
+change feed, the scheduler's list of a client's jobs), the path's ``x-per-server``
+holds the other server's operation (``x-per-server: {scheduler: {get: ...}}``).
 ``document(server)`` is one server's own document, and ``GET /openapi.json``
 serves it (``OpenAPIHandler``, told its server through the URL spec).
 :func:`check_response` validates a JSON response against a server's document (the
@@ -32,7 +35,7 @@ def document(server: str | None = None) -> dict[str, Any]:
     """One server's document (``"scheduler"`` or ``"worker"``); both servers' with None."""
     full = yaml.safe_load(DOCUMENT.read_text(encoding="utf-8"))
     if server is None:
-        return full
+        return _merged(full)
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}; one of {SERVERS}")
     return _for_server(full, server)
@@ -42,14 +45,33 @@ def _serves(node: dict[str, Any], server: str) -> bool:
     return server in node.get("x-servers", SERVERS)
 
 
+def _operations(path_item: dict[str, Any], server: str) -> dict[str, Any]:
+    """The path's operations as ``server`` has them (its ``x-per-server`` ones replace the shared ones)."""
+    own = path_item.get("x-per-server", {}).get(server, {})
+    return {**{m: op for m, op in path_item.items() if not m.startswith("x-")}, **own}
+
+
+def _merged(full: dict[str, Any]) -> dict[str, Any]:
+    """Both servers' document: a method served differently by each has the responses of both."""
+    for template, path_item in full["paths"].items():
+        variants = path_item.pop("x-per-server", {})
+        for operations in variants.values():
+            for method, operation in operations.items():
+                if method not in path_item:
+                    path_item[method] = operation
+                else:
+                    path_item[method]["responses"] = {**operation["responses"], **path_item[method]["responses"]}
+    return full
+
+
 def _for_server(full: dict[str, Any], server: str) -> dict[str, Any]:
     """``full`` cut down to the operations (and responses) ``server`` serves."""
     own = copy.deepcopy(full)
     own["info"]["title"] = f"t2i {server}"
     own["paths"] = {}
-    for template, operations in full["paths"].items():
+    for template, path_item in full["paths"].items():
         kept = {}
-        for method, operation in operations.items():
+        for method, operation in _operations(path_item, server).items():
             if _serves(operation, server):
                 operation = copy.deepcopy(operation)
                 operation["responses"] = {status: response for status, response in operation["responses"].items()

@@ -22,7 +22,12 @@ def operations(server: str | None) -> set[tuple[str, str]]:
 def test_each_server_has_only_its_operations():
     worker, scheduler, both = operations("worker"), operations("scheduler"), operations(None)
     assert worker | scheduler == both
-    assert ("GET", "/jobs") in worker and ("GET", "/jobs") not in scheduler
+    # GET /jobs is the worker's change feed and the scheduler's list of a client's jobs (x-per-server)
+    assert ("GET", "/jobs") in worker and ("GET", "/jobs") in scheduler
+    jobs = {server: openapi.document(server)["paths"]["/jobs"]["get"] for server in ("worker", "scheduler")}
+    assert jobs["worker"]["x-servers"] == ["worker"] and jobs["scheduler"]["x-servers"] == ["scheduler"]
+    assert {p["name"] for p in jobs["scheduler"]["parameters"]} == {"limit", "status", "before"}
+    assert ("POST", "/cancel") in scheduler and ("POST", "/cancel") not in worker
     assert ("GET", "/images/{filename}") in worker and ("GET", "/previews/{prompt_id}") in worker
     assert ("GET", "/workers") in scheduler and ("GET", "/workers") not in worker
     assert not {("GET", "/images/{filename}"), ("GET", "/previews/{prompt_id}")} & scheduler
@@ -37,10 +42,11 @@ def test_responses_only_one_server_gives_are_in_its_document_only():
     def statuses(server: str, method: str, path: str) -> set[int]:
         return {s for m, p, s in openapi.documented_responses(server) if (m, p) == (method, path)}
 
-    # Only workers check a token; only the scheduler has an owner to be out of reach of.
-    assert 401 in statuses("worker", "POST", "/generate") and 401 not in statuses("scheduler", "POST", "/generate")
-    assert 401 in statuses("worker", "POST", "/cancel/{prompt_id}")
-    assert 401 not in statuses("scheduler", "POST", "/cancel/{prompt_id}")
+    # Both check a key (the worker its auth_token, the scheduler its clients'); only the scheduler caps a
+    # client (429) and has an owner to be out of reach of.
+    for server in ("worker", "scheduler"):
+        assert 401 in statuses(server, "POST", "/generate") and 401 in statuses(server, "POST", "/cancel/{prompt_id}")
+    assert 429 in statuses("scheduler", "POST", "/generate") and 429 not in statuses("worker", "POST", "/generate")
     for path in ("/status/{prompt_id}", "/result/{prompt_id}"):
         assert {502, 503} <= statuses("scheduler", "GET", path)
         assert not {502, 503} & statuses("worker", "GET", path)

@@ -509,7 +509,7 @@ async def test_no_worker_reachable_from_the_start(tmp_path):
         assert health.status == 503 and health.body == {
             "ok": False, "workers": [{"name": "gone", "ok": False, "reachable": False, "comfyui_reachable": None,
                                       "enabled": True, "pending": 0, "running": 0}],
-            "poll_interval": 1.5}
+            "poll_interval": 1.5, "auth": {"required": False, "anonymous": True}}
     finally:
         await scheduler.stop()
 

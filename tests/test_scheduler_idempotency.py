@@ -20,6 +20,7 @@ from t2i.idempotency import prompt_id_for
 from t2i.openapi import check_response
 
 KEY = "order-4711"
+SCOPED = "anon:127.0.0.1:" + KEY  # the key as the workers get it: scoped to the client (anonymous, by address)
 BODY = {"prompt": "a red fox", "steps": 4}
 
 
@@ -80,7 +81,7 @@ async def test_the_same_key_and_body_is_the_same_job_and_another_body_is_422(tmp
         first = await generate(c.scheduler, key=KEY)
         assert first.status == 200, first.body
         pid = first.body["prompt_id"]
-        assert pid == prompt_id_for(":" + KEY)  # derived from the key: any replica finds it
+        assert pid == prompt_id_for(SCOPED)  # derived from the key: any replica finds it
         again = await generate(c.scheduler, {"steps": 4, "prompt": "a red fox"}, key=KEY)  # key order is no matter
         assert again.status == 200 and again.body["prompt_id"] == pid and again.body["duplicate"] is True
         assert again.body["worker"] == first.body["worker"]
@@ -102,7 +103,7 @@ async def test_a_duplicate_while_the_first_is_placed_is_409_and_another_body_422
         await until(lambda: gate.arrived, what="the first request waits in ComfyUI")
         busy = await generate(c.scheduler, key=KEY)
         assert busy.status == 409 and int(busy.headers["Retry-After"]) >= 1, busy.body
-        assert busy.body["prompt_id"] == prompt_id_for(":" + KEY)
+        assert busy.body["prompt_id"] == prompt_id_for(SCOPED)
         other = await generate(c.scheduler, {**BODY, "prompt": "a blue fox"}, key=KEY)
         assert other.status == 422, other.body
         gate.open()
@@ -214,7 +215,7 @@ async def test_a_worker_that_cannot_say_whether_it_took_the_job_is_503_not_a_sec
         try:
             unsure = await generate(c.scheduler, key=KEY)
             assert unsure.status == 503 and unsure.headers["Retry-After"], unsure.body
-            assert "cannot run twice" in unsure.body["error"] and unsure.body["prompt_id"] == prompt_id_for(":" + KEY)
+            assert "cannot run twice" in unsure.body["error"] and unsure.body["prompt_id"] == prompt_id_for(SCOPED)
             assert len(posts.arrived) == 1 and len(statuses.arrived) == 1
         finally:
             posts.open()

@@ -27,6 +27,7 @@ from t2i.cli import (build_parser, install_shutdown_handlers, load_or_exit, port
                      setup_logging)
 from t2i.config import SchedulerConfig, load_scheduler_config, load_workers_file
 from t2i.httpclient import MAX_CLIENTS, configure_http_client
+from t2i.scheduler.clients import Clients
 from t2i.scheduler.forward import JobRouter
 from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHandler, StaticHandler,
                                     default_handlers)
@@ -47,6 +48,7 @@ def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, placem
              *, simulated: bool = False, **settings: Any) -> web.Application:
     """The API routes first, then the page from ``config.static_dir`` (``/`` is index.html)."""
     deps = {"registry": registry, "mirror": mirror, "placement": placement, "router": router,
+            "clients": router.clients,
             "max_body_bytes": config.max_body_bytes, "simulated": simulated, "poll_interval": config.poll_interval}
     static = str(config.static_dir)
     handlers: list[Any] = [(pattern, handler, deps) for pattern, handler in default_handlers]
@@ -73,7 +75,9 @@ class Scheduler:
                                  health_interval=config.health_interval)
         self.registry.load_initial()
         self.placement = Placement(self.registry, self.mirror, clock=clock)
-        self.router = JobRouter(self.registry, self.mirror, self.placement, auth_token=config.auth_token)
+        self.clients = Clients(config.clients, self.mirror.clients)  # API keys and each client's share
+        self.router = JobRouter(self.registry, self.mirror, self.placement, auth_token=config.auth_token,
+                                clients=self.clients)
         self.client: AsyncHTTPClient | None = None
         self.feed_client: AsyncHTTPClient | None = None
         self.server: HTTPServer | None = None
@@ -119,12 +123,16 @@ class Scheduler:
         self._callbacks.append(callback)
 
     def reload(self, force: bool = False) -> None:
-        """Apply an edited workers.yaml (every reload_interval; forced on SIGHUP)."""
+        """Apply an edited workers.yaml and clients' keys_file (every reload_interval; forced on SIGHUP)."""
         try:
             self.registry.reload_if_changed(force)
             self.registry.drop_drained()
         except Exception:
             log.exception("reloading %s failed", self.registry.workers_file)
+        try:
+            self.clients.reload_if_changed(force)
+        except Exception:
+            log.exception("reloading %s failed", self.clients.keys_file)
 
     async def stop(self) -> None:
         """Stop listening, stop the periodic work and the followers, close the client."""

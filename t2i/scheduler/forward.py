@@ -12,8 +12,9 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote, urlencode
 
 from t2i.httpclient import JSONResponse, UpstreamUnavailable, detached, fetch_json
@@ -21,7 +22,10 @@ from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.idempotency import MAX_LENGTH as KEY_MAX_LENGTH
 from t2i.idempotency import BadKey, check_key, fingerprint, prompt_id_for
 from t2i.jobstate import result_of
-from t2i.metrics import SCHEDULER_ROUTED
+from t2i.metrics import CLIENT_ACCEPTED, CLIENT_THROTTLED, SCHEDULER_ROUTED
+from t2i.config import ClientsConfig
+from t2i.scheduler.clients import HEADER as CLIENT_HEADER
+from t2i.scheduler.clients import Clients, metric_label
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import NoWorkerAvailable, Placement
 from t2i.scheduler.registry import Registry, WorkerState
@@ -38,6 +42,7 @@ RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
 RETRY_AFTER_UNREADY = "10"  # no worker ready for the workflow: that takes ops a while
 RETRY_AFTER_OWNER = "1"     # owner unreachable: the job is not lost, poll again
 RETRY_AFTER_KEY = "1"       # the first request with this Idempotency-Key is still being placed
+CANCEL_CONCURRENCY = 16     # POST /cancel (all of a client's jobs): cancels in flight at once
 
 # A worker's answers to POST /generate that are the client's own (a mistake, or a key in use): passed on.
 CLIENT_MISTAKES = frozenset({400, 409, 413, 422})
@@ -71,21 +76,23 @@ class JobRouter:
     """generate / status / result / cancel across the pool."""
 
     def __init__(self, registry: Registry, mirror: Mirror, placement: Placement, *, client=None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, clients: Clients | None = None):
         self.registry = registry
         self.mirror = mirror
         self.placement = placement
         self.client = client
         self.auth_token = auth_token
+        self.clients = clients or Clients(ClientsConfig(), mirror.clients)
         self.closing = False
         self._placing: dict[str, str] = {}   # scoped Idempotency-Key -> body fingerprint, while placed here
 
     # --- POST /generate -----------------------------------------------------
 
     async def generate(self, body: Any, key: str | None = None, client: str = "") -> Reply:
-        """Place a job. With an Idempotency-Key, the key's job if there is one (same body), else a new
-        one whose id is derived from the key; without, a new one under a key of our own. Either way the
-        worker gets a key, so the job's id is known before it answers (see :meth:`_submit`)."""
+        """Place a job for ``client``. With an Idempotency-Key, the key's job if there is one (same body),
+        else a new one whose id is derived from the key (scoped to the client); without, a new one under a
+        key of our own. Either way the worker gets a key, so the job's id is known before it answers (see
+        :meth:`_submit`). A client holding ``max_jobs`` unfinished jobs gets 429 (its key's job excepted)."""
         if key is not None:
             try:
                 check_key(key)
@@ -96,7 +103,8 @@ class JobRouter:
         except ValidationError as exc:
             raise APIError(400, str(exc), field=exc.field) from None
         if key is None:
-            return await self._place(body, f"t2i-{uuid.uuid4().hex}")
+            with self._room(client):
+                return await self._place(body, f"t2i-{uuid.uuid4().hex}", client=client)
         scoped = worker_key(client, key)
         digest = fingerprint(body)
         placing = self._placing.get(scoped)
@@ -104,9 +112,27 @@ class JobRouter:
             raise self._key_conflict(placing != digest, prompt_id_for(scoped))
         self._placing[scoped] = digest
         try:
-            return await self._place(body, scoped, known=True)
+            with self._room(client, known=self.mirror.owner(prompt_id_for(scoped)) is not None):
+                return await self._place(body, scoped, known=True, client=client)
         finally:
             del self._placing[scoped]
+
+    @contextmanager
+    def _room(self, client: str, known: bool = False) -> Iterator[None]:
+        """The fair share: 429 when ``client`` is at ``max_jobs`` (not for a job it has already: ``known``);
+        otherwise the job counts for the client while it is placed."""
+        if not client:
+            yield
+            return
+        if not known:
+            try:
+                self.clients.check_room(client, self.mirror.feed_up)
+            except APIError:
+                CLIENT_THROTTLED.labels(metric_label(client)).inc()
+                log.info("client %s is at its max_jobs (%d); 429", client, self.clients.max_jobs)
+                raise
+        with self.mirror.clients.placing(client):
+            yield
 
     @staticmethod
     def _key_conflict(other_body: bool, prompt_id: str) -> APIError:
@@ -116,7 +142,7 @@ class JobRouter:
         return APIError(409, f"A request with this {IDEMPOTENCY_HEADER} is still being placed (job {prompt_id}); "
                         "ask again in a moment.", prompt_id=prompt_id, headers={"Retry-After": RETRY_AFTER_KEY})
 
-    async def _place(self, body: Any, key: str, known: bool = False) -> Reply:
+    async def _place(self, body: Any, key: str, known: bool = False, client: str = "") -> Reply:
         """Try the workers in placement's order until one takes the job. ``known``: the key may have a
         job already (a client's key): its holder answers for it, wherever it is."""
         prompt_id = prompt_id_for(key)
@@ -134,7 +160,7 @@ class JobRouter:
                 except NoWorkerAvailable as exc:
                     raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)
-            outcome = await self._submit(state, body, key, prompt_id, holds=holds)
+            outcome = await self._submit(state, body, key, prompt_id, holds=holds, client=client)
             if isinstance(outcome, Reply):
                 return outcome
             refusals.append(outcome)
@@ -179,7 +205,7 @@ class JobRouter:
         return APIError(503, message, headers={"Retry-After": retry})
 
     async def _submit(self, state: WorkerState, body: Any, key: str, prompt_id: str,
-                      holds: bool = False) -> Reply | Refusal:
+                      holds: bool = False, client: str = "") -> Reply | Refusal:
         """The worker's answer to pass on, or why it refused (it is then marked).
 
         A POST that may have arrived but got no answer (a timeout, a reset) is not simply tried
@@ -188,9 +214,10 @@ class JobRouter:
         ``holds``: the worker is known to hold the key's job; when it cannot be reached, 503.
         """
         state.in_flight += 1
+        headers = {IDEMPOTENCY_HEADER: key, **({CLIENT_HEADER: client} if client else {})}
         try:
             response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
-                                        client=self.client, headers={IDEMPOTENCY_HEADER: key},
+                                        client=self.client, headers=headers,
                                         connect_timeout=CONNECT_TIMEOUT, request_timeout=GENERATE_TIMEOUT)
         except UpstreamUnavailable as exc:
             if holds:
@@ -202,12 +229,13 @@ class JobRouter:
                 state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
                 self.mirror.suspect(state.name, reason)
                 return Refusal(f"{state.name} {reason}")
-            return await self._after_no_answer(state, prompt_id, exc)
+            return await self._after_no_answer(state, prompt_id, exc, client)
         finally:
             state.in_flight -= 1
-        return self._answer(state, body, response)
+        return self._answer(state, body, response, client)
 
-    async def _after_no_answer(self, state: WorkerState, prompt_id: str, error: Exception) -> Reply | Refusal:
+    async def _after_no_answer(self, state: WorkerState, prompt_id: str, error: Exception,
+                               client: str = "") -> Reply | Refusal:
         """A POST /generate sent to ``state`` got no answer: does it hold the job?"""
         log.warning("POST /generate of job %s to worker %s got no answer (%s); asking it for the job",
                     prompt_id, state.name, error)
@@ -215,7 +243,8 @@ class JobRouter:
         if isinstance(outcome, Reply) and outcome.status == 200:
             log.info("worker %s holds job %s after all", state.name, prompt_id)
             return self._placed(state, {"prompt_id": prompt_id, "worker": state.name,
-                                        "status_url": f"/status/{prompt_id}", "result_url": f"/result/{prompt_id}"})
+                                        "status_url": f"/status/{prompt_id}", "result_url": f"/result/{prompt_id}"},
+                                client)
         if isinstance(outcome, Reply) and outcome.status in (404, 410):
             state.mark_down(f"POST /generate got no answer: {error}")
             return Refusal(f"{state.name} did not answer ({error})")
@@ -225,19 +254,22 @@ class JobRouter:
                        f"shortly (with the same {IDEMPOTENCY_HEADER}, the same job is answered).",
                        headers={"Retry-After": RETRY_AFTER_OWNER}, prompt_id=prompt_id)
 
-    def _placed(self, state: WorkerState, answer: dict[str, Any]) -> Reply:
+    def _placed(self, state: WorkerState, answer: dict[str, Any], client: str = "") -> Reply:
         self.mirror.note_submitted(answer["prompt_id"], state.name)
         SCHEDULER_ROUTED.labels(worker=state.name).inc()
-        log.info("placed job %s on worker %s", answer["prompt_id"], state.name)
+        if client and not answer.get("duplicate"):
+            self.mirror.clients.placed(answer["prompt_id"], client)
+            CLIENT_ACCEPTED.labels(metric_label(client)).inc()
+        log.info("placed job %s on worker %s for client %s", answer["prompt_id"], state.name, client or "-")
         return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
 
-    def _answer(self, state: WorkerState, body: Any, response: JSONResponse) -> Reply | Refusal:
+    def _answer(self, state: WorkerState, body: Any, response: JSONResponse, client: str = "") -> Reply | Refusal:
         """Pass a worker's answer on, or turn it into a refusal: a client's mistake (400, 413, 422, a
         raw workflow ComfyUI rejected) is the client's answer; the worker's own trouble is not."""
         answer = response.body
         status = response.status
         if status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
-            return self._placed(state, answer)
+            return self._placed(state, answer, client)
         detail = answer.get("error") if isinstance(answer, dict) else None
         raw = isinstance(body.get("workflow"), dict)
         if detail and status in CLIENT_MISTAKES or (detail and status == 502 and raw):
@@ -269,7 +301,10 @@ class JobRouter:
             return Reply(*result_of(entry.status))
         return await self.ask_owner("result", prompt_id)
 
-    async def cancel(self, prompt_id: str) -> Reply:
+    async def cancel(self, prompt_id: str, client: str | None = None) -> Reply:
+        """Cancel a job on its worker; with ``client``, only that client's job (another's is 404, as if unknown)."""
+        if client is not None and await self.client_of(prompt_id) != client:
+            raise APIError(404, f"No job {prompt_id} is known to any worker.")
         try:
             return await self.ask_owner("cancel", prompt_id, method="POST")
         except APIError:
@@ -278,6 +313,44 @@ class JobRouter:
                 return Reply(409, {"error": f"Job {prompt_id} has already ended ({entry.status['status']}).",
                                    "status": entry.status["status"]})
             raise
+
+    async def client_of(self, prompt_id: str) -> str | None:
+        """Whose job this is: from the mirror, or the jobs placed here lately, else asked of its worker
+        (404 or 503 raised as for /status when nobody can say)."""
+        entry = self.mirror.get(prompt_id)
+        if entry is not None:
+            return entry.status.get("client")
+        client = self.mirror.clients.client_of(prompt_id)
+        if client is not None:
+            return client
+        reply = await self.status(prompt_id)
+        return reply.body.get("client") if reply.status == 200 else None
+
+    async def cancel_all(self, client: str) -> dict[str, Any]:
+        """Cancel every unfinished job of ``client`` (``POST /cancel``): those cancelled, and those that
+        could not be (a worker unreachable, say); jobs that ended meanwhile are neither."""
+        ids = list(self.mirror.clients.unfinished(client)) + self.mirror.clients.recent(client)
+        ids = list(dict.fromkeys(ids))
+        gate = asyncio.Semaphore(CANCEL_CONCURRENCY)
+
+        async def one(prompt_id: str) -> tuple[str, int, str | None]:
+            async with gate:
+                try:
+                    reply = await self.cancel(prompt_id)
+                except APIError as exc:
+                    return prompt_id, exc.status_code, exc.message
+                error = reply.body.get("error") if isinstance(reply.body, dict) else None
+                return prompt_id, reply.status, error
+
+        cancelled: list[str] = []
+        failed: list[dict[str, str]] = []
+        for prompt_id, status, error in await asyncio.gather(*(one(pid) for pid in ids)):
+            if status == 200:
+                cancelled.append(prompt_id)
+            elif status not in (404, 409, 410):  # ended or gone meanwhile: nothing left to cancel
+                failed.append({"prompt_id": prompt_id, "error": error or f"Its worker answered {status}."})
+        log.info("client %s cancelled %d jobs (%d could not be)", client, len(cancelled), len(failed))
+        return {"cancelled": len(cancelled), "prompt_ids": cancelled, "failed": failed}
 
     async def ask_owner(self, route: str, prompt_id: str, *, method: str = "GET",
                         query: dict[str, Any] | None = None, wait: float = 0) -> Reply:
@@ -351,8 +424,8 @@ def _retry_after(response: JSONResponse) -> dict[str, str]:
 
 
 def worker_key(client: str, key: str) -> str:
-    """The Idempotency-Key the workers get for a client's key: scoped to the client (``""`` for all,
-    until clients have names), hashed when that would be longer than a key may be."""
+    """The Idempotency-Key the workers get for a client's key: scoped to the client's name (one client's
+    key never finds another's job), hashed when that would be longer than a key may be."""
     scoped = f"{client}:{key}"
     if len(scoped) <= KEY_MAX_LENGTH:
         return scoped

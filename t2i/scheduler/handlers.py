@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
+from t2i.scheduler.clients import LIST_LIMIT, LIST_MAX, Clients, decode_cursor, list_jobs, parse_statuses
 from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
@@ -22,11 +24,16 @@ class SchedulerHandler(JSONHandler):
     """Base: the shared objects come in through the URL spec."""
 
     def initialize(self, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
-                   **kwargs: Any) -> None:
+                   clients: Clients, **kwargs: Any) -> None:
         self.registry = registry
         self.mirror = mirror
         self.placement = placement
         self.router = router
+        self.clients = clients
+
+    def client(self) -> str:
+        """The caller's client name (401 for a wrong key, or none where a key is required)."""
+        return self.clients.identify(self)
 
     def write_reply(self, reply: Reply) -> None:
         for name, value in reply.headers.items():
@@ -38,16 +45,18 @@ class SchedulerBodyHandler(JSONBodyHandler, SchedulerHandler):
     """A scheduler route with a (capped, streamed) request body."""
 
     def initialize(self, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
-                   max_body_bytes: int | None = None, **kwargs: Any) -> None:
+                   clients: Clients, max_body_bytes: int | None = None, **kwargs: Any) -> None:
         JSONBodyHandler.initialize(self, max_body_bytes=max_body_bytes)
-        SchedulerHandler.initialize(self, registry, mirror, placement, router)
+        SchedulerHandler.initialize(self, registry, mirror, placement, router, clients)
 
 
 class GenerateHandler(SchedulerBodyHandler):
     async def post(self) -> None:
-        """Validate the request and place it on the least-loaded ready worker (Idempotency-Key honoured)."""
+        """Validate the request and place it on the least-loaded ready worker for the caller's client
+        (Idempotency-Key honoured; 429 when the client holds max_jobs unfinished jobs)."""
+        client = self.client()
         body = self.get_json_body()
-        self.write_reply(await self.router.generate(body, self.request.headers.get(IDEMPOTENCY_HEADER)))
+        self.write_reply(await self.router.generate(body, self.request.headers.get(IDEMPOTENCY_HEADER), client))
 
 
 class StatusHandler(SchedulerHandler):
@@ -101,9 +110,41 @@ class ResultHandler(SchedulerHandler):
 
 class CancelHandler(SchedulerBodyHandler):
     async def post(self, prompt_id: str) -> None:
-        """Cancel the job on its worker (409 when it already ended)."""
+        """Cancel one of the caller's jobs on its worker (409 when it already ended; another's is 404)."""
+        client = self.client()
         self.check_body_size()
-        self.write_reply(await self.router.cancel(prompt_id))
+        self.write_reply(await self.router.cancel(prompt_id, client))
+
+
+class CancelAllHandler(SchedulerBodyHandler):
+    async def post(self) -> None:
+        """Cancel every unfinished job of the caller's: how many, which, and those that could not be."""
+        client = self.client()
+        self.check_body_size()
+        self.write_json(await self.router.cancel_all(client))
+
+
+class JobsHandler(SchedulerHandler):
+    def get(self) -> None:
+        """The caller's jobs from the mirror, newest first: ``limit``, ``status`` filter, ``before`` cursor."""
+        client = self.client()
+        limit = self.get_number_argument("limit", int, LIST_LIMIT)
+        if not 1 <= limit <= LIST_MAX:
+            raise APIError(400, f"`limit` must be 1 to {LIST_MAX}.", field="limit")
+        try:
+            statuses = parse_statuses(self.get_query_argument("status", None))
+        except ValueError as exc:
+            raise APIError(400, f"`status` takes a comma list of pending, running, completed, failed and "
+                                f"cancelled (not {exc}).", field="status") from None
+        before = self.get_query_argument("before", None)
+        try:
+            cursor = decode_cursor(before) if before is not None else None
+        except ValueError:
+            raise APIError(400, "`before` must be the `next` of a previous answer.", field="before") from None
+        entries, next_cursor = list_jobs(self.mirror, client, limit, statuses, cursor)
+        head = json.dumps({"client": client}, separators=(",", ":"))[:-1]
+        self.finish(b"".join([head.encode(), b',"jobs":[', b",".join(entry.encoded() for entry in entries),
+                              b'],"next":', json.dumps(next_cursor).encode(), b"}"]))
 
 
 class WorkersHandler(SchedulerHandler):
@@ -126,7 +167,10 @@ class HealthHandler(SchedulerHandler):
         workers = self.placement.summary()
         ok = any(w["ok"] for w in workers)
         # The page polls /status at the interval ops configured (scheduler.yaml poll_interval).
-        body: dict[str, Any] = {"ok": ok, "workers": workers, "poll_interval": self.poll_interval}
+        body: dict[str, Any] = {"ok": ok, "workers": workers, "poll_interval": self.poll_interval,
+                                # whether the page must ask for an API key
+                                "auth": {"required": not self.clients.allow_anonymous,
+                                         "anonymous": self.clients.allow_anonymous}}
         if self.simulated:
             body["simulated"] = True  # the demo: the page shows a "simulated backend" banner
         self.write_json(body, 200 if ok else 503)
@@ -151,6 +195,8 @@ default_handlers = [
     (rf"/status/{PROMPT_ID}", StatusHandler),
     (rf"/result/{PROMPT_ID}", ResultHandler),
     (rf"/cancel/{PROMPT_ID}", CancelHandler),
+    (r"/cancel", CancelAllHandler),
+    (r"/jobs", JobsHandler),
     (r"/workers", WorkersHandler),
     (r"/health", HealthHandler),
     (r"/workflows", WorkflowsHandler),

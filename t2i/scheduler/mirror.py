@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 from t2i.httpclient import UpstreamUnavailable, fetch_json
 from t2i.jobstate import COMPLETED, FAILED, FINISHED, UNFINISHED
+from t2i.scheduler.clients import ClientIndex
 from t2i.waiters import Waiters
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Mirror:
         self._outcomes: deque[tuple[str, Any, str]] = deque(maxlen=OUTCOMES_LIMIT)
         # Jobs a feed said were removed: id -> worker, newest last (that worker answers 410 for them).
         self._gone: OrderedDict[str, str] = OrderedDict()
+        self.clients = ClientIndex()  # jobs by client: the fair share, GET /jobs, POST /cancel
 
     # --- reading (no awaits: the /status fast path) ---------------------------
 
@@ -257,6 +259,7 @@ class Mirror:
         else:
             unfinished.pop(prompt_id, None)
         self._unrecent(prompt_id)
+        self.clients.put(prompt_id, worker, status)
         self._wake(prompt_id)
 
     def _remove(self, worker: str, prompt_ids: Iterable[str], gone: bool = True) -> None:
@@ -279,6 +282,7 @@ class Mirror:
     def _forget(self, prompt_id: str, worker: str) -> None:
         self._ids.get(worker, set()).discard(prompt_id)
         self._unfinished.get(worker, {}).pop(prompt_id, None)
+        self.clients.forget(prompt_id)
 
     def drop_worker(self, worker: str) -> None:
         """Forget a worker's jobs (it was removed and drained, or replaced)."""

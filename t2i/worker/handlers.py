@@ -20,6 +20,7 @@ from t2i.worker.journal import JournalError
 from t2i.worker.runner import JobFinished, KeyConflict, Runner, WorkflowNotReady
 
 RETRY_AFTER = "5"
+CLIENT_HEADER = "T2I-Client"   # the scheduler's client name for the job (t2i.scheduler.clients)
 
 
 class WorkerHandler(JSONHandler):
@@ -61,6 +62,11 @@ class GenerateHandler(WorkerBodyHandler):
         require_token(self, self.config.auth_token)
         body = self.get_json_body()
         key = self.request.headers.get(IDEMPOTENCY_HEADER)
+        # Trusted as given: with an auth_token set only the scheduler got this far (require_token).
+        client = self.request.headers.get(CLIENT_HEADER) or None
+        if client is not None and (len(client) > 200 or not client.isprintable()):
+            raise APIError(400, f"The {CLIENT_HEADER} header must be at most 200 printable characters.",
+                           header=CLIENT_HEADER)
         try:
             if key is not None:
                 check_key(key)
@@ -71,7 +77,8 @@ class GenerateHandler(WorkerBodyHandler):
         except ValidationError as exc:
             raise APIError(400, str(exc), field=exc.field) from None
         try:
-            job, duplicate = await self.runner.submit(request, key, fingerprint(body) if key is not None else None)
+            job, duplicate = await self.runner.submit(request, key, fingerprint(body) if key is not None else None,
+                                                      client=client)
         except ValidationError as exc:  # an input image found wanting only when it was decoded
             raise APIError(400, str(exc), field=exc.field) from None
         except KeyConflict as exc:

@@ -131,6 +131,7 @@ class Job:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.finished_at,
+            "client": self.client,
         }
         if self.image_expired:
             state["image_expired"] = True

@@ -284,14 +284,14 @@ class Runner:
     # --- submitting -----------------------------------------------------------------------
 
     async def submit(self, request: GenerateRequest, key: str | None = None,
-                     request_hash: str | None = None) -> tuple[Job, bool]:
+                     request_hash: str | None = None, client: str | None = None) -> tuple[Job, bool]:
         """Queue a checked request in ComfyUI; answers once ComfyUI took it and the journal holds it.
 
         With an Idempotency-Key the job's id comes from the key, and a key seen before gives
         back its job (``(job, True)``: nothing is submitted again) or raises KeyConflict.
         Raises ComfyUIUnavailable (503; WorkerStarting, WorkflowNotReady, ComfyUIIncompatible
         and ComfyUITimeout are kinds of it), PromptRejected (502) or JournalError (503); then
-        no job remains.
+        no job remains. ``client``: the scheduler's client name, journaled and shown in ``/status``.
         """
         prompt_id = prompt_id_for(key) if key is not None else str(uuid.uuid4())
         known = self.store.get(prompt_id)
@@ -331,7 +331,7 @@ class Runner:
         graph = build_workflow(self.config, request, prompt_id)
         job = Job(prompt_id, self.clock(), workflow=request.workflow if request.raw_workflow is None else "(raw)",
                   seed=request.params.get("seed"), client_id=self.comfy.client_id, graph=graph,
-                  params=dict(request.params), idempotency_key=key, request_hash=request_hash,
+                  params=dict(request.params), idempotency_key=key, request_hash=request_hash, client=client,
                   webhook=new_state(request.webhook_url) if request.webhook_url else None,
                   phase=lc.BACKLOG if backlogged else lc.SUBMITTING)
         if backlogged:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import os
 import subprocess
@@ -208,7 +209,7 @@ def tally(request):
 def load_schema(server: str):
     """``server``'s document, as its ``GET /openapi.json`` serves it (test_served_documents checks that)."""
     config = schemathesis.config.SchemathesisConfig.from_dict(CONFIG)
-    schema = schemathesis.openapi.from_dict(openapi.document(server), config=config)
+    schema = schemathesis.openapi.from_dict(copy.deepcopy(openapi.document(server)), config=config)
     schema.config.update(headers={"Authorization": f"Bearer {TOKEN}"})
     return schema
 

@@ -33,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     sim = ComfySim(step_time=args.step_time, output_dir=args.output_dir, previews=args.previews,
                    checkpoints=tuple(args.checkpoints or ("v1-5-pruned-emaonly.safetensors",)))
+    # Signals are handled before the lines below are printed: whoever reads them may stop us at once.
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, done.set)
     await sim.start(port=args.port, address=args.address)
     print(f"comfy_sim: ComfyUI test double at {sim.url} (output {sim.output_dir}); Ctrl-C stops", flush=True)
     control = None
@@ -40,10 +45,6 @@ async def serve(args: argparse.Namespace) -> None:
         control = ControlServer(sim)
         await control.start(args.control_port)
         print(f"comfy_sim: control API at {control.url}/control/state", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, done.set)
     await done.wait()
     if control is not None:
         await control.stop()

@@ -59,8 +59,11 @@ class JSONHandler(web.RequestHandler):
 
     def write_result(self, status: dict[str, Any]) -> None:
         """``GET /result``'s answer from a ``/status`` object (``?redirect=image``: 303 to the image)."""
+        redirect = self.get_query_argument("redirect", None)
+        if redirect not in (None, "image"):
+            raise APIError(400, "`redirect` can only be `image`.", field="redirect")
         code, body = result_of(status)
-        if code == 200 and body.get("image_url") and self.get_argument("redirect", None) == "image":
+        if code == 200 and body.get("image_url") and redirect == "image":
             self.redirect(body["image_url"], status=303)
             return
         self.write_json(body, status=code)

@@ -271,4 +271,4 @@ def test_served_documents(fleet):
     assert {"/jobs", "/images/{filename}", "/previews/{prompt_id}"} <= paths["worker"]
     assert "/workers" not in paths["worker"]
     assert "/workers" in paths["scheduler"]
-    assert not {"/jobs", "/images/{filename}", "/previews/{prompt_id}"} & paths["scheduler"]
+    assert not {"/images/{filename}", "/previews/{prompt_id}"} & paths["scheduler"]

@@ -85,7 +85,7 @@ def test_the_handler_must_be_told_its_server():
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_empty_negative_or_wordy_since_and_wait_are_400_on_both_servers(tmp_path):
+async def test_bad_since_wait_and_redirect_are_400_on_both_servers(tmp_path):
     async with SchedulerCluster(tmp_path, n=1) as c:
         prompt_id = (await call("POST", c.scheduler.url + "/generate", {"prompt": "a fox", "steps": 2})).json[
             "prompt_id"]
@@ -93,6 +93,11 @@ async def test_empty_negative_or_wordy_since_and_wait_are_400_on_both_servers(tm
             for query, field in (("since=&wait=", "wait"), ("since=", "since"), ("wait=", "wait"),
                                  ("since=-1", "since"), ("since=x&wait=1", "since"), ("wait=1&since=1.5", "since")):
                 reply = await call("GET", f"{base}/status/{prompt_id}?{query}")
+                assert reply.code == 400 and reply.json["field"] == field, (base, query, reply)
+            # /result's wait likewise, and a redirect it does not know (only `image`) is refused, not ignored
+            for query, field in (("wait=", "wait"), ("wait=-1", "wait"), ("redirect=", "redirect"),
+                                 ("redirect=png", "redirect"), ("redirect=image&redirect=x", "redirect")):
+                reply = await call("GET", f"{base}/result/{prompt_id}?{query}")
                 assert reply.code == 400 and reply.json["field"] == field, (base, query, reply)
         for query in ("since=", "wait=", "limit=", "after="):
             reply = await call("GET", f"{c.workers[0].url}/jobs?{query}")

@@ -160,7 +160,7 @@ async def test_the_scheduler_logs_each_placement_with_job_and_worker(tmp_path, c
         placed = await call("POST", c.scheduler.url + "/generate", {"prompt": "a fox", "steps": 1})
         assert placed.code == 200, placed
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert f"placed job {placed.json['prompt_id']} on worker gpu-0" in lines, lines
+    assert f"placed job {placed.json['prompt_id']} on worker gpu-0 for client anon:127.0.0.1" in lines, lines
 
 
 def test_the_comfyui_double_removes_the_temp_folder_it_made():

@@ -58,7 +58,7 @@ class FakeMirror:
     def feed(self, name):
         return None
 
-    def follow(self, name, url):
+    def follow(self, name, url, delay=0):
         self.calls.append(("follow", name))
 
     def unfollow(self, name):

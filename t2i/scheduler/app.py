@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STARTUP_FEED_WAIT = 3.0   # start() waits this long at most for the first checks and listings
 SHUTDOWN_GRACE = 2.0
-FEED_CONNECTIONS = 100_000  # the feeds' client: one long-poll per followed worker, never queued
+POOL_CONNECTIONS = 100_000  # feeds and health checks: one long-poll per followed worker, never queued
 
 
 def make_app(config: SchedulerConfig, registry: Registry, mirror: Mirror, placement: Placement, router: JobRouter,
@@ -79,7 +79,7 @@ class Scheduler:
         self.router = JobRouter(self.registry, self.mirror, self.placement, auth_token=config.auth_token,
                                 clients=self.clients)
         self.client: AsyncHTTPClient | None = None
-        self.feed_client: AsyncHTTPClient | None = None
+        self.pool_client: AsyncHTTPClient | None = None
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self._callbacks: list[PeriodicCallback] = []
@@ -90,14 +90,16 @@ class Scheduler:
 
     async def start(self) -> None:
         # Clients owned (and closed) by this scheduler: the process-wide AsyncHTTPClient() would be
-        # shared with, and closed by, in-process workers. Each feed follower holds a connection for
-        # its long-poll, so feeds have a client of their own: they never take the slots that placing
-        # and forwarding use. The simple client opens a connection per request and keeps nothing
-        # per slot, so its cap can be as high as the pool is large.
+        # shared with, and closed by, in-process workers. Following the pool (a long-poll held per
+        # worker, a health check per worker every health_interval) has a client of its own, so it
+        # never takes the slots placing and forwarding use: the simple client, which opens a
+        # connection per request and keeps nothing per slot (its cap can be as large as the pool),
+        # where curl's connection cache, cycled through a thousand workers, cost more than it saved
+        # (bench/scheduler_scale_bench.py). Placing and forwarding keep curl's kept-alive connections.
         self.client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS)
-        self.feed_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=FEED_CONNECTIONS)
-        self.registry.client = self.router.client = self.client
-        self.mirror.client = self.feed_client
+        self.pool_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=POOL_CONNECTIONS)
+        self.registry.client = self.mirror.client = self.pool_client
+        self.router.client = self.client
         checked = self.registry.start()
         feeds = [self.mirror.feed(name) for name in self.registry.workers]
         listed = asyncio.ensure_future(_all_tried(feeds))
@@ -149,10 +151,10 @@ class Scheduler:
                 await asyncio.wait_for(self.server.close_all_connections(), SHUTDOWN_GRACE)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within %.0fs", SHUTDOWN_GRACE)
-        for client in (self.client, self.feed_client):
+        for client in (self.client, self.pool_client):
             if client is not None:
                 close_client(client)
-        self.client = self.feed_client = None
+        self.client = self.pool_client = None
 
 
 async def _all_tried(feeds) -> None:

@@ -315,13 +315,13 @@ class Mirror:
 
     # --- feed followers -----------------------------------------------------
 
-    def follow(self, worker: str, url: Callable[[], str]) -> Feed:
-        """Start following a worker's feed (no-op when already followed)."""
+    def follow(self, worker: str, url: Callable[[], str], delay: float = 0) -> Feed:
+        """Start following a worker's feed, after ``delay`` seconds (no-op when already followed)."""
         feed = self._feeds.get(worker)
         if feed is None or feed.task is None or feed.task.done():
             feed = Feed(worker, url)
             self._feeds[worker] = feed
-            feed.task = asyncio.ensure_future(self._follow(feed))
+            feed.task = asyncio.ensure_future(self._follow(feed, delay))
         return feed
 
     def unfollow(self, worker: str) -> None:
@@ -367,8 +367,10 @@ class Mirror:
         if feed is not None and not feed.up:
             feed.wake.set()
 
-    async def _follow(self, feed: Feed) -> None:
+    async def _follow(self, feed: Feed, delay: float = 0) -> None:
         """List, then long-poll for changes; on errors mark the feed down and back off (jittered)."""
+        if delay > 0:
+            await asyncio.sleep(delay)
         backoff = BACKOFF_MIN
         while True:
             try:
@@ -405,7 +407,9 @@ class Mirror:
             since = feed.seq if feed.epoch is not None else 0
             # Once listed, always long-poll, since=0 included: a worker with no job yet holds the
             # request too (asking it again at once would spin, thousands of times a second).
-            wait = self.feed_wait if feed.up and not feed.more else 0
+            # Each wait a little shorter than the last at random: a thousand feeds started together
+            # soon come back at different moments instead of all at once every feed_wait seconds.
+            wait = round(self.feed_wait * random.uniform(0.8, 1.0), 1) if feed.up and not feed.more else 0
             query = {"since": since, "wait": wait, "limit": self.page_size}
         try:
             response = await fetch_json(

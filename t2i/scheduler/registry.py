@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 HEALTH_CONNECT_TIMEOUT = 2.0
 HEALTH_REQUEST_TIMEOUT = 3.0
 HEALTH_CONCURRENCY = 16
-HEALTH_TICK = 0.25      # how often check_due() looks for workers due a check (at most)
+HEALTH_TICK = 0.05      # how often check_due() looks for workers due a check (small bursts)
+FOLLOW_STAGGER = 0.001  # seconds between the starts of two feed followers at start-up
 CATALOGUE_MAX_AGE = 6   # GET /workflows at least every this many health intervals (and on changes)
 
 
@@ -123,8 +124,8 @@ class Registry:
         added workers are followed and checked at once, and :meth:`check_due` checks each again
         every ``health_interval``."""
         self._started = True
-        for state in self.workers.values():
-            self._follow(state)
+        for i, state in enumerate(self.workers.values()):
+            self._follow(state, delay=i * FOLLOW_STAGGER)  # a thousand listings over a second, not at once
         return self._spawn(self.check_all())
 
     def stop(self) -> None:
@@ -132,8 +133,8 @@ class Registry:
         for task in list(self._tasks):
             task.cancel()
 
-    def _follow(self, state: WorkerState) -> None:
-        self.mirror.follow(state.name, lambda: state.url)
+    def _follow(self, state: WorkerState, delay: float = 0) -> None:
+        self.mirror.follow(state.name, lambda: state.url, delay)
 
     def _added(self, state: WorkerState) -> None:
         if not self._started:

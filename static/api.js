@@ -1,7 +1,9 @@
-// Talking to the scheduler: JSON requests, backoff, and a per-job status watcher.
+// Talking to the scheduler: JSON requests (with the client's key), backoff, and a per-job
+// status watcher.
 //
 // Same-origin paths only. Image and preview URLs point at workers and are
-// loaded by <img> (and fetch for downloads) elsewhere, never through here.
+// loaded by <img> (and fetch for downloads) elsewhere, never through here, so
+// the key goes to the scheduler only.
 
 import { isFinal } from "./status.js";
 
@@ -48,12 +50,46 @@ export function parseRetryAfter(value) {
   return Number.isNaN(date) ? null : Math.max(0, (date - Date.now()) / 1000);
 }
 
+// The key: auth.js plugs in `key()` (the one kept in this browser) and `unauthorized()`
+// (asks the person for a key after a 401; resolves to the new key, or null when there is none).
+const auth = { key: () => null, unauthorized: async () => null };
+
+export function setAuth(hooks) {
+  Object.assign(auth, hooks);
+}
+
 /**
  * One JSON request. Resolves to {status, ok, data, retryAfter} for any HTTP
  * answer (data is {} when the body is not JSON); rejects with NetworkError when
  * there was none, or with the caller's AbortError when `signal` aborted it.
+ *
+ * Sends `Authorization: Bearer <key>` when this browser has a key. A 401 asks for a key
+ * (auth.unauthorized) and sends the request again with the new one; `key` sends that key
+ * instead, once, without asking (the key dialog checks a key this way).
  */
-export async function request(method, path, { body, signal, timeout = 15000 } = {}) {
+export async function request(method, path, { key, ...options } = {}) {
+  for (;;) {
+    const used = key !== undefined ? key : auth.key();
+    const answer = await send(method, path, used, options);
+    if (answer.status !== 401 || key !== undefined) return answer;
+    const fresh = await untilAborted(auth.unauthorized({ used, data: answer.data }), options.signal);
+    if (!fresh || fresh === used) return answer;
+  }
+}
+
+/** `promise`, or an AbortError as soon as `signal` aborts (a stopped watcher does not wait for the key). */
+function untilAborted(promise, signal) {
+  if (!signal) return promise;
+  const aborted = () => new DOMException("Aborted", "AbortError");
+  if (signal.aborted) return Promise.reject(aborted());
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(aborted());
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+async function send(method, path, key, { body, signal, timeout = 15000 } = {}) {
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeout);
   const forward = () => controller.abort();
@@ -61,6 +97,7 @@ export async function request(method, path, { body, signal, timeout = 15000 } = 
   try {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (key) headers.Authorization = `Bearer ${key}`;
     const response = await fetch(path, {
       method,
       headers,
@@ -71,7 +108,9 @@ export async function request(method, path, { body, signal, timeout = 15000 } = 
     let data = {};
     try {
       data = (await response.json()) || {};
-    } catch {
+    } catch (err) {
+      // Aborted while the body was on its way: no answer (not an empty one).
+      if (controller.signal.aborted) throw err;
       data = {};
     }
     return {
@@ -96,6 +135,14 @@ export const api = {
   status: (id, query, opts) => request("GET", jobPath("status", id) + query, opts),
   result: (id) => request("GET", jobPath("result", id)),
   cancel: (id) => request("POST", jobPath("cancel", id), { body: {} }),
+  cancelAll: () => request("POST", "/cancel", { body: {} }),
+  /** This client's jobs, newest first: `status` "pending,running" or the like, `before` a cursor. */
+  jobs: ({ limit = 50, status, before } = {}, opts) => {
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (status) query.set("status", status);
+    if (before !== undefined && before !== null) query.set("before", String(before));
+    return request("GET", `/jobs?${query}`, opts);
+  },
   workflows: () => request("GET", "/workflows", { timeout: 5000 }),
   health: () => request("GET", "/health", { timeout: 5000 }),
 };
@@ -113,10 +160,47 @@ export function sleep(ms, signal) {
   });
 }
 
-// Browsers open at most six HTTP/1.1 connections per host. Long-polls hold one
-// each, so only a few jobs long-poll at a time; the others poll briefly and
-// leave room for POST /generate and the rest.
-const longPollSlots = { free: 3 };
+// Browsers open at most six HTTP/1.1 connections per host, for all the tabs of a profile.
+// Long-polls hold one each, so only three jobs long-poll at a time across every tab of this
+// page (Web Locks, where the browser has them: secure origins such as https and localhost),
+// else three per tab and only while the tab is in view; the others poll briefly and leave
+// room for POST /generate and the rest.
+const LONG_POLLS = 3;
+const localSlots = { free: LONG_POLLS };
+
+/** A long-poll slot: resolves to a release function, or null when none is free now. */
+async function takeSlot() {
+  if (localSlots.free <= 0) return null;
+  localSlots.free -= 1;
+  const local = () => {
+    localSlots.free += 1;
+  };
+  if (!(navigator.locks && navigator.locks.request)) {
+    if (document.visibilityState === "visible") return local;
+    local();
+    return null;
+  }
+  for (let i = 0; i < LONG_POLLS; i += 1) {
+    let release;
+    const held = new Promise((resolve) => {
+      release = resolve;
+    });
+    const got = await new Promise((resolve) => {
+      navigator.locks.request(`t2i.long-poll.${i}`, { ifAvailable: true }, (lock) => {
+        resolve(Boolean(lock));
+        return lock ? held : undefined;
+      }).catch(() => resolve(false));
+    });
+    if (got) {
+      return () => {
+        release();
+        local();
+      };
+    }
+  }
+  local();
+  return null;
+}
 
 /**
  * Follows one job's status until it is final.
@@ -172,11 +256,15 @@ export class JobWatcher {
     let troubled = false;
     while (!this.stopped) {
       const wake = this.wake;
-      const useWait = since !== null && this.longPoll && longPollSlots.free > 0;
+      const release = since !== null && this.longPoll ? await takeSlot() : null;
+      if (this.stopped) {
+        if (release) release();
+        return;
+      }
+      const useWait = Boolean(release);
       const query = useWait ? `?wait=${this.wait}&since=${since}` : "";
       const started = performance.now();
       let answer;
-      if (useWait) longPollSlots.free -= 1;
       try {
         answer = await api.status(this.id, query, {
           signal: wake.signal,
@@ -191,12 +279,17 @@ export class JobWatcher {
         await sleep(retryIn, this.wake.signal);
         continue;
       } finally {
-        if (useWait) longPollSlots.free += 1;
+        if (release) release();
       }
       if (this.stopped) return;
       const elapsed = performance.now() - started;
       const { status, data } = answer;
 
+      if (status === 200 && typeof data.status !== "string") {
+        // Not a job's state (a proxy's page, say): asked again in a moment.
+        await sleep(this.interval, this.wake.signal);
+        continue;
+      }
       if (status === 200) {
         backoff.reset();
         if (troubled) {
@@ -234,7 +327,7 @@ export class JobWatcher {
       // 502/503 (the job's worker is unreachable) and anything else: retry.
       const retryIn = Math.max(backoff.next(), afterRetryAfter(answer.retryAfter));
       troubled = true;
-      this.onTrouble({ message: data.error || `The server answered ${status}.`, retryIn });
+      this.onTrouble({ message: data.error || `The server answered ${status}.`, status, retryIn });
       await sleep(retryIn, this.wake.signal);
     }
   }

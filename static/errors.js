@@ -50,8 +50,14 @@ export function plainNotice(error) {
   return plain(error, "The image server has a problem right now; the job carries on when it is solved.");
 }
 
+/** What to do when the server wants a key this page does not have. */
+const NO_KEY = "This server needs a key this page does not have: enter it with the Key button at the top.";
+
 /** Polling trouble: the server or the job's worker cannot answer now (the job is not lost). */
-export function plainTrouble(message) {
+export function plainTrouble(message, status) {
+  if (status === 401 || status === 403) {
+    return { text: `${NO_KEY} The job is not lost.`, detail: message || null };
+  }
   const worker = /Worker (\S+) cannot be reached/.exec(message || "");
   if (worker) return { text: `Worker ${worker[1]} cannot be reached right now; the job is not lost.`, detail: message };
   if (/could not be asked/.test(message || "")) {
@@ -79,13 +85,31 @@ export function plainUnavailable(data) {
   return { kind: "down", text: (n) => `No worker is up right now — trying again in ${n} s`, detail: message || null };
 }
 
+/**
+ * POST /generate answered 429: this client already holds as many unfinished jobs as the server
+ * allows it. The job is sent when one of them ends, or after Retry-After; `text(n)` with n
+ * seconds left.
+ */
+export function plainLimit(data) {
+  const message = (data && data.error) || "";
+  const most = Number(data && (data.max_jobs ?? data.limit));
+  const how = Number.isInteger(most) && most > 0
+    ? `You already have ${most} unfinished ${most === 1 ? "job" : "jobs"}, the most this server runs for you at once`
+    : "You already have as many unfinished jobs as this server runs for you at once";
+  return { kind: "limit", text: (n) => `${how} — this one is sent as soon as one of them ends (next check in ${n} s)`,
+    detail: message || null };
+}
+
 /** POST /generate refused the job for good (413, 502 and the like); no job was made. */
 export function plainSubmitError(status, data) {
   const message = (data && data.error) || "";
   const lines = nodeErrorLines(data && data.node_errors);
   const detail = [message, ...lines].filter(Boolean).join("\n") + `\n(HTTP ${status})`;
   if (status === 413) return { text: "the request is too large. Shorten the prompt and try again.", detail };
-  if (status === 401 || status === 403) {
+  if (status === 401) {
+    return { text: "the server needs a key to start jobs. Enter it with the Key button at the top, then Try again.", detail };
+  }
+  if (status === 403) {
     return { text: "the server did not let this page start a job. Tell whoever runs it (see Details).", detail };
   }
   if (status === 502 && (lines.length || /not in list|does not exist|not found|missing/i.test(message))) {
@@ -114,10 +138,51 @@ export function nodeErrorLines(nodeErrors) {
 /** GET /workflows could not be read: what the form can still do. */
 export function plainCatalogueError(status, data) {
   const why = status === null ? "the server cannot be reached"
-    : status === 503 ? "no worker has reported its settings yet" : "the server had a problem";
+    : status === 401 ? "the server needs a key this page does not have"
+      : status === 503 ? "no worker has reported its settings yet" : "the server had a problem";
   return {
     text: `The image settings could not be loaded: ${why}. Generate still works with the server's defaults; `
       + "the settings are asked for again in a moment.",
     detail: [data && data.error, status ? `(HTTP ${status})` : null].filter(Boolean).join(" ") || null,
   };
+}
+
+/** The key dialog: why the key was not taken (`status` null: no answer). */
+export function plainKeyError(status, data) {
+  const detail = [data && data.error, status ? `(HTTP ${status})` : null].filter(Boolean).join(" ") || null;
+  if (status === 401 || status === 403) {
+    return { text: "This server does not accept that key. Check it (keys are case-sensitive) and try again.", detail };
+  }
+  if (status === null) return { text: "The server cannot be reached to check the key. Try again in a moment.", detail };
+  return { text: "The server could not check the key right now. Try again in a moment.", detail };
+}
+
+/** Why the page asks for a key: none yet, or the one it has was refused. */
+export function plainKeyWanted(hadKey, { optional = false } = {}) {
+  if (hadKey) return "This server no longer accepts the key kept in this browser. Enter the current one.";
+  if (optional) {
+    return "A key is optional here. With one from whoever runs this server, your jobs and images show in "
+      + "every browser where you use it.";
+  }
+  return "This server needs a key before it makes images. Whoever runs it can give you one.";
+}
+
+/**
+ * POST /cancel answered: {cancelled, prompt_ids, failed}. The sentence to announce, and the
+ * server's words for the ones that could not be cancelled.
+ */
+export function plainCancelAll(status, data) {
+  if (status !== 200) {
+    const detail = [data && data.error, `(HTTP ${status})`].filter(Boolean).join(" ");
+    return { text: "Could not cancel your jobs: the server has a problem right now. Try again.", detail, ok: false };
+  }
+  const n = Number(data && data.cancelled) || 0;
+  const failed = Array.isArray(data && data.failed) ? data.failed : [];
+  const done = n === 0 ? "No unfinished jobs to cancel." : `Cancelled ${n} ${n === 1 ? "job" : "jobs"}.`;
+  if (!failed.length) return { text: done, detail: null, ok: true };
+  const lines = failed.map((item) => (typeof item === "string" ? item
+    : [item && item.prompt_id, item && item.error].filter(Boolean).join(": ")));
+  const m = failed.length;
+  return { text: `${done} ${m} could not be cancelled (see Details).`.replace("No unfinished jobs to cancel. ", ""),
+    detail: lines.join("\n"), ok: false };
 }

@@ -1,12 +1,16 @@
-// The one image grid: every image made in this browser, once, newest first, kept in
-// localStorage (in memory too, so a full or disabled storage loses nothing on this page).
+// The one image grid: every image made in this browser or listed by the server for this
+// client (GET /jobs), once, newest first, kept in localStorage (in memory too, so a full or
+// disabled storage loses nothing on this page). What is removed here stays removed: the
+// server's list does not bring it back.
 
 import { api } from "./api.js";
 import { downloadImage, fileName, httpUrl } from "./download.js";
-import { metaParts, renderMeta } from "./status.js";
+import { metaParts, renderMeta, WORDS } from "./status.js";
 
 const KEY = "t2i.gallery.v1";
+const REMOVED_KEY = "t2i.gallery.removed.v1"; // {before: epoch seconds, ids: [...]}
 const LIMIT = 100;
+const REMOVED_LIMIT = 500;
 
 function read() {
   try {
@@ -25,6 +29,29 @@ function write(items) {
   }
 }
 
+/** What was removed from the gallery here: ids, and "everything finished before" a Clear. */
+function readRemoved() {
+  try {
+    const data = JSON.parse(localStorage.getItem(REMOVED_KEY) || "null");
+    return { before: Number(data && data.before) || 0, ids: Array.isArray(data && data.ids) ? data.ids : [] };
+  } catch {
+    return { before: 0, ids: [] };
+  }
+}
+
+function writeRemoved(removed) {
+  try {
+    localStorage.setItem(REMOVED_KEY, JSON.stringify({ before: removed.before, ids: removed.ids.slice(-REMOVED_LIMIT) }));
+  } catch {
+    // Not kept: the next visit may list a removed image again.
+  }
+}
+
+/** The words for an item: its prompt, or that it was made elsewhere (the server does not say). */
+function captionOf(item) {
+  return item.prompt || WORDS.imageElsewhere;
+}
+
 export class Gallery {
   /** `list` is the <ul>, `template` the <template> of one item, `count` shows how many. */
   constructor({ list, template, count, clearButton, empty, onReuse }) {
@@ -35,8 +62,10 @@ export class Gallery {
     this.empty = empty;
     this.onReuse = onReuse;
     this.items = read();
+    this.removed = readRemoved();
     this.clearButton.addEventListener("click", () => {
       if (confirm("Remove every image from this browser's gallery? The images stay on the servers until they expire.")) {
+        this.forgetAll(this.items.map((item) => item.id), { all: true });
         this.items = [];
         write(this.items);
         this.render();
@@ -47,6 +76,8 @@ export class Gallery {
       if (event.key === KEY) {
         this.items = read();
         this.render();
+      } else if (event.key === REMOVED_KEY) {
+        this.removed = readRemoved();
       }
     });
     this.render();
@@ -60,10 +91,41 @@ export class Gallery {
     return this.list.querySelector(`[data-id="${CSS.escape(item.id)}"]`);
   }
 
-  remove(id) {
-    this.items = this.items.filter((item) => item.id !== id);
+  /**
+   * Images the server lists for this client (finished in another tab or on another device),
+   * merged in by date; those already here, or removed here, are left as they are.
+   */
+  merge(items) {
+    const have = new Set(this.items.map((item) => item.id));
+    const removed = new Set(this.removed.ids);
+    const fresh = items.filter((item) => item && item.id && httpUrl(item.image_url) && !have.has(item.id)
+      && !removed.has(item.id) && !(Number(item.created_at) <= this.removed.before));
+    if (!fresh.length) return [];
+    this.items = [...this.items, ...fresh]
+      .sort((a, b) => (Number(b.created_at) || 0) - (Number(a.created_at) || 0))
+      .slice(0, LIMIT);
     write(this.items);
     this.render();
+    return fresh.map((item) => item.id);
+  }
+
+  has(id) {
+    return this.items.some((item) => item.id === id);
+  }
+
+  remove(id) {
+    this.items = this.items.filter((item) => item.id !== id);
+    this.forgetAll([id]);
+    write(this.items);
+    this.render();
+  }
+
+  /** Removed here: not merged back from the server's list (a Clear also drops everything older). */
+  forgetAll(ids, { all = false } = {}) {
+    this.removed = readRemoved();
+    this.removed.ids = [...this.removed.ids.filter((id) => !ids.includes(id)), ...ids];
+    if (all) this.removed.before = Math.max(this.removed.before, Date.now() / 1000);
+    writeRemoved(this.removed);
   }
 
   markExpired(id) {
@@ -111,12 +173,13 @@ export class Gallery {
     const caption = node.querySelector(".caption");
     const meta = node.querySelector(".meta");
     node.dataset.id = item.id;
-    caption.textContent = item.prompt;
-    caption.title = item.prompt;
+    caption.textContent = captionOf(item);
+    caption.title = captionOf(item);
+    caption.classList.toggle("unknown", !item.prompt);
     renderMeta(meta, describe(item));
     open.href = item.image_url;
-    open.setAttribute("aria-label", `Open full size: ${item.prompt}`);
-    img.alt = item.prompt;
+    open.setAttribute("aria-label", `Open full size: ${captionOf(item)}`);
+    img.alt = captionOf(item);
     if (item.expired) {
       this.showExpired(node, item);
     } else {
@@ -129,6 +192,7 @@ export class Gallery {
     node.querySelector("button.download").addEventListener("click", (event) =>
       downloadImage(event.currentTarget, item.image_url, fileName(item)));
     node.querySelector("button.reuse").addEventListener("click", () => this.onReuse(item));
+    node.querySelector("button.reuse").hidden = !item.prompt; // nothing to reuse without the prompt
     node.querySelector("button.remove").addEventListener("click", () => {
       const next = node.nextElementSibling || node.previousElementSibling;
       this.remove(item.id);
@@ -166,7 +230,7 @@ export class Gallery {
     const open = node.querySelector("a.open");
     open.removeAttribute("href");
     open.setAttribute("aria-disabled", "true");
-    open.setAttribute("aria-label", `Expired: ${item.prompt}`);
+    open.setAttribute("aria-label", `Expired: ${captionOf(item)}`);
     node.querySelector("button.download").hidden = true;
     const label = node.querySelector(".expired-label");
     label.textContent = "Expired";

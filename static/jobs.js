@@ -20,12 +20,14 @@ function sinceServer(epochSeconds, nowMs) {
 
 export class JobRow {
   /**
-   * `job` is {prompt, body, params, submittedAt}; `handlers` are onCancel(row), onRetry(row),
+   * `job` is {prompt, body, params, submittedAt} (no prompt nor body for a job another browser
+   * started: it cannot be tried again from here); `handlers` are onCancel(row), onRetry(row),
    * onDismiss(row), announce(text) for the screen-reader live region, and `rates`, a Map of
    * worker name -> steps per second seen lately (for an estimate before a job's own rate).
    */
   constructor(template, job, handlers) {
     this.job = job;
+    this.label = job.prompt || WORDS.jobElsewhere;
     this.handlers = handlers;
     this.id = null;
     this.worker = null;
@@ -61,8 +63,9 @@ export class JobRow {
     el.setAttribute("aria-describedby", p.state.id);
     p.bar.setAttribute("aria-labelledby", p.state.id);
     for (const button of [p.cancel, p.retry, p.dismiss]) button.setAttribute("aria-describedby", p.prompt.id);
-    p.prompt.textContent = job.prompt;
-    p.prompt.title = job.prompt;
+    p.prompt.textContent = this.label;
+    p.prompt.title = this.label;
+    p.prompt.classList.toggle("unknown", !job.prompt);
     this.renderMeta();
 
     p.cancel.addEventListener("click", () => this.handlers.onCancel(this));
@@ -89,7 +92,8 @@ export class JobRow {
       keep.textContent = `on ${this.worker}`;
       state.replaceChildren(text.slice(0, at), keep, text.slice(at + keep.textContent.length));
     }
-    if (announce) this.handlers.announce(`${text}: ${this.job.prompt}`);
+    // A row cancelled by Cancel all (`quiet`) is not announced: the one sentence of how many is.
+    if (announce && !(this.quiet && kind === "cancelled")) this.handlers.announce(`${text}: ${this.label}`);
   }
 
   /** A determinate bar (value of max), an indeterminate one (value null), or none (hidden). */
@@ -192,7 +196,7 @@ export class JobRow {
     this.setState(state.status, text, { announce: changed });
     p.notice.textContent = notice || "";
     p.notice.hidden = !notice;
-    if (notice && notice !== this.lastNotice && !changed) this.handlers.announce(`${notice}: ${this.job.prompt}`);
+    if (notice && notice !== this.lastNotice && !changed) this.handlers.announce(`${notice}: ${this.label}`);
     this.lastNotice = notice || null;
     this.setDetail("state", detail);
     if (state.seed !== undefined && state.seed !== null && this.job.params.seed === undefined) {
@@ -218,7 +222,7 @@ export class JobRow {
       const previewUrl = httpUrl(state.preview_url);
       if (previewUrl) this.showPreview(previewUrl);
     }
-    if (final) p.retry.hidden = state.status === "completed";
+    if (final) p.retry.hidden = state.status === "completed" || !this.canRetry();
     this.setFinal(final);
     if (!final) this.tick(now);
   }
@@ -277,7 +281,7 @@ export class JobRow {
       if (ok && !this.final) {
         this.previewShown = url;
         this.parts.preview.src = url;
-        this.parts.preview.alt = `Live preview of: ${this.job.prompt}`;
+        this.parts.preview.alt = `Live preview of: ${this.label}`;
         this.parts.thumb.hidden = false;
       }
       if (!this.final && this.previewWanted && this.previewWanted !== url) this.showPreview(this.previewWanted);
@@ -326,7 +330,7 @@ export class JobRow {
   /** The server no longer knows this job: it can be tried again. */
   gone(kind) {
     this.setState("gone", kind === "expired" ? WORDS.expired : WORDS.lost, { announce: true });
-    this.parts.retry.hidden = false;
+    this.parts.retry.hidden = !this.canRetry();
     this.setFinal(true);
   }
 
@@ -336,7 +340,7 @@ export class JobRow {
     delete this.el.dataset.wait;
     this.setState("failed", WORDS.failed(plain.text), { announce: true });
     this.setDetail("state", plain.detail);
-    this.parts.retry.hidden = false;
+    this.parts.retry.hidden = !this.canRetry();
     this.setFinal(true);
   }
 
@@ -345,8 +349,13 @@ export class JobRow {
     delete this.el.dataset.wait;
     this.setState("cancelled", WORDS.cancelled, { announce: true });
     this.setDetail("state", null);
-    this.parts.retry.hidden = false;
+    this.parts.retry.hidden = !this.canRetry();
     this.setFinal(true);
+  }
+
+  /** Try again needs what was asked (a job of another browser has only its state). */
+  canRetry() {
+    return Boolean(this.job.body && this.job.prompt);
   }
 
   /** A one-line note under the state (e.g. a cancel that could not be sent). */

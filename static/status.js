@@ -19,6 +19,9 @@ export const WORDS = {
   expired: "Expired — the server no longer keeps this job",
   lost: "Lost — no server knows this job any more (its worker may have restarted)",
   failed: (why) => `Failed — ${why}`,
+  // GET /jobs lists this client's jobs from other browsers too, without their prompts.
+  jobElsewhere: "A job from another browser",
+  imageElsewhere: "An image from another browser",
   unreachable: (n) => `Cannot reach the server — trying again in ${n} s`,
 };
 

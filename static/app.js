@@ -1,21 +1,27 @@
 // Wiring: the form submits jobs, each job gets a row and a status watcher, and a finished
-// image leaves its row for the gallery (shown once).
+// image leaves its row for the gallery (shown once). The client's jobs from its other tabs
+// and browsers come in from GET /jobs (sync.js); the key from auth.js.
 
 import { afterRetryAfter, api, Backoff, JobWatcher, NetworkError } from "./api.js";
+import { KeyManager } from "./auth.js";
 import { httpUrl } from "./download.js";
-import { plainCatalogueError, plainSubmitError, plainTrouble, plainUnavailable } from "./errors.js";
+import { plainCancelAll, plainCatalogueError, plainLimit, plainSubmitError, plainTrouble,
+  plainUnavailable } from "./errors.js";
 import { GenerateForm } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { JobRow } from "./jobs.js";
 import { tookSeconds, WORDS } from "./status.js";
+import { jobCache, JobSync } from "./sync.js";
 
 const $ = (id) => document.getElementById(id);
-const ACTIVE_KEY = "t2i.active.v1"; // unfinished jobs of this tab, resumed after a reload
 
 const settings = readSettings();
 const jobList = $("jobs");
 const announcer = $("announcer");
 const rates = new Map(); // worker name -> steps per second lately, for estimates
+const settled = new Set(); // ids whose rows ended or left here: a stale list does not bring them back
+const keys = new KeyManager(document, { onChange: keyChanged, announce });
+const sync = new JobSync({ interval: settings.refresh, onList: listed });
 
 const form = new GenerateForm($("generate-form"), { onSubmit: startJob, announce });
 const gallery = new Gallery({
@@ -32,8 +38,10 @@ $("jobs-clear").addEventListener("click", () => {
   for (const row of rows()) {
     if (row.final) removeRow(row);
   }
+  showJobsNote(null);
   $("jobs-title").focus();
 });
+$("jobs-cancel-all").addEventListener("click", cancelAll);
 
 // Elapsed times and estimates move on by themselves.
 setInterval(() => {
@@ -43,15 +51,20 @@ setInterval(() => {
   }
 }, 1000);
 
-/** Poll interval and long-poll wait: ?poll= and ?wait= win over <meta name="t2i-poll-interval">. */
+/**
+ * Poll interval and long-poll wait: ?poll= and ?wait= win over <meta name="t2i-poll-interval">;
+ * how often the client's job list is read again: ?refresh= (ms), else about every 30 s.
+ */
 function readSettings() {
   const query = new URLSearchParams(location.search);
   const meta = document.querySelector('meta[name="t2i-poll-interval"]');
   const poll = Number(query.get("poll") || (meta && meta.content) || 1500);
   const wait = Number(query.get("wait") || 20);
+  const refresh = Number(query.get("refresh") || 30000);
   return {
     interval: Number.isFinite(poll) && poll >= 100 ? poll : 1500,
     wait: Number.isFinite(wait) && wait >= 1 ? Math.round(wait) : 20,
+    refresh: Number.isFinite(refresh) && refresh >= 200 ? refresh : 30000,
   };
 }
 
@@ -62,6 +75,10 @@ function announce(text) {
 
 function rows() {
   return [...jobList.children].map((el) => el.row);
+}
+
+function findRow(id) {
+  return rows().find((row) => row.id === id) || null;
 }
 
 function refreshJobsHeader() {
@@ -78,12 +95,22 @@ function refreshJobsHeader() {
   $("jobs-count").textContent = words.length ? `(${words.join(", ")})` : "";
   $("jobs-empty").hidden = all.length > 0;
   $("jobs-clear").hidden = !all.some((row) => row.final);
+  const cancelAllButton = $("jobs-cancel-all");
+  cancelAllButton.hidden = all.length === 0;
+  if (!cancelAllButton.dataset.busy) {
+    const idle = counts.running + counts.queued === 0;
+    if (idle && document.activeElement === cancelAllButton) $("jobs-title").focus();
+    cancelAllButton.disabled = idle;
+  }
 }
 
-function addRow(job) {
+/** A row, newest first: `at` (ms) is when the job was submitted (now, for this tab's own). */
+function addRow(job, at = Date.now()) {
   const row = new JobRow($("job-template"), job, rowHandlers);
   row.el.row = row;
-  jobList.prepend(row.el);
+  row.at = at;
+  const later = rows().find((other) => other.at < at);
+  jobList.insertBefore(row.el, later ? later.el : null);
   refreshJobsHeader();
   return row;
 }
@@ -95,11 +122,13 @@ function removeRow(row) {
   row.trouble(null);
   row.stopPreview();
   row.el.remove();
+  if (row.id) settled.add(row.id);
   forget(row);
   refreshJobsHeader();
 }
 
 function startJob(job) {
+  showJobsNote(null);
   job.submittedAt = Date.now();
   const row = addRow(job);
   // On a phone the list is below the form: show the new job's state without a scroll.
@@ -111,10 +140,14 @@ function reducedMotion() {
   return window.matchMedia("(prefers-reduced-motion: reduce)").matches;
 }
 
-/** POST /generate, waiting out 503s (Retry-After) and network errors until it is taken or refused. */
+/**
+ * POST /generate, waiting out 503s (Retry-After), 429s (this client's most unfinished jobs:
+ * until one ends, or Retry-After) and network errors until it is taken or refused.
+ */
 async function submit(row) {
   const backoff = new Backoff(1500, 30000);
   const busy = new Backoff(1000, 10000);
+  const limited = new Backoff(1000, 10000);
   while (!row.abandoned) {
     row.showSubmitting();
     let answer;
@@ -133,6 +166,9 @@ async function submit(row) {
         api.cancel(data.prompt_id).catch(() => {});
         return;
       }
+      const twin = findRow(data.prompt_id);
+      if (twin && twin !== row) removeRow(twin); // the job list showed it before this answer came
+      settled.delete(data.prompt_id);
       row.accepted(data);
       remember(row);
       watch(row);
@@ -148,6 +184,16 @@ async function submit(row) {
       await row.showWaiting(why.text, wait, why.kind, why.detail);
       continue;
     }
+    if (status === 429) {
+      // This client holds its most unfinished jobs: sent again as soon as one of them ends
+      // (the oldest waiting row first), or after the server's Retry-After at the latest.
+      const why = plainLimit(data);
+      const wait = Math.max(afterRetryAfter(answer.retryAfter), limited.next());
+      limitQueue.push(row);
+      await row.showWaiting(why.text, wait, why.kind, why.detail);
+      if (limitQueue.includes(row)) limitQueue.splice(limitQueue.indexOf(row), 1);
+      continue;
+    }
     if (status === 400) {
       removeRow(row);
       form.showError(data.field, data.error || "The server refused this request.");
@@ -157,6 +203,14 @@ async function submit(row) {
     refreshJobsHeader();
     return;
   }
+}
+
+/** Rows waiting out a 429, oldest first: one is sent again each time one of this client's jobs ends. */
+const limitQueue = [];
+
+function slotFreed() {
+  const next = limitQueue.shift();
+  if (next) next.stopCountdown();
 }
 
 function watch(row) {
@@ -170,29 +224,29 @@ function watch(row) {
       refreshJobsHeader();
     },
     onTrouble: (info) => {
-      const plain = info && plainTrouble(info.message);
+      const plain = info && plainTrouble(info.message, info.status);
       row.trouble(info && { message: plain.text, detail: plain.detail, retryIn: info.retryIn });
     },
     onGone: (kind) => {
       row.gone(kind);
+      settled.add(row.id);
       forget(row);
+      slotFreed();
       refreshJobsHeader();
     },
   }).start();
 }
 
-/** A final state: a completed image goes to the gallery and its row goes away. */
-function finished(row, state) {
-  forget(row);
+/** A gallery item from a completed state and what was asked (null without an image to show). */
+function galleryItem(state, job) {
   const imageUrl = httpUrl(state.image_url || (state.image_urls || [])[0]);
-  if (state.status !== "completed" || !imageUrl || state.image_expired) return;
-  const { params } = row.job;
-  const hadFocus = row.el.contains(document.activeElement);
-  const item = gallery.add({
-    id: row.id,
-    prompt: row.job.prompt,
+  if (state.status !== "completed" || !imageUrl || state.image_expired) return null;
+  const params = job.params || {};
+  return {
+    id: state.prompt_id,
+    prompt: job.prompt || "",
     negative_prompt: params.negative_prompt,
-    workflow: row.job.body.workflow,
+    workflow: (job.body && job.body.workflow) || state.workflow || undefined,
     seed: state.seed ?? params.seed,
     steps: params.steps,
     width: params.width,
@@ -200,7 +254,18 @@ function finished(row, state) {
     image_url: imageUrl,
     took: tookSeconds(state),
     created_at: state.completed_at || Date.now() / 1000,
-  });
+  };
+}
+
+/** A final state: a completed image goes to the gallery and its row goes away. */
+function finished(row, state) {
+  settled.add(row.id);
+  forget(row);
+  slotFreed();
+  const data = galleryItem({ ...state, prompt_id: row.id }, row.job);
+  if (!data) return;
+  const hadFocus = row.el.contains(document.activeElement);
+  const item = gallery.add(data);
   removeRow(row);
   if (item) {
     item.classList.add("fresh");
@@ -254,44 +319,171 @@ function dismiss(row) {
   (target || $("jobs-title")).focus();
 }
 
-// --- unfinished jobs survive a reload (per tab) ------------------------------
-
-function readActive() {
+/** "Cancel all": every unfinished job of this client, wherever it was started (POST /cancel). */
+async function cancelAll() {
+  const button = $("jobs-cancel-all");
+  const open = rows().filter((row) => !row.final);
+  if (!open.length || button.dataset.busy) return;
+  const question = open.length === 1 ? "Cancel your unfinished job?" : `Cancel all ${open.length} unfinished jobs?`;
+  const where = anonymous() ? "in every tab of this browser" : "in every tab and browser where you use this key";
+  if (!confirm(`${question} They stop on the server, and ${where}.`)) return;
+  button.dataset.busy = "true";
+  button.textContent = "Cancelling…";
+  for (const row of open) {
+    row.quiet = true;
+    if (!row.id) {
+      row.abandoned = true; // not sent yet, or on its way: cancelled once it exists
+      row.cancelledBeforeSubmit();
+    }
+  }
+  let plain;
   try {
-    const items = JSON.parse(sessionStorage.getItem(ACTIVE_KEY) || "[]");
-    return Array.isArray(items) ? items : [];
+    // With a key, POST /cancel: every unfinished job of the client's. Without, the address may be
+    // shared: the jobs shown here, one by one (as with a server without POST /cancel).
+    const { status, data } = anonymous() ? { status: 404, data: {} } : await api.cancelAll();
+    if (status === 404 || status === 405) {
+      const answers = await Promise.all(open.filter((row) => row.id && !row.final)
+        .map((row) => api.cancel(row.id).then((a) => a.status, () => null)));
+      const done = answers.filter((code) => code === 200).length;
+      plain = plainCancelAll(200, { cancelled: done, failed: answers.filter((code) => code !== 200 && code !== 409)
+        .map((code) => `HTTP ${code ?? "no answer"}`) });
+    } else {
+      plain = plainCancelAll(status, data);
+    }
   } catch {
-    return [];
+    plain = { text: "Could not reach the server to cancel. Try again.", detail: null };
+  }
+  for (const row of open) {
+    if (row.watcher) row.watcher.poke(); // each row shows its end at once
+  }
+  delete button.dataset.busy;
+  button.textContent = "Cancel all";
+  showJobsNote(plain);
+  announce(plain.text);
+  refreshJobsHeader();
+  sync.refresh();
+}
+
+/** A line under the Jobs heading (what Cancel all did), with the server's words under Details. */
+function showJobsNote(plain) {
+  const note = $("jobs-note");
+  note.hidden = !plain;
+  if (!plain) return;
+  note.querySelector(".note-text").textContent = plain.text;
+  note.classList.toggle("trouble-note", plain.ok === false);
+  const details = note.querySelector("details");
+  details.hidden = !plain.detail;
+  details.querySelector(".detail-text").textContent = plain.detail || "";
+}
+
+// --- this client's jobs in every tab and browser ------------------------------------
+
+/** What a job from the server's list asked for: the cache's words, else what its state says. */
+function jobFrom(state, entry) {
+  if (entry && entry.job && entry.job.prompt) {
+    const job = { ...entry.job };
+    job.params = { ...(job.params || {}) };
+    job.body = job.body || { prompt: job.prompt };
+    return job;
+  }
+  // Another browser's job: its state may carry what was asked (prompt, params), or not.
+  const asked = state && typeof state.params === "object" && state.params ? state.params : {};
+  const prompt = (state && (state.prompt || asked.prompt)) || "";
+  const params = {};
+  for (const name of ["negative_prompt", "seed", "steps", "width", "height"]) {
+    if (asked[name] !== undefined && asked[name] !== null) params[name] = asked[name];
+  }
+  if (state && Number.isInteger(state.seed) && params.seed === undefined) params.seed = state.seed;
+  const body = prompt ? { prompt, ...params, ...(state.workflow ? { workflow: state.workflow } : {}) } : null;
+  return { prompt, body, params };
+}
+
+/**
+ * Follow a job this tab does not show yet: from the server's list (`state`) and/or this
+ * browser's cache (`entry`). Nothing for a job whose row ended or left here.
+ */
+function follow(id, state, entry) {
+  if (!id || settled.has(id) || findRow(id)) return;
+  const job = jobFrom(state, entry);
+  // When it was sent (a 404 soon after is the scheduler not having heard of it yet); the server
+  // listed it: not just sent.
+  job.submittedAt = state ? Date.now() : (entry.job.submittedAt || entry.at || Date.now());
+  const created = state && Number(state.created_at) > 0 ? state.created_at * 1000 : entry && entry.at;
+  const row = addRow(job, created || Date.now());
+  row.accepted({ prompt_id: id, worker: (state && state.worker) || (entry && entry.worker) });
+  if (state && state.status) row.update(state);
+  watch(row);
+}
+
+/**
+ * Without a key the server knows this browser by its address only, which a whole office (or
+ * everyone behind a proxy) may share: then only jobs this browser started are shown.
+ */
+function anonymous() {
+  return !keys.key();
+}
+
+/**
+ * GET /jobs answered: unfinished jobs get rows, completed images go to the gallery (with a key,
+ * every job of the client's; without, those of this browser).
+ */
+function listed({ unfinished, completed, client }) {
+  keys.setClient(client);
+  const mine = anonymous() ? (id) => Boolean(jobCache.get(id) || findRow(id)) : () => true;
+  for (const state of [...unfinished].reverse()) {
+    if (mine(state.prompt_id)) follow(state.prompt_id, state, jobCache.get(state.prompt_id));
+  }
+  const items = [];
+  for (const state of completed) {
+    const id = state.prompt_id;
+    const row = findRow(id);
+    if (row) {
+      if (!row.final && row.watcher) row.watcher.poke(); // it ended: its row shows it now
+      continue;
+    }
+    const entry = jobCache.get(id);
+    if (!mine(id)) continue;
+    const item = galleryItem(state, jobFrom(state, entry));
+    if (item) items.push(item);
+    if (entry) jobCache.remove(id); // a tab closed before it ended: its image is here now
+  }
+  gallery.merge(items);
+}
+
+/** This browser's jobs that had not ended when last seen (another tab's too, or a closed one's). */
+function resume() {
+  for (const entry of jobCache.all()) follow(entry.id, null, entry);
+}
+
+/** The first edition kept a tab's unfinished jobs in sessionStorage: they move to the cache. */
+function adoptTabJobs() {
+  try {
+    const items = JSON.parse(sessionStorage.getItem("t2i.active.v1") || "[]");
+    for (const item of Array.isArray(items) ? items : []) {
+      if (item && item.id && item.job && item.job.prompt) jobCache.put({ id: item.id, worker: item.worker, job: item.job });
+    }
+    sessionStorage.removeItem("t2i.active.v1");
+  } catch {
+    // Nothing to adopt.
   }
 }
 
-function writeActive(items) {
-  try {
-    sessionStorage.setItem(ACTIVE_KEY, JSON.stringify(items));
-  } catch {
-    // Not persisted: a reload forgets the running jobs (the gallery still gets them if finished).
+/** The key changed (here or in another tab): ask for the list again, and every job's state. */
+function keyChanged() {
+  for (const row of rows()) {
+    if (row.watcher) row.watcher.poke();
   }
+  sync.refresh({ first: true });
+  loadCatalogue.again?.();
 }
 
 function remember(row) {
-  const items = readActive().filter((item) => item.id !== row.id);
-  items.push({ id: row.id, worker: row.worker, job: row.job });
-  writeActive(items);
+  const { prompt, body, params, submittedAt } = row.job;
+  jobCache.put({ id: row.id, worker: row.worker, job: { prompt, body, params, submittedAt } });
 }
 
 function forget(row) {
-  if (row.id) writeActive(readActive().filter((item) => item.id !== row.id));
-}
-
-function resume() {
-  for (const item of readActive()) {
-    if (!item || !item.id || !item.job || !item.job.prompt) continue;
-    item.job.params = item.job.params || {};
-    item.job.body = item.job.body || { prompt: item.job.prompt };
-    const row = addRow(item.job);
-    row.accepted({ prompt_id: item.id, worker: item.worker });
-    watch(row);
-  }
+  if (row.id) jobCache.remove(row.id);
 }
 
 // --- start ---------------------------------------------------------------------
@@ -324,7 +516,14 @@ async function loadCatalogue(settled) {
       told = true;
       settled();
     }
-    await new Promise((resolve) => setTimeout(resolve, wait));
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, wait);
+      loadCatalogue.again = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    loadCatalogue.again = null;
   }
 }
 
@@ -332,6 +531,7 @@ async function checkHealth() {
   try {
     const { data } = await api.health();
     $("sim-banner").hidden = !(data && data.simulated === true);
+    if (data && data.auth) keys.setServer(data.auth);
     // The server's configured interval, unless the URL chose one.
     const seconds = data && Number(data.poll_interval);
     if (!new URLSearchParams(location.search).has("poll") && Number.isFinite(seconds) && seconds >= 0.1) {
@@ -342,8 +542,14 @@ async function checkHealth() {
   }
 }
 
-// Jobs of before a reload are resumed once the server's poll interval is known.
-checkHealth().then(resume);
+// Jobs of before a reload (and of this browser's other tabs) are resumed once the server's
+// poll interval is known, then the server's list adds those of other browsers.
+adoptTabJobs();
+checkHealth().then(() => {
+  resume();
+  jobCache.watch(resume); // another tab submitted: shown here at once
+  sync.start();
+});
 loadCatalogue(() => {
   document.documentElement.dataset.ready = "true";
 });

@@ -3,8 +3,9 @@
 Starts, as processes on 127.0.0.1 in a temp dir: one ComfyUI test double per worker
 (``python -m t2i.comfy_sim --control-port ...``), the workers (``python -m t2i.worker``,
 each with its own journal) and one scheduler (``python -m t2i.scheduler``). Submits N
-jobs through the scheduler the way the page does (503 retried after Retry-After, /status
-long-polled, the image fetched from the worker), at most ``--concurrency`` at a time,
+jobs through the scheduler the way the page does (429 and 503 retried after Retry-After,
+/status long-polled, the image fetched from the worker), at most ``--concurrency`` at a
+time, spread over ``--clients`` API keys (scheduler.yaml ``clients``),
 while faults are injected as the run progresses (each when that share of the jobs has
 ended):
 
@@ -23,7 +24,7 @@ route ("retry" when it came with Retry-After, as the API promises for a busy poo
 unreachable owner; "error" otherwise). Exit status 1 when any of stuck, lost,
 completed-without-image, failures-without-reason or 5xx errors is not 0.
 
-    python bench/chaos_soak.py [--jobs 200] [--workers 3] [--concurrency 16] [--step-time 0.05]
+    python bench/chaos_soak.py [--jobs 200] [--workers 3] [--concurrency 16] [--clients 4] [--step-time 0.05]
                                [--timeout 150] [--keep]
 """
 
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "t2i" / "workflows" / "txt2img.json"
 STALL_TIMEOUT = 3.0
 FINAL = ("completed", "failed", "cancelled")
+CLIENT_ROUTES = ("POST /generate", "GET /status/{id}", "GET /images/{file}")  # what a browser calls
 
 
 def free_port() -> int:
@@ -108,9 +110,11 @@ class Process:
 class Fleet:
     """ComfyUI doubles, workers and a scheduler on loopback, configured in ``directory``."""
 
-    def __init__(self, directory: Path, workers: int, step_time: float):
+    def __init__(self, directory: Path, workers: int, step_time: float, clients: int):
         self.directory = directory
         self.n = workers
+        # The page's users, as API-keyed clients of the scheduler (each holds at most max_jobs unfinished).
+        self.keys = {f"soak-{c}": f"soak-key-{c}-{random.randrange(16 ** 16):016x}" for c in range(clients)}
         self.comfy_ports = [free_port() for _ in range(workers)]
         self.control_ports = [free_port() for _ in range(workers)]
         self.worker_ports = [free_port() for _ in range(workers)]
@@ -126,7 +130,8 @@ class Fleet:
         scheduler_yaml = directory / "scheduler.yaml"
         scheduler_yaml.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.scheduler_port}", "workers_file": str(self.workers_yaml),
-            "reload_interval": 0.5, "health_interval": 1}))
+            "reload_interval": 0.5, "health_interval": 1,
+            "clients": {"keys": self.keys, "max_jobs": 8, "allow_anonymous": False}}))
         self.scheduler = Process(directory, "scheduler", "t2i.scheduler", "--config", str(scheduler_yaml))
 
     @property
@@ -202,11 +207,14 @@ class Soak:
     def clock(self) -> str:
         return f"{time.monotonic() - self.started:6.1f}s"
 
-    async def fetch(self, route: str, url: str, body: Any = None, timeout: float = 20) -> tuple[int, Any, Any]:
+    async def fetch(self, route: str, url: str, body: Any = None, timeout: float = 20,
+                    key: str | None = None) -> tuple[int, Any, Any]:
         """(status, headers, parsed JSON or bytes); 599 for no answer. Counts 5xx by route."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         request = HTTPRequest(url, method="POST" if body is not None else "GET",
-                              body=json.dumps(body) if body is not None else None,
-                              headers={"Content-Type": "application/json"} if body is not None else None,
+                              body=json.dumps(body) if body is not None else None, headers=headers,
                               connect_timeout=3, request_timeout=timeout)
         try:
             response = await self.client.fetch(request, raise_error=False)
@@ -218,7 +226,7 @@ class Soak:
             self.answers[f"{route} no answer"] += 1
             return 599, {}, None
         self.answers[f"{route} {code}"] += 1
-        if code >= 500:
+        if code >= 500 and route in CLIENT_ROUTES:  # the bench's own probes are not a client's
             kind = "retry" if response.headers.get("Retry-After") else "error"
             self.fivexx[(route, code, kind)] += 1
             self.fivexx_at.append((time.monotonic() - self.started, f"{code} {route}"))
@@ -236,14 +244,19 @@ class Soak:
             if job.prompt_id is not None:
                 await self.follow(job)
 
+    def key_of(self, job: Job) -> str:
+        keys = list(self.fleet.keys.values())
+        return keys[job.number % len(keys)]
+
     async def submit(self, job: Job) -> None:
         body = {"prompt": f"chaos soak job {job.number}", "steps": 4 + job.number % 4, "width": 64, "height": 64}
         while time.monotonic() < self.deadline:
-            code, headers, answer = await self.fetch("POST /generate", self.fleet.url + "/generate", body)
+            code, headers, answer = await self.fetch("POST /generate", self.fleet.url + "/generate", body,
+                                                     key=self.key_of(job))
             if code == 200:
                 job.prompt_id = answer["prompt_id"]
                 return
-            if code in (503, 599):
+            if code in (429, 503, 599):  # a client's share full, no worker with room, no answer: later
                 await asyncio.sleep(min(float(headers.get("Retry-After", 1)), 2.0))
                 continue
             job.refused = f"{code}: {answer.get('error') if isinstance(answer, dict) else answer!r}"
@@ -254,7 +267,8 @@ class Soak:
         since = 0
         while time.monotonic() < self.deadline:
             code, _, state = await self.fetch("GET /status/{id}",
-                                              f"{self.fleet.url}/status/{job.prompt_id}?wait=10&since={since}")
+                                              f"{self.fleet.url}/status/{job.prompt_id}?wait=10&since={since}",
+                                              key=self.key_of(job))
             if code == 404:
                 job.saw_404 = True
             if code != 200:
@@ -314,10 +328,15 @@ class Soak:
         return f"ComfyUI {i} stalled for {STALL_TIMEOUT + 2:g} s"
 
     async def kill_worker(self, i: int) -> str:
+        """SIGKILL worker i, start it again 3 s later; the fault lasts until it answers again."""
+        killed = time.monotonic()
         self.fleet.workers[i].kill()
         await asyncio.sleep(3)
         self.fleet.workers[i].start()
-        return f"worker {i} SIGKILLed, started again 3 s later"
+        url = f"http://127.0.0.1:{self.fleet.worker_ports[i]}/health"
+        while (await self.fetch("fault", url, timeout=3))[0] == 599 and time.monotonic() < self.deadline:
+            await asyncio.sleep(0.1)
+        return f"worker {i} SIGKILLed, started again 3 s later, down {time.monotonic() - killed:.1f} s in all"
 
     async def edit_workers_yaml(self) -> str:
         disabled = self.fleet.n - 1
@@ -442,7 +461,7 @@ def report(soak: Soak) -> int:
     for line in soak.fault_log:
         print(f"      {line}")
     print("  answers: " + ", ".join(f"{key}: {count}" for key, count in sorted(soak.answers.items())
-                                    if not key.startswith("startup")))
+                                    if not key.startswith(("startup", "fault"))))
     bad = len(stuck) + len(lost) + len(no_image) + len(no_reason) + errors
     return 1 if bad else 0
 
@@ -450,7 +469,7 @@ def report(soak: Soak) -> int:
 async def main_async(args: argparse.Namespace) -> int:
     directory = Path(tempfile.mkdtemp(prefix="t2i-chaos-"))
     AsyncHTTPClient.configure(None, max_clients=args.concurrency + 16)
-    fleet = Fleet(directory, args.workers, args.step_time)
+    fleet = Fleet(directory, args.workers, args.step_time, args.clients)
     print(f"chaos soak: {args.jobs} jobs, {args.workers} workers; processes and logs in {directory}", flush=True)
     fleet.start()
     code = 1
@@ -472,6 +491,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=3, help="workers, each with its own ComfyUI (2 or more)")
     parser.add_argument("--concurrency", type=int, default=16, help="jobs in flight at once")
+    parser.add_argument("--clients", type=int, default=4,
+                        help="API-keyed clients the jobs are spread over (each may hold 8 unfinished jobs)")
     parser.add_argument("--step-time", type=float, default=0.05, help="ComfyUI seconds per sampler step")
     parser.add_argument("--timeout", type=float, default=150, help="seconds before unfinished jobs count as stuck")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs, journals and logs")

@@ -45,7 +45,9 @@ from t2i import openapi
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "t2i" / "workflows" / "txt2img.json"
 ARTIFACTS = ROOT / "test-artifacts"
-TOKEN = "fuzz-token"
+TOKEN = "fuzz-token"                      # the worker's auth_token (the scheduler sends it)
+CLIENT_KEY = "fuzz-client-key-0123456789"  # the scheduler's API key for the fuzzer (scheduler.yaml clients)
+KEYS = {"worker": TOKEN, "scheduler": CLIENT_KEY}
 MAX_EXAMPLES = 30
 SEED = 20260416
 WAIT_CAP = 0.1
@@ -107,7 +109,8 @@ class Fleet:
         scheduler_yaml = self.directory / "scheduler.yaml"
         scheduler_yaml.write_text(yaml.safe_dump({
             "listen": f"127.0.0.1:{self.scheduler_port}", "workers_file": str(workers_yaml),
-            "auth_token": TOKEN, "reload_interval": 1, "health_interval": 1}))
+            "auth_token": TOKEN, "reload_interval": 1, "health_interval": 1,
+            "clients": {"keys": {"fuzz": CLIENT_KEY}, "max_jobs": 1000}}))
         return worker_yaml, scheduler_yaml
 
     def spawn(self, name: str, *args: str) -> None:
@@ -128,7 +131,8 @@ class Fleet:
         asyncio.run(until(self._ready, timeout=60, interval=0.1, what="the fleet to answer"))
         request = urllib.request.Request(self.scheduler + "/generate", method="POST",
                                          data=json.dumps({"prompt": "a job to look up", "steps": 1}).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {CLIENT_KEY}"})
         self.job_id = json.loads(urllib.request.urlopen(request, timeout=20).read())["prompt_id"]
         asyncio.run(until(self._job_finished, timeout=30, interval=0.05, what="the first job to finish"))
 
@@ -210,7 +214,7 @@ def load_schema(server: str):
     """``server``'s document, as its ``GET /openapi.json`` serves it (test_served_documents checks that)."""
     config = schemathesis.config.SchemathesisConfig.from_dict(CONFIG)
     schema = schemathesis.openapi.from_dict(copy.deepcopy(openapi.document(server)), config=config)
-    schema.config.update(headers={"Authorization": f"Bearer {TOKEN}"})
+    schema.config.update(headers={"Authorization": f"Bearer {KEYS[server]}"})
     return schema
 
 

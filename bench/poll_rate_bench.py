@@ -1,0 +1,284 @@
+"""``/status`` polls against a minimal in-memory Tornado handler: saturated rate, rate at p99 <= 50 ms,
+bytes per parked long-poll. Extends ``bench/poll_bench.py`` (whose worker and schedulers it starts).
+
+    python bench/poll_rate_bench.py [--runs 3] [--clients 32] [--seconds 3] [--step 2] [--parked 1000]
+
+Servers, each its own process on 127.0.0.1, side by side in one run:
+
+* ``minimal``: a minimal in-memory Tornado handler, the baseline: ``GET /status/{id}`` answers
+  ``json.dumps`` of a dict it holds (the very status object the mirror answers, so the bodies are the
+  same size), and with ``?wait=S&since=V`` parks on a future until S passes;
+* ``mirror``: a t2i scheduler answering from its job mirror (poll_bench's ``mirror``);
+* ``forward``: a scheduler whose feed the worker refuses, so each poll is forwarded one hop to the
+  worker (poll_bench's ``forward-simple``: the naive proxy);
+* ``worker``: the worker's own ``/status`` (saturated rate only, for reference).
+
+Measured per run: (1) polls/s saturated: ``--clients`` keep-alive connections, each sending its next
+request when the last answer came (poll_bench's loop); (2) open loop: requests sent on a fixed schedule
+at rising rates (``--rates``, ``--step`` s each, over 64 keep-alive connections, latency counted from
+the scheduled send time, so a server that falls behind is not flattered), the highest rate whose p99 is
+<= 50 ms (the ladder ends after two rates in a row over 50 ms); (3) once per run on fresh servers: RSS growth per parked long-poll (``--parked`` connections
+each holding ``/status?wait=30&since=<version>``, connection included; VmRSS of the process before and
+after). Load comes from this process. Prints each run, then medians [ranges] and the ratios. Targets
+(issue 15): mirror >= 1.4x minimal at p99 <= 50 ms, >= 3x the forward; a long-poll <= 14 KB. Asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import poll_bench  # noqa: E402  (its worker, its schedulers, its closed-loop measure)
+from harness import code_version, machine_line, med_range, percentile  # noqa: E402
+
+DEFAULT_RATES = "200,400,600,800,1000,1200,1400,1700,2000,2500,3000"
+P99_LIMIT = 0.050
+
+
+# --- the minimal in-memory handler (child process) ---------------------------------------------------
+
+def serve_minimal(port_file: Path, body_file: Path) -> None:
+    from tornado import web
+
+    state = json.loads(body_file.read_text())
+
+    class Status(web.RequestHandler):
+        async def get(self, prompt_id: str) -> None:
+            wait = float(self.get_query_argument("wait", "0"))
+            since = self.get_query_argument("since", None)
+            if wait > 0 and since is not None and state["version"] <= int(since):
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().create_future(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(state))
+
+    async def main() -> None:
+        from tornado.httpserver import HTTPServer
+        from tornado.netutil import bind_sockets
+
+        sockets = bind_sockets(0, "127.0.0.1")  # Tornado's defaults, as a minimal app gets them
+        HTTPServer(web.Application([(r"/status/([^/]+)", Status)])).add_sockets(sockets)
+        port_file.write_text(str(sockets[0].getsockname()[1]))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    asyncio.run(main())
+
+
+def start_minimal(directory: Path, body_file: Path) -> tuple[subprocess.Popen, int]:
+    directory.mkdir(parents=True, exist_ok=True)
+    port_file = directory / "minimal.port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-minimal", str(port_file), str(body_file)],
+                            cwd=poll_bench.ROOT, stderr=subprocess.DEVNULL)
+    return proc, int(poll_bench.wait_until(lambda: port_file.exists() and port_file.read_text()))
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+async def open_loop(port: int, path: str, rate: float, seconds: float, connections: int = 64) -> tuple[float, float]:
+    """Requests at ``rate``/s on a fixed schedule for ``seconds``: (p99 latency from the scheduled send
+    time, answers per second achieved)."""
+    loop = asyncio.get_running_loop()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    start = loop.time() + 0.05
+
+    async def lane(k: int) -> None:
+        reader, writer = streams[k]
+        for i in range(k, total, connections):
+            due = start + i / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if head[9:12] != b"200":
+                raise RuntimeError(f"{path} answered {head[9:12].decode()}")
+            latencies.append(loop.time() - due)
+
+    try:
+        await asyncio.gather(*(lane(k) for k in range(connections)))
+    finally:
+        for _, writer in streams:
+            writer.close()
+    elapsed = loop.time() - start
+    return percentile(latencies, 99), len(latencies) / elapsed
+
+
+async def rate_at_p99(port: int, path: str, rates: list[float], seconds: float) -> tuple[float, str]:
+    """The highest rate of the ladder with p99 <= 50 ms (the ladder stops after two rates in a row over it,
+    or that the server cannot keep up with: one noisy step on a shared box does not end it), and the
+    ladder as text."""
+    best, steps, misses = 0.0, [], 0
+    for rate in rates:
+        p99, achieved = await open_loop(port, path, rate, seconds)
+        steps.append(f"{rate:g}:{p99 * 1000:.0f}ms")
+        if p99 > P99_LIMIT or achieved < 0.9 * rate:
+            misses += 1
+            if misses == 2:
+                break
+        else:
+            best, misses = rate, 0
+        await asyncio.sleep(0.3)
+    return best, " ".join(steps)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def parked_bytes(pid: int, port: int, path: str, count: int) -> float:
+    """RSS growth of ``pid`` per parked long-poll (the connection included), in bytes."""
+    before = rss_kb(pid)
+    streams = []
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    try:
+        for i in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            streams.append((reader, writer))
+            if i % 100 == 99:
+                await asyncio.sleep(0.05)  # the server accepts as we go (its listen backlog is not the question)
+        await asyncio.sleep(2.0)
+        after = rss_kb(pid)
+        answered = sum(1 for reader, _ in streams if reader._buffer)  # none should have been answered
+    finally:
+        for _, writer in streams:
+            writer.close()
+    if answered:
+        print(f"  ({answered} of {count} long-polls were answered early: the job changed)")
+    return (after - before) * 1024 / count
+
+
+# --- orchestration --------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop connections (saturated rate)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per saturated measurement")
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="open-loop ladder, polls/s")
+    parser.add_argument("--step", type=float, default=2.0, help="seconds per open-loop rate")
+    parser.add_argument("--parked", type=int, default=1000, help="long-polls parked for the memory measure")
+    parser.add_argument("--serve-minimal", nargs=2, metavar=("PORT_FILE", "BODY_FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_minimal:
+        serve_minimal(Path(args.serve_minimal[0]), Path(args.serve_minimal[1]))
+        return 0
+    rates = [float(rate) for rate in args.rates.split(",")]
+    print(f"poll rate bench: {args.runs} run(s); saturated {args.clients} clients x {args.seconds:g} s; open loop "
+          f"{args.step:g} s per rate; {args.parked} parked long-polls")
+    print(f"  code {code_version()}; {machine_line()}", flush=True)
+
+    saturated: dict[str, list[float]] = {name: [] for name in ("minimal", "mirror", "forward", "worker")}
+    at_p99: dict[str, list[float]] = {name: [] for name in ("minimal", "mirror", "forward")}
+    parked: dict[str, list[float]] = {name: [] for name in ("minimal", "mirror")}
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        port_file = tmp_path / "worker.port"
+        procs.append(subprocess.Popen([sys.executable, poll_bench.__file__, "--serve-worker", str(tmp_path / "w"),
+                                       str(port_file)], cwd=poll_bench.ROOT, stderr=subprocess.DEVNULL))
+        try:
+            worker_port = int(poll_bench.wait_until(lambda: port_file.exists() and port_file.read_text()))
+            mirror, mirror_port = poll_bench.start_scheduler(tmp_path / "s-mirror", worker_port, poll_bench.TOKEN,
+                                                             "simple")
+            procs.append(mirror)
+            forward, forward_port = poll_bench.start_scheduler(tmp_path / "s-forward", worker_port, "wrong", "simple")
+            procs.append(forward)
+            job = poll_bench.http_json(f"http://127.0.0.1:{mirror_port}/generate", {"prompt": "bench"})
+            path = f"/status/{job['prompt_id']}"
+            poll_bench.wait_until(lambda: any(w["feed"]["state"] == "up" for w in poll_bench.http_json(
+                f"http://127.0.0.1:{mirror_port}/workers")["workers"]))
+            state = poll_bench.wait_until(lambda: poll_bench.http_json(f"http://127.0.0.1:{mirror_port}{path}"))
+            body_file = tmp_path / "status.json"
+            body_file.write_text(json.dumps(state))
+            minimal, minimal_port = start_minimal(tmp_path, body_file)
+            procs.append(minimal)
+            print(f"  status body {len(json.dumps(state))} bytes (status {state['status']}, version {state['version']})")
+            ports = {"minimal": minimal_port, "mirror": mirror_port, "forward": forward_port, "worker": worker_port}
+            long_path = f"{path}?wait=30&since={state['version']}"
+            for run in range(args.runs):
+                # (3) fresh servers: a parked long-poll's bytes
+                fresh_mirror, fresh_mirror_port = poll_bench.start_scheduler(tmp_path / f"s-fresh-{run}", worker_port,
+                                                                              poll_bench.TOKEN, "simple")
+                fresh_minimal, fresh_minimal_port = start_minimal(tmp_path / f"m-fresh-{run}", body_file)
+                try:
+                    poll_bench.wait_until(lambda: any(w["feed"]["state"] == "up" for w in poll_bench.http_json(
+                        f"http://127.0.0.1:{fresh_mirror_port}/workers")["workers"]))
+                    asyncio.run(open_loop(fresh_mirror_port, path, 200, 0.5))   # warm both up alike
+                    asyncio.run(open_loop(fresh_minimal_port, path, 200, 0.5))
+                    for name, proc, port in (("minimal", fresh_minimal, fresh_minimal_port),
+                                             ("mirror", fresh_mirror, fresh_mirror_port)):
+                        parked[name].append(asyncio.run(parked_bytes(proc.pid, port, long_path, args.parked)))
+                finally:
+                    stop([fresh_mirror, fresh_minimal])
+                print(f"run {run + 1} parked long-poll: minimal {parked['minimal'][-1] / 1024:.1f} KB, "
+                      f"mirror {parked['mirror'][-1] / 1024:.1f} KB", flush=True)
+                # (1) saturated, (2) open loop
+                for name, port in ports.items():
+                    rate = asyncio.run(poll_bench.measure(port, path, args.clients, args.seconds))
+                    saturated[name].append(rate)
+                    print(f"run {run + 1} saturated {name:8s} {rate:7.0f} polls/s", flush=True)
+                for name in at_p99:
+                    best, ladder = asyncio.run(rate_at_p99(ports[name], path, rates, args.step))
+                    at_p99[name].append(best)
+                    print(f"run {run + 1} p99<=50ms {name:8s} {best:7.0f} polls/s   (rate:p99 {ladder})", flush=True)
+        finally:
+            stop(procs)
+
+    print(f"\n/status polls, median [range] of {args.runs} run(s):")
+    for name, rates_ in saturated.items():
+        print(f"  saturated     {name:8s} {med_range(rates_, '{:.0f}')} polls/s")
+    for name, rates_ in at_p99.items():
+        print(f"  p99 <= 50 ms  {name:8s} {med_range(rates_, '{:.0f}')} polls/s")
+    ratio = [m / b if b else float("nan") for m, b in zip(at_p99["mirror"], at_p99["minimal"])]
+    ratio_fwd = [m / f if f else float("nan") for m, f in zip(at_p99["mirror"], at_p99["forward"])]
+    sat_ratio = [m / b for m, b in zip(saturated["mirror"], saturated["minimal"])]
+    sat_fwd = [m / f for m, f in zip(saturated["mirror"], saturated["forward"])]
+    print(f"  mirror / minimal at p99 <= 50 ms  {med_range(ratio, '{:.2f}')}x  (target >= 1.4x)")
+    print(f"  mirror / forward at p99 <= 50 ms  {med_range(ratio_fwd, '{:.2f}')}x  (target >= 3x)")
+    print(f"  mirror / minimal saturated        {med_range(sat_ratio, '{:.2f}')}x")
+    print(f"  mirror / forward saturated        {med_range(sat_fwd, '{:.2f}')}x")
+    print(f"  parked long-poll: minimal {med_range([b / 1024 for b in parked['minimal']])} KB, mirror "
+          f"{med_range([b / 1024 for b in parked['mirror']])} KB  (target <= 14 KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,10 @@ def free_port() -> int:
 
 
 def code_version() -> str:
-    """``<commit> (+ uncommitted changes in t2i/)``: what was measured."""
+    """``<commit> (+ uncommitted changes in t2i/)``: what was measured (``T2I_BENCH_CODE`` names it for a
+    copy of the tree outside git, e.g. ``git archive HEAD``)."""
+    if os.environ.get("T2I_BENCH_CODE"):
+        return os.environ["T2I_BENCH_CODE"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()

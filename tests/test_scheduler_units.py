@@ -44,6 +44,9 @@ class FakeMirror:
     def recent_unseen(self, name):
         return 0
 
+    def steps_ahead(self, name, unknown):
+        return self.loads.get(name, 0) * unknown  # each job the test put there: a typical one
+
     def unfinished(self, name):
         return self.unfinished_jobs.get(name, 0)
 
@@ -100,6 +103,22 @@ def test_choose_least_loaded_then_round_robin(tmp_path):
     assert placement.choose().name == "a"
     registry.workers["a"].in_flight = 2  # submissions on their way count as load
     assert placement.choose().name in {"b", "c"}
+
+
+def test_choose_where_the_job_ends_first_at_each_workers_measured_speed(tmp_path):
+    """Issue 15: a fast GPU with a longer queue beats an idle slow one when it finishes first."""
+    placement, registry, loads = make_placement(tmp_path, [entry("fast", 1), entry("slow", 2)])
+    up(registry, "fast", "slow")
+    registry.workers["fast"].health = {"load": {"seconds_per_step": 0.1}}
+    registry.workers["slow"].health = {"load": {"seconds_per_step": 1.0}}
+    loads.update(fast=3, slow=0)  # fast: (3 x 20 + 20) x 0.1 = 8 s; slow: 20 x 1.0 = 20 s
+    assert placement.choose(steps=20).name == "fast"
+    loads.update(fast=20)         # fast: (400 + 20) x 0.1 = 42 s: now the slow one ends it first
+    assert placement.choose(steps=20).name == "slow"
+    # A worker not measured yet is taken at the pool's median speed, not as infinitely fast.
+    registry.workers["slow"].health = {}
+    loads.update(fast=0, slow=1)
+    assert placement.choose(steps=20).name == "fast"
 
 
 def test_choose_skips_full_down_disabled_and_says_why(tmp_path):

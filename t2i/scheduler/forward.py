@@ -156,7 +156,8 @@ class JobRouter:
                 state, holder = holder, None  # the key's job is there: the worker answers for it
             else:
                 try:
-                    state = self.placement.choose(workflow, exclude=tried)
+                    steps = body.get("steps") if isinstance(body.get("steps"), int) else None
+                    state = self.placement.choose(workflow, exclude=tried, steps=steps)
                 except NoWorkerAvailable as exc:
                     raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)

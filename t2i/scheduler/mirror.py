@@ -170,6 +170,18 @@ class Mirror:
     def unfinished(self, worker: str) -> int:
         return len(self._unfinished.get(worker, ()))
 
+    def steps_ahead(self, worker: str, unknown: int) -> int:
+        """Sampler steps a worker still has to run for its unfinished jobs (``unknown`` for a job
+        whose steps are not known, e.g. a raw workflow)."""
+        total = 0
+        for prompt_id in self._unfinished.get(worker, {}):
+            entry = self._jobs.get(prompt_id)
+            status = entry.status if entry is not None else {}
+            progress = status.get("progress") or {}
+            steps = status.get("steps") or progress.get("max") or unknown
+            total += max(int(steps) - int(progress.get("value") or 0), 0)
+        return total
+
     def recent_unseen(self, worker: str) -> int:
         """Jobs this scheduler sent to ``worker`` lately that its feed has not shown yet."""
         recent = self._recent_by_worker.get(worker)

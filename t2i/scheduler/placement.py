@@ -37,6 +37,7 @@ REFUSED_HOLD = 30.0        # a worker that refused a template is not sent that w
 RAW = "(raw)"              # a raw workflow: the workers' status objects name it so
 MAX_REASONS = 6            # per-worker reasons in one "no worker" sentence
 DESCRIBE_SLICE = 100       # workers described between two turns of the event loop (GET /workers)
+DEFAULT_STEPS = 20         # a job whose steps are unknown (a raw workflow) counts as a typical one
 
 
 class NoWorkerAvailable(Exception):
@@ -92,6 +93,29 @@ class Placement:
         """Jobs ahead of a new one on this worker, submissions on their way included."""
         pending, running = self.counts(state)
         return pending + running + state.in_flight
+
+    def expected_finish(self, state: WorkerState, steps: int, speeds: dict[str, float]) -> float:
+        """Seconds until a new job of ``steps`` would end on this worker: the sampler steps ahead
+        of it (its own queue and jobs on their way there included) and its own, at its speed."""
+        if self.mirror.feed_up(state.name):
+            ahead = self.mirror.steps_ahead(state.name, DEFAULT_STEPS)
+        else:
+            ahead = int(((state.health or {}).get("load") or {}).get("steps") or 0)
+        ahead += (self.mirror.recent_unseen(state.name) + state.in_flight) * DEFAULT_STEPS
+        return (ahead + steps) * speeds[state.name]
+
+    @staticmethod
+    def speeds(states: list[WorkerState]) -> dict[str, float]:
+        """Seconds per step of each worker as it measures them; one not measured yet is taken to
+        run at the pool's median (1.0 while none is measured: then only the steps ahead count)."""
+        measured = {}
+        for state in states:
+            value = ((state.health or {}).get("load") or {}).get("seconds_per_step")
+            if isinstance(value, (int, float)) and value > 0:
+                measured[state.name] = float(value)
+        known = sorted(measured.values())
+        fallback = known[len(known) // 2] if known else 1.0
+        return {state.name: measured.get(state.name, fallback) for state in states}
 
     # --- readiness --------------------------------------------------------------
 
@@ -182,13 +206,14 @@ class Placement:
 
     # --- choosing -----------------------------------------------------------------
 
-    def choose(self, workflow: Any = None, exclude: Iterable[str] = ()) -> WorkerState:
+    def choose(self, workflow: Any = None, exclude: Iterable[str] = (), steps: int | None = None) -> WorkerState:
         """The worker for a job of ``workflow`` (a name, a raw workflow object, or None for each
-        worker's default): ready, breaker not open, room in its queue, fewest jobs ahead."""
+        worker's default): ready, breaker not open, room in its queue, and where a job of
+        ``steps`` is expected to end first (steps ahead at each worker's measured speed)."""
         self.absorb()
         exclude = set(exclude)
         listed = [s for s in self.registry.workers.values() if s.listed and s.name not in exclude]
-        best, why = self._survey(listed, workflow)
+        best, why = self._survey(listed, workflow, steps or DEFAULT_STEPS)
         if not best:
             raise self._none(listed, why, bool(exclude), workflow)
         self._rr += 1
@@ -198,10 +223,12 @@ class Placement:
             chosen.breakers[name].probe_at = self.clock()  # the one trial job
         return chosen
 
-    def _survey(self, listed: list[WorkerState], workflow: Any) -> tuple[list[WorkerState], list[tuple[str, str, str]]]:
-        """The least-loaded workers that can take the job, and (worker, kind, why) of the others."""
+    def _survey(self, listed: list[WorkerState], workflow: Any,
+                steps: int = DEFAULT_STEPS) -> tuple[list[WorkerState], list[tuple[str, str, str]]]:
+        """The workers where the job would end first, and (worker, kind, why) of the others."""
         best: list[WorkerState] = []
-        best_load = None
+        best_finish = None
+        speeds = self.speeds(listed)
         why: list[tuple[str, str, str]] = []
         for state in listed:
             if not state.entry.enabled:
@@ -223,10 +250,11 @@ class Placement:
             if load >= state.entry.max_queue:
                 why.append((state.name, "full", f"its queue is full ({load} of {state.entry.max_queue})"))
                 continue
-            if best_load is None or load < best_load:
-                best, best_load = [state], load
-            elif load == best_load:
-                best.append(state)
+            finish = self.expected_finish(state, steps, speeds)
+            if best_finish is None or finish < best_finish - 1e-9:
+                best, best_finish = [state], finish
+            elif abs(finish - best_finish) <= 1e-9:
+                best.append(state)  # a tie: round robin among them
         return best, why
 
     def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:

@@ -126,6 +126,7 @@ class Job:
             "preview_url": preview_url,
             "error": self.error,
             "attempt": max(self.attempt, 1),
+            "steps": (self.params or {}).get("steps"),  # sampler steps asked for: placement weighs queues by them
             "workflow": self.workflow,
             "seed": self.seed,
             "created_at": self.created_at,

@@ -329,6 +329,24 @@ async def test_a_worker_takes_the_client_only_with_the_schedulers_token_and_jour
         assert bad.code == 400 and bad.json["header"] == "T2I-Client"
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_the_workers_own_queue_takes_turns_between_clients(tmp_path):
+    """One client's burst waiting on a worker does not queue another client's job behind all of it."""
+    async with WorkerCluster(tmp_path, comfyui={"ahead": 1}) as c:
+        c.sim.stall = True
+        flood = {"T2I-Client": "flood"}
+        first = await c.submit(QUICK, headers=flood)
+        await c.wait(first, "running")
+        floods = [await c.submit({**QUICK, "seed": seed}, headers=flood) for seed in range(3)]
+        polite = await c.submit(QUICK, headers={"T2I-Client": "polite"})
+        positions = [(await call("GET", f"{c.url}/status/{p}")).json["queue_position"] for p in [polite, *floods]]
+        assert positions == [1, 2, 3, 4]   # polite's turn comes before the flood's second
+        c.sim.stall = False
+        for prompt_id in [first, polite, *floods]:
+            assert (await c.wait(prompt_id))["status"] == "completed"
+        assert [p for p, _, _ in c.sim.submitted] == [first, polite, *floods]
+
+
 # --- config --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, where, problem", [

@@ -49,6 +49,7 @@ INTERRUPTED = lc.INTERRUPTED
 CANCELLED_BY_REQUEST = lc.CANCELLED_BY_REQUEST
 QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR
 IN_COMFYUI = (lc.SUBMITTING, lc.QUEUED, lc.STARTED)  # phases that hold a place in ComfyUI's queue
+SERVED_LIMIT = 10000  # clients remembered for taking turns in the worker's own queue
 
 
 DEFAULT_STEPS = 20  # a raw workflow's steps are unknown: count it as a typical job
@@ -143,6 +144,9 @@ class Runner:
         self._last_full_reconcile = self.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._finishing: set[asyncio.Task] = set()  # history reads and image copies: a stop waits for them
+        # client -> when it last had a job handed to ComfyUI (a count): whose turn it is in the backlog
+        self._served: dict[str | None, int] = {}
+        self._serves = 0
         self._callbacks: list[PeriodicCallback] = []
         self.probe = ComfyUIProbe(self.comfy, timeout=min(2.0, config.comfyui.request_timeout))
         self.readiness = WorkflowReadiness(config, self.comfy, monotonic)
@@ -338,6 +342,7 @@ class Runner:
             return await self._accept_into_backlog(job), False
         # Messages can beat the POST reply (PROTOCOL §3): the job must already be findable.
         self.store.add(job)
+        self._served_now(job.client)
         if self.journal is not None:
             self.journal.save(job)  # committed while POST /prompt is in flight: a kill then can withdraw it
         try:
@@ -383,8 +388,30 @@ class Runner:
         return sum(1 for job in self.store.unfinished() if job.phase in IN_COMFYUI)
 
     def _backlog(self) -> list[Job]:
-        return sorted((job for job in self.store.unfinished() if job.phase == lc.BACKLOG),
-                      key=lambda job: job.created_at)
+        """This worker's own queue in the order it feeds ComfyUI: the scheduler's clients (``job.client``)
+        take turns, so one client's burst does not queue every other client's job behind all of it.
+        A client's jobs go oldest first, its jobs in ComfyUI count as turns taken, and between clients
+        on the same turn the one served least lately goes first. Jobs without a client are one client
+        (among themselves: oldest first)."""
+        unfinished = self.store.unfinished()
+        turns: dict[str | None, int] = {}
+        for job in unfinished:
+            if job.phase in IN_COMFYUI:
+                turns[job.client] = turns.get(job.client, 0) + 1
+        ranked = []
+        for job in sorted((job for job in unfinished if job.phase == lc.BACKLOG), key=lambda job: job.created_at):
+            turn = turns.get(job.client, 0)
+            turns[job.client] = turn + 1
+            ranked.append((turn, self._served.get(job.client, -1), job.created_at, job))
+        ranked.sort(key=lambda item: item[:3])
+        return [item[3] for item in ranked]
+
+    def _served_now(self, client: str | None) -> None:
+        self._serves += 1
+        self._served[client] = self._serves
+        if len(self._served) > SERVED_LIMIT:  # anonymous clients come and go: keep those with jobs here
+            held = {job.client for job in self.store.unfinished()}
+            self._served = {name: n for name, n in self._served.items() if name in held}
 
     def _dispatch(self) -> None:
         """Keep ComfyUI ``ahead`` prompts deep from this worker's own queue, oldest first; number the rest."""
@@ -395,6 +422,7 @@ class Runner:
         room = self.config.comfyui.ahead - in_comfyui
         if room > 0 and self.comfy.connected and self.stalled is None and self.ready.is_set():
             for job in waiting[:room]:
+                self._served_now(job.client)
                 self.apply(job.prompt_id, lc.Dispatch())
             waiting, in_comfyui = waiting[room:], in_comfyui + min(room, len(waiting))
         for index, job in enumerate(waiting):

@@ -247,3 +247,25 @@ def test_a_forced_reload_reads_an_edit_that_kept_mtime_and_size(tmp_path):
     assert registry.reload_if_changed() is None  # the cheap check sees nothing
     assert registry.reload_if_changed(force=True) is True
     assert [name for name, state in registry.workers.items() if state.listed] == ["b"]
+
+
+def test_the_pool_catalogue_joins_list_choices_and_webhook_prefixes_of_every_worker(tmp_path):
+    """Each worker's ComfyUI offers its own models: a value any of them has passes the scheduler."""
+    placement, registry, _ = make_placement(tmp_path, [entry("a", 1), entry("b", 2)])
+
+    def catalogue(checkpoints, hooks):
+        cat = {"default_workflow": "txt2img", "allow_raw_workflows": False,
+               "workflows": {"txt2img": {"params": {"ckpt": {"type": "enum", "choices": checkpoints},
+                                                    "steps": {"type": "integer", "max": 50}}}}}
+        if hooks:
+            cat["webhooks"] = {"allowed_urls": hooks}
+        return cat
+
+    registry.workers["a"].catalogue = catalogue(["sd15.safetensors"], ["https://hooks.example/"])
+    registry.workers["b"].catalogue = catalogue(["sdxl.safetensors", "sd15.safetensors"], [])
+    registry.generation += 1
+    specs = placement.specs()
+    assert specs["workflows"]["txt2img"]["params"]["ckpt"]["choices"] == ["sd15.safetensors", "sdxl.safetensors"]
+    assert specs["webhooks"] == {"allowed_urls": ["https://hooks.example/"]}
+    assert registry.workers["a"].catalogue["workflows"]["txt2img"]["params"]["ckpt"]["choices"] == \
+        ["sd15.safetensors"]  # the workers' own catalogues are left as they are

@@ -157,3 +157,32 @@ async def test_webhook_urls_outside_the_allow_list_or_without_a_secret_are_refus
             assert reply.code == 400 and "not enabled" in reply.json["error"]
     finally:
         receiver.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_scheduler_checks_the_url_against_its_workers_and_places_the_job(tmp_path, fast_retries):
+    from support.cluster import start_scheduler, start_sim
+
+    receiver = Receiver()
+    sim = await start_sim(step_time=0.01)
+    worker = await start_worker(tmp_path / "w", sim.url, **hooks_config(receiver))
+    scheduler = await start_scheduler(tmp_path / "s", [worker])
+    try:
+        await until(lambda: _catalogue_has_hooks(scheduler.url), what="the worker's catalogue")
+        refused = await call("POST", f"{scheduler.url}/generate", {"prompt": "x", "webhook_url": "https://evil/"})
+        assert refused.code == 400 and refused.json["field"] == "webhook_url" and sim.submitted == []
+        placed = await call("POST", f"{scheduler.url}/generate",
+                            {"prompt": "x", "steps": 2, "webhook_url": receiver.url})
+        assert placed.code == 200, placed
+        await until(lambda: len(receiver.deliveries) == 1, what="the delivery")
+        assert verify(*receiver.deliveries[0])["data"]["prompt_id"] == placed.json["prompt_id"]
+    finally:
+        await scheduler.stop()
+        await worker.stop()
+        await sim.stop()
+        receiver.stop()
+
+
+async def _catalogue_has_hooks(url: str) -> bool:
+    reply = await call("GET", f"{url}/workflows")
+    return reply.code == 200 and bool((reply.json or {}).get("webhooks"))

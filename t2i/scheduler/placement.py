@@ -64,6 +64,23 @@ class Breaker:
         self.probe_at: float | None = None  # when the half-open trial job was placed
 
 
+def _merge_workflow(workflows: dict[str, Any], name: str, spec: dict[str, Any]) -> None:
+    """Add one worker's view of a workflow: the first one's parameters, with the choices of a
+    list parameter (checkpoints, samplers…) joined over every worker, since each one's ComfyUI
+    offers its own."""
+    params = spec.get("params") or {}
+    held = workflows.get(name)
+    if held is None:
+        workflows[name] = {"params": {key: dict(value) if isinstance(value, dict) else value
+                                      for key, value in params.items()}}
+        return
+    for key, value in params.items():
+        mine = held["params"].get(key)
+        if isinstance(mine, dict) and isinstance(value, dict) and isinstance(mine.get("choices"), list) \
+                and isinstance(value.get("choices"), list):
+            mine["choices"] = mine["choices"] + [c for c in value["choices"] if c not in mine["choices"]]
+
+
 class Placement:
     """The scheduler's routing choice over a registry and a mirror."""
 
@@ -302,9 +319,13 @@ class Placement:
                     merged = {"default_workflow": cat.get("default_workflow"),
                               "allow_raw_workflows": False, "workflows": {}}
                 merged["allow_raw_workflows"] = merged["allow_raw_workflows"] or cat.get("allow_raw_workflows") is True
+                hooks = (cat.get("webhooks") or {}).get("allowed_urls") or []
+                if hooks:  # a webhook_url any worker accepts passes here; placement finds that worker
+                    allowed = merged.setdefault("webhooks", {"allowed_urls": []})["allowed_urls"]
+                    allowed.extend(url for url in hooks if url not in allowed)
                 for name, spec in cat.get("workflows", {}).items():
                     if isinstance(spec, dict):
-                        merged["workflows"].setdefault(name, {"params": spec.get("params", {})})
+                        _merge_workflow(merged["workflows"], name, spec)
             self._specs = (generation, merged)
         return self._specs[1]
 

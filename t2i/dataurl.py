@@ -52,7 +52,7 @@ def decode_image(value: object, max_bytes: int | None = None, max_pixels: int | 
     if max_bytes is not None and len(data) > max_bytes:
         raise BadImage(f"is larger than {max_bytes} bytes ({len(data)})")
     content_type = sniff(data)
-    if content_type is None:
+    if content_type not in EXTENSIONS:  # a GIF is an image, but not one ComfyUI's LoadImage takes
         raise BadImage("is not a PNG, JPEG or WebP image")
     size = dimensions(data, content_type)
     if size is None:
@@ -64,13 +64,15 @@ def decode_image(value: object, max_bytes: int | None = None, max_pixels: int | 
 
 
 def sniff(data: bytes) -> str | None:
-    """The image type ``data`` starts like, or None."""
+    """The image type ``data`` starts like (PNG, JPEG, WebP, GIF: by magic number), or None."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
     if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
     return None
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 
 from t2i.comfyui import ComfyUIClient, ComfyUIError, ComfyUIUnavailable, ImageRef
+from t2i.dataurl import sniff
 from t2i.worker.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -56,26 +57,13 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
     return saved
 
 
-def sniff_image(data: bytes) -> str | None:
-    """The image type ``data`` starts like (PNG, JPEG, WebP, GIF), or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return None
-
-
 def image_type(data: bytes, content_type: str) -> str:
     """The type of the image in ``data``, served as ``content_type``; ValueError saying why it is not one.
 
     ``application/octet-stream`` claims nothing (ComfyUI sends it for extensions it does not
     know), so the bytes decide; any other type must be the one the bytes are.
     """
-    kind = sniff_image(data)
+    kind = sniff(data)
     if kind is None:
         raise ValueError(f"{len(data)} bytes served as {content_type or 'no type'} that are not a PNG, JPEG, "
                          "WebP or GIF image")

@@ -17,7 +17,7 @@ twice: with the fair share (``--max-jobs``) and without it (max_jobs 100000). No
 asserted: it prints numbers.
 
     python bench/fairness_bench.py [--workers 2] [--step-time 0.05] [--steps 20] [--max-jobs 8]
-                                   [--flood 16] [--jobs 8] [--give-up 60]
+                                   [--ahead 2] [--flood 16] [--jobs 8] [--give-up 60]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def free_port() -> int:
 
 # --- the servers (child process) ----------------------------------------------------------
 
-async def serve(directory: Path, workers: int, step_time: float, max_jobs: int) -> None:
+async def serve(directory: Path, workers: int, step_time: float, max_jobs: int, ahead: int) -> None:
     """ComfyUI doubles, workers and a scheduler in this process until stdin closes."""
     logging.basicConfig(level=logging.ERROR)  # thousands of 429s and 503s are the point, not news
     sys.path.insert(0, str(ROOT))
@@ -70,7 +70,7 @@ async def serve(directory: Path, workers: int, step_time: float, max_jobs: int) 
         folder.mkdir()
         (folder / "worker.yaml").write_text(yaml.safe_dump({
             "name": f"gpu-{i}", "listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}",
-            "comfyui": {"url": sim.url}, "images": {"dir": str(folder / "images")},
+            "comfyui": {"url": sim.url, "ahead": ahead}, "images": {"dir": str(folder / "images")},
             "state_dir": str(folder / "state")}))
         worker = Worker(load_worker_config(folder / "worker.yaml"))
         await worker.start()
@@ -151,7 +151,8 @@ def median(values: list[float]) -> float:
 async def phase(args, max_jobs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="t2i-fairness-") as tmp:
         child = subprocess.Popen([sys.executable, __file__, "--serve", tmp, "--workers", str(args.workers),
-                                  "--step-time", str(args.step_time), "--max-jobs", str(max_jobs)],
+                                  "--step-time", str(args.step_time), "--max-jobs", str(max_jobs),
+                                  "--ahead", str(args.ahead)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             base = child.stdout.readline().strip()
@@ -175,8 +176,8 @@ async def run_phase(args, base: str, max_jobs: int) -> None:
     routing = median([j["routing"] for j in solo])
     unit = run + routing
     label = f"fair share on (max_jobs {max_jobs})" if max_jobs < NO_CAP else "fair share off"
-    print(f"\n== {label}: {args.workers} workers, {args.steps} steps of {args.step_time} s, "
-          f"flood of {args.flood} submitters")
+    print(f"\n== {label}: {args.workers} workers (comfyui.ahead {args.ahead}), {args.steps} steps of "
+          f"{args.step_time} s, flood of {args.flood} submitters")
     print(f"one job alone: run {run:.2f} s, routing {routing * 1000:.0f} ms, end to end "
           f"{median([j['wait'] for j in solo]):.2f} s (medians of 3)")
     stop = asyncio.Event()
@@ -205,7 +206,8 @@ async def run_phase(args, base: str, max_jobs: int) -> None:
               f"one job's run + routing, max {max(waits):.2f} s = {max(waits) / unit:.1f}x")
         print(f"polite's queue wait (accepted -> started): median {median(queued):.2f} s = "
               f"{median(queued) / run:.1f}x one job's run, max {max(queued):.2f} s = {max(queued) / run:.1f}x")
-        print(f"polite's refusals before acceptance: {sum(r['refused'] for r in results)}")
+        print(f"polite's own run during the flood: median {median([r['run'] for r in done]):.2f} s; "
+              f"refusals before acceptance: {sum(r['refused'] for r in results)}")
     print(f"cancelled the flood's {cancelled['cancelled']} unfinished jobs")
     http.close()
 
@@ -216,13 +218,14 @@ def main() -> None:
     parser.add_argument("--step-time", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-jobs", type=int, default=8)
+    parser.add_argument("--ahead", type=int, default=2, help="the workers' comfyui.ahead")
     parser.add_argument("--flood", type=int, default=16, help="the flooding client's submissions at once")
     parser.add_argument("--jobs", type=int, default=8, help="the polite client's jobs, one at a time")
     parser.add_argument("--give-up", type=float, default=60.0, help="the polite client gives a job up after this")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(Path(args.serve), args.workers, args.step_time, args.max_jobs))
+        asyncio.run(serve(Path(args.serve), args.workers, args.step_time, args.max_jobs, args.ahead))
         return
 
     async def both() -> None:

@@ -414,7 +414,8 @@ class Runner:
             self._served = {name: n for name, n in self._served.items() if name in held}
 
     def _dispatch(self) -> None:
-        """Keep ComfyUI ``ahead`` prompts deep from this worker's own queue, oldest first; number the rest."""
+        """Keep ComfyUI ``ahead`` prompts deep from this worker's own queue, in turn (:meth:`_backlog`); number
+        the rest."""
         waiting = self._backlog()
         if not waiting:
             return

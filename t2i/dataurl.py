@@ -78,8 +78,11 @@ def sniff(data: bytes) -> str | None:
 
 def dimensions(data: bytes, content_type: str) -> tuple[int, int] | None:
     """(width, height) from the image's header; None when the header is not there or says 0."""
+    reader = {"image/png": _png_size, "image/jpeg": _jpeg_size, "image/webp": _webp_size}.get(content_type)
+    if reader is None:
+        return None
     try:
-        size = {"image/png": _png_size, "image/jpeg": _jpeg_size, "image/webp": _webp_size}[content_type](data)
+        size = reader(data)
     except (struct.error, IndexError):
         return None
     if size is None or size[0] <= 0 or size[1] <= 0:

@@ -219,6 +219,19 @@ async def _code(awaitable) -> int:
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_jobs_on_a_worker_that_is_down_do_not_lock_their_client_out(tmp_path):
+    async with SchedulerCluster(tmp_path, n=2, step_time=0.5, clients={"keys": KEYS, "max_jobs": 1}) as c:
+        base = c.scheduler.url
+        placed = await generate(base, ALICE)
+        assert placed.code == 200 and (await generate(base, ALICE)).code == 429
+        holder = c.worker_named(placed.json["worker"])
+        await holder.stop()
+        await until(lambda: not c.scheduler.mirror.feed_up(holder.config.name), what="its feed down")
+        again = await generate(base, ALICE)
+        assert again.code == 200 and again.json["worker"] != holder.config.name, again
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_two_scheduler_replicas_enforce_one_limit(tmp_path):
     async with SchedulerCluster(tmp_path, n=1, step_time=0.5, clients={"keys": KEYS, "max_jobs": 2}) as c:
         second = await c.add_scheduler()

@@ -112,7 +112,10 @@ class JobRouter:
             raise self._key_conflict(placing != digest, prompt_id_for(scoped))
         self._placing[scoped] = digest
         try:
-            with self._room(client, known=self.mirror.owner(prompt_id_for(scoped)) is not None):
+            # The key's job, held now (mirrored, or placed here lately), is no new job: no 429 for it.
+            prompt_id = prompt_id_for(scoped)
+            held = self.mirror.get(prompt_id) is not None or self.mirror.clients.client_of(prompt_id) == client
+            with self._room(client, known=held):
                 return await self._place(body, scoped, known=True, client=client)
         finally:
             del self._placing[scoped]

@@ -60,8 +60,11 @@ async def test_health_reports_the_steps_left_and_the_measured_speed(tmp_path):
     """What a scheduler needs to place a job where it finishes first."""
     async with WorkerCluster(tmp_path, comfyui={"ahead": 1}) as c:
         assert (await call("GET", f"{c.url}/health")).json["load"] == {"steps": 0, "seconds_per_step": None}
-        done = await c.submit({"prompt": "measure", "steps": 4})
-        assert (await c.wait(done))["status"] == "completed"
+        for n in range(3):  # the speed is reported once a few jobs have been seen
+            done = await c.submit({"prompt": f"measure {n}", "steps": 4})
+            assert (await c.wait(done))["status"] == "completed"
+            seen = (await call("GET", f"{c.url}/health")).json["load"]["seconds_per_step"]
+            assert (seen is None) == (n < 2)
         c.sim.stall = True
         running = await c.submit({"prompt": "a", "steps": 6})
         await c.wait(running, "running")

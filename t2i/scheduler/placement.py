@@ -38,6 +38,7 @@ RAW = "(raw)"              # a raw workflow: the workers' status objects name it
 MAX_REASONS = 6            # per-worker reasons in one "no worker" sentence
 DESCRIBE_SLICE = 100       # workers described between two turns of the event loop (GET /workers)
 DEFAULT_STEPS = 20         # a job whose steps are unknown (a raw workflow) counts as a typical one
+FINISH_TIE = 0.15          # expected finishes this close to the earliest are a tie (measurements wobble)
 
 
 class NoWorkerAvailable(Exception):
@@ -243,8 +244,7 @@ class Placement:
     def _survey(self, listed: list[WorkerState], workflow: Any,
                 steps: int = DEFAULT_STEPS) -> tuple[list[WorkerState], list[tuple[str, str, str]]]:
         """The workers where the job would end first, and (worker, kind, why) of the others."""
-        best: list[WorkerState] = []
-        best_finish = None
+        finishes: list[tuple[float, WorkerState]] = []
         speeds = self.speeds(listed)
         why: list[tuple[str, str, str]] = []
         for state in listed:
@@ -267,12 +267,13 @@ class Placement:
             if load >= state.entry.max_queue:
                 why.append((state.name, "full", f"its queue is full ({load} of {state.entry.max_queue})"))
                 continue
-            finish = self.expected_finish(state, steps, speeds)
-            if best_finish is None or finish < best_finish - 1e-9:
-                best, best_finish = [state], finish
-            elif abs(finish - best_finish) <= 1e-9:
-                best.append(state)  # a tie: round robin among them
-        return best, why
+            finishes.append((self.expected_finish(state, steps, speeds), state))
+        if not finishes:
+            return [], why
+        # Within FINISH_TIE of the earliest counts as a tie (round robin among them): two equal
+        # GPUs measure a little apart, and an idle pool should still share the work.
+        earliest = min(finish for finish, _ in finishes)
+        return [state for finish, state in finishes if finish <= earliest * (1 + FINISH_TIE) + 1e-9], why
 
     def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:
         if breaker == "trial":

@@ -56,20 +56,28 @@ DEFAULT_STEPS = 20  # a raw workflow's steps are unknown: count it as a typical 
 
 
 class Speed:
-    """Seconds per sampler step on this GPU, from completed jobs (moving average; None until one)."""
+    """Seconds per sampler step on this GPU, from completed jobs (moving average). None until a
+    few jobs have been seen: one job's fixed costs (model load, VAE) say little about the GPU."""
 
-    weight = 0.2  # the newest job's share: follows a model change within a few jobs
+    weight = 0.2   # the newest job's share: follows a model change within a few jobs
+    trusted = 3    # jobs seen before the average is reported
 
     def __init__(self) -> None:
-        self.seconds_per_step: float | None = None
+        self.average: float | None = None
+        self.samples = 0
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.average if self.samples >= self.trusted else None
 
     def observe(self, job: Job) -> None:
         steps = (job.params or {}).get("steps") or job.progress_max
         if not steps or job.started_at is None or job.finished_at is None:
             return
         sample = max(job.finished_at - job.started_at, 0.0) / int(steps)
-        old = self.seconds_per_step
-        self.seconds_per_step = round(sample if old is None else old + self.weight * (sample - old), 6)
+        old = self.average
+        self.average = round(sample if old is None else old + self.weight * (sample - old), 6)
+        self.samples += 1
 
 
 class JobFinished(Exception):

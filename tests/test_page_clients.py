@@ -169,7 +169,7 @@ def test_a_job_shows_in_every_tab_and_browser_and_cancel_all_stops_it(cluster, b
 
         # The second tab shows it at once (this browser's cache); the other browser within the
         # refresh period, without a reload (GET /jobs; the prompt is not known there).
-        expect(row(second, "a slow comet over the sea")).to_have_count(1)
+        expect(row(second, "a slow comet over the sea")).to_have_count(1, timeout=15000)  # bounds a failure only
         elsewhere = by_id(other, prompt_id)
         expect_state(elsewhere, "running", timeout=REFRESH_MS * 2 + 5000)
         expect(elsewhere.locator(".prompt")).to_have_text("A job from another browser")

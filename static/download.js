@@ -16,7 +16,8 @@ export function fileName(item) {
   const words = (item.prompt || "image").toLowerCase().match(/[a-z0-9]+/g) || ["image"];
   const stem = words.slice(0, 6).join("-").slice(0, 48);
   const ext = (item.image_url.match(/\.(png|jpe?g|webp|gif)(?:$|\?)/i) || [null, "png"])[1];
-  return `t2i-${stem}-${String(item.id).slice(0, 8)}.${ext}`;
+  const which = item.count > 1 ? `-${item.index + 1}` : "";
+  return `t2i-${stem}-${String(item.job_id || item.id).slice(0, 8)}${which}.${ext}`;
 }
 
 export async function downloadImage(button, url, name) {

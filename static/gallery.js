@@ -1,7 +1,8 @@
 // The one image grid: every image made in this browser or listed by the server for this
 // client (GET /jobs), once, newest first, kept in localStorage (in memory too, so a full or
-// disabled storage loses nothing on this page). What is removed here stays removed: the
-// server's list does not bring it back.
+// disabled storage loses nothing on this page). A job of a batch gives one item per image
+// (`job_id`, `index` of `count`; the first keeps the job's id), each with its own Open and
+// Download. What is removed here stays removed: the server's list does not bring it back.
 
 import { api } from "./api.js";
 import { downloadImage, fileName, httpUrl } from "./download.js";
@@ -52,6 +53,11 @@ function captionOf(item) {
   return item.prompt || WORDS.imageElsewhere;
 }
 
+/** "(image 2 of 3)" for an image of a batch, else nothing. */
+function ofBatch(item) {
+  return item.count > 1 ? ` (image ${item.index + 1} of ${item.count})` : "";
+}
+
 export class Gallery {
   /** `list` is the <ul>, `template` the <template> of one item, `count` shows how many. */
   constructor({ list, template, count, clearButton, empty, onReuse }) {
@@ -85,10 +91,16 @@ export class Gallery {
 
   /** Add (or move to the front) an image; returns its element. */
   add(item) {
-    this.items = [item, ...this.items.filter((other) => other.id !== item.id)].slice(0, LIMIT);
+    return this.addAll([item])[0] || null;
+  }
+
+  /** Add (or move to the front) the images of one job, in their order; returns their elements. */
+  addAll(items) {
+    const ids = new Set(items.map((item) => item.id));
+    this.items = [...items, ...this.items.filter((other) => !ids.has(other.id))].slice(0, LIMIT);
     write(this.items);
     this.render();
-    return this.list.querySelector(`[data-id="${CSS.escape(item.id)}"]`);
+    return items.map((item) => this.list.querySelector(`[data-id="${CSS.escape(item.id)}"]`)).filter(Boolean);
   }
 
   /**
@@ -178,8 +190,8 @@ export class Gallery {
     caption.classList.toggle("unknown", !item.prompt);
     renderMeta(meta, describe(item));
     open.href = item.image_url;
-    open.setAttribute("aria-label", `Open full size: ${captionOf(item)}`);
-    img.alt = captionOf(item);
+    open.setAttribute("aria-label", `Open full size: ${captionOf(item)}${ofBatch(item)}`);
+    img.alt = captionOf(item) + ofBatch(item);
     if (item.expired) {
       this.showExpired(node, item);
     } else {
@@ -210,8 +222,9 @@ export class Gallery {
     this.showExpired(node, item);
     let confirmed = false;
     try {
-      const { status, data } = await api.status(item.id, "", { timeout: 5000 });
-      confirmed = status === 404 || status === 410 || (status === 200 && (!data.image_url || data.image_expired));
+      const { status, data } = await api.status(item.job_id || item.id, "", { timeout: 5000 });
+      const urls = Array.isArray(data.image_urls) ? data.image_urls : [data.image_url].filter(Boolean);
+      confirmed = status === 404 || status === 410 || (status === 200 && (!urls.length || data.image_expired));
     } catch {
       // Cannot ask now: not a reason to forget the image.
     }
@@ -230,7 +243,7 @@ export class Gallery {
     const open = node.querySelector("a.open");
     open.removeAttribute("href");
     open.setAttribute("aria-disabled", "true");
-    open.setAttribute("aria-label", `Expired: ${captionOf(item)}`);
+    open.setAttribute("aria-label", `Expired: ${captionOf(item)}${ofBatch(item)}`);
     node.querySelector("button.download").hidden = true;
     const label = node.querySelector(".expired-label");
     label.textContent = "Expired";
@@ -238,7 +251,8 @@ export class Gallery {
   }
 }
 
-/** An image's settings line: size, steps, seed, how long it took, when. */
+/** An image's settings line: which of a batch, size, steps, seed, how long it took, when. */
 export function describe(item) {
-  return metaParts({ ...item, worker: null, when: item.created_at });
+  const ofMany = item.count > 1 ? `${item.index + 1} of ${item.count}` : null;
+  return metaParts({ ...item, worker: null, when: item.created_at, ofMany });
 }

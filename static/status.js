@@ -96,10 +96,13 @@ export function tookSeconds(state) {
 
 /**
  * The settings line of a job or a gallery image, as short parts that must not break inside:
- * size, steps, seed, the worker, how long it took, when.
+ * which image of a batch ("2 of 3") or how many a job makes ("3 images"), size, steps, seed,
+ * the worker, how long it took, when.
  */
-export function metaParts({ width, height, steps, seed, worker, took, when } = {}) {
+export function metaParts({ width, height, steps, seed, worker, took, when, ofMany, batch_size: batch } = {}) {
   const parts = [];
+  if (ofMany) parts.push(ofMany);
+  else if (Number.isInteger(batch) && batch > 1) parts.push(`${batch} images`);
   if (width && height) parts.push(`${width}×${height}`);
   if (steps) parts.push(`${steps} steps`);
   if (seed !== undefined && seed !== null && seed !== "") parts.push(`seed ${seed}`);

@@ -20,6 +20,10 @@ const jobList = $("jobs");
 const announcer = $("announcer");
 const rates = new Map(); // worker name -> steps per second lately, for estimates
 const settled = new Set(); // ids whose rows ended or left here: a stale list does not bring them back
+// Pictures a job of this page was sent with (job id -> {param: picture}), for Reuse from the gallery:
+// in memory only (too big for localStorage), the most recent HELD_JOBS jobs.
+const held = new Map();
+const HELD_JOBS = 30;
 const keys = new KeyManager(document, { onChange: keyChanged, announce });
 const sync = new JobSync({ interval: settings.refresh, onList: listed });
 
@@ -30,7 +34,7 @@ const gallery = new Gallery({
   count: $("gallery-count"),
   clearButton: $("gallery-clear"),
   empty: $("gallery-empty"),
-  onReuse: (item) => form.fill(item),
+  onReuse: (item) => form.fill(item, held.get(item.job_id || item.id) || null),
 });
 const rowHandlers = { onCancel: cancel, onRetry: retry, onDismiss: dismiss, announce, rates };
 
@@ -199,7 +203,7 @@ async function submit(row) {
       form.showError(data.field, data.error || "The server refused this request.");
       return;
     }
-    row.failed(plainSubmitError(status, data));
+    row.failed(plainSubmitError(status, data, { picture: hasPictures(row.job) }));
     refreshJobsHeader();
     return;
   }
@@ -237,13 +241,18 @@ function watch(row) {
   }).start();
 }
 
-/** A gallery item from a completed state and what was asked (null without an image to show). */
-function galleryItem(state, job) {
-  const imageUrl = httpUrl(state.image_url || (state.image_urls || [])[0]);
-  if (state.status !== "completed" || !imageUrl || state.image_expired) return null;
+/**
+ * The gallery items of a completed state and what was asked: one per image (a batch of N makes
+ * N, each once; the first keeps the job's id), none without an image to show.
+ */
+function galleryItems(state, job) {
+  if (state.status !== "completed" || state.image_expired) return [];
+  const listed = Array.isArray(state.image_urls) && state.image_urls.length ? state.image_urls : [state.image_url];
+  const urls = [...new Set(listed.map(httpUrl).filter(Boolean))];
   const params = job.params || {};
-  return {
-    id: state.prompt_id,
+  const id = state.prompt_id;
+  const base = {
+    job_id: id,
     prompt: job.prompt || "",
     negative_prompt: params.negative_prompt,
     workflow: (job.body && job.body.workflow) || state.workflow || undefined,
@@ -251,27 +260,42 @@ function galleryItem(state, job) {
     steps: params.steps,
     width: params.width,
     height: params.height,
-    image_url: imageUrl,
+    params: { ...params, ...(state.seed !== undefined && state.seed !== null ? { seed: state.seed } : {}) },
+    inputs: job.inputs && Object.keys(job.inputs).length ? job.inputs : undefined,
     took: tookSeconds(state),
     created_at: state.completed_at || Date.now() / 1000,
   };
+  return urls.map((url, i) => ({ ...base, id: i ? `${id}:${i + 1}` : id, index: i, count: urls.length, image_url: url }));
 }
 
-/** A final state: a completed image goes to the gallery and its row goes away. */
+/** A final state: a completed job's images go to the gallery and its row goes away. */
 function finished(row, state) {
   settled.add(row.id);
   forget(row);
   slotFreed();
-  const data = galleryItem({ ...state, prompt_id: row.id }, row.job);
-  if (!data) return;
+  const items = galleryItems({ ...state, prompt_id: row.id }, row.job);
+  if (!items.length) return;
+  hold(row.id, row.job.images);
   const hadFocus = row.el.contains(document.activeElement);
-  const item = gallery.add(data);
+  const nodes = gallery.addAll(items);
   removeRow(row);
-  if (item) {
-    item.classList.add("fresh");
-    setTimeout(() => item.classList.remove("fresh"), 2500);
-    if (hadFocus) item.querySelector("a.open").focus();
+  for (const node of nodes) {
+    node.classList.add("fresh");
+    setTimeout(() => node.classList.remove("fresh"), 2500);
   }
+  if (nodes.length && hadFocus) nodes[0].querySelector("a.open").focus();
+}
+
+function hasPictures(job) {
+  return Boolean(job.images && Object.keys(job.images).length);
+}
+
+/** Keep a job's pictures for Reuse (the newest HELD_JOBS jobs'). */
+function hold(id, images) {
+  if (!id || !images || !Object.keys(images).length) return;
+  held.delete(id);
+  held.set(id, images);
+  while (held.size > HELD_JOBS) held.delete(held.keys().next().value);
 }
 
 async function cancel(row) {
@@ -299,12 +323,26 @@ async function cancel(row) {
   }
 }
 
-/** The same job again: same prompt, settings and seed. */
+/**
+ * The same job again: same prompt, settings, seed and pictures. A job whose picture this page no
+ * longer holds (it was sent before a reload, or from another tab) goes back to the form instead,
+ * whose drop zone asks for the picture again.
+ */
 function retry(row) {
+  const inputs = row.job.inputs || {};
+  const images = row.job.images || (row.id && held.get(row.id)) || {};
+  const gone = Object.keys(inputs).filter((name) => !images[name]);
+  if (gone.length) {
+    form.fill({ prompt: row.job.prompt, workflow: row.job.body && row.job.body.workflow, params: row.job.params,
+      inputs }, images);
+    form.focusField(gone[0]);
+    return;
+  }
   const body = { ...row.job.body };
+  for (const name of Object.keys(inputs)) body[name] = images[name].url;
   const seed = body.seed ?? row.job.params.seed;
   if (seed !== undefined && seed !== null) body.seed = seed;
-  const job = { prompt: row.job.prompt, body, params: { ...row.job.params } };
+  const job = { prompt: row.job.prompt, body, params: { ...row.job.params }, images, inputs };
   const next = addRow(job);
   removeRow(row);
   job.submittedAt = Date.now();
@@ -390,8 +428,11 @@ function jobFrom(state, entry) {
   const asked = state && typeof state.params === "object" && state.params ? state.params : {};
   const prompt = (state && (state.prompt || asked.prompt)) || "";
   const params = {};
-  for (const name of ["negative_prompt", "seed", "steps", "width", "height"]) {
-    if (asked[name] !== undefined && asked[name] !== null) params[name] = asked[name];
+  for (const [name, value] of Object.entries(asked)) {
+    // Never a picture (a data: URL): those stay with the browser that sent them.
+    if (name === "prompt" || value === undefined || value === null) continue;
+    if (typeof value === "string" && value.startsWith("data:")) continue;
+    params[name] = value;
   }
   if (state && Number.isInteger(state.seed) && params.seed === undefined) params.seed = state.seed;
   const body = prompt ? { prompt, ...params, ...(state.workflow ? { workflow: state.workflow } : {}) } : null;
@@ -443,8 +484,7 @@ function listed({ unfinished, completed, client }) {
     }
     const entry = jobCache.get(id);
     if (!mine(id)) continue;
-    const item = galleryItem(state, jobFrom(state, entry));
-    if (item) items.push(item);
+    items.push(...galleryItems(state, jobFrom(state, entry)));
     if (entry) jobCache.remove(id); // a tab closed before it ended: its image is here now
   }
   gallery.merge(items);
@@ -477,9 +517,13 @@ function keyChanged() {
   loadCatalogue.again?.();
 }
 
+/** What the job cache (localStorage) keeps of a job: what was asked, without its pictures (too big). */
 function remember(row) {
-  const { prompt, body, params, submittedAt } = row.job;
-  jobCache.put({ id: row.id, worker: row.worker, job: { prompt, body, params, submittedAt } });
+  const { prompt, body, params, inputs, submittedAt } = row.job;
+  const kept = { ...body };
+  for (const name of Object.keys(inputs || {})) delete kept[name];
+  jobCache.put({ id: row.id, worker: row.worker, job: { prompt, body: kept, params, inputs, submittedAt } });
+  hold(row.id, row.job.images);
 }
 
 function forget(row) {

@@ -100,12 +100,15 @@ export function plainLimit(data) {
     detail: message || null };
 }
 
-/** POST /generate refused the job for good (413, 502 and the like); no job was made. */
-export function plainSubmitError(status, data) {
+/** POST /generate refused the job for good (413, 502 and the like); no job was made. `picture`: one was sent. */
+export function plainSubmitError(status, data, { picture = false } = {}) {
   const message = (data && data.error) || "";
   const lines = nodeErrorLines(data && data.node_errors);
   const detail = [message, ...lines].filter(Boolean).join("\n") + `\n(HTTP ${status})`;
-  if (status === 413) return { text: "the request is too large. Shorten the prompt and try again.", detail };
+  if (status === 413) {
+    return { text: picture ? "the request is too large. Choose a smaller picture and try again."
+      : "the request is too large. Shorten the prompt and try again.", detail };
+  }
   if (status === 401) {
     return { text: "the server needs a key to start jobs. Enter it with the Key button at the top, then Try again.", detail };
   }

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 
-from support.browser import SCREENSHOTS, browser, page, screenshot, servers  # noqa: F401 (fixtures)
+from support.browser import SCREENSHOTS, browser, page, screenshot, page_cluster, servers  # noqa: F401 (fixtures)
 from support.cluster import (start_scheduler, start_sim, start_worker, worker_entry,
                              write_workers_yaml)
 from support.net import free_port
@@ -34,24 +33,8 @@ def say_where_screenshots_go():
 @pytest.fixture(scope="module")
 def cluster(servers, tmp_path_factory):
     """One ComfyUI double, two workers in front of it, one scheduler."""
-    base = tmp_path_factory.mktemp("page")
-
-    async def start():
-        sim = await start_sim(step_time=STEP_TIME, previews=True)
-        workers = [await start_worker(base / name, sim.url, name=name) for name in ("gpu-a", "gpu-b")]
-        scheduler = await start_scheduler(base / "scheduler", workers)
-        return SimpleNamespace(sim=sim, workers=workers, scheduler=scheduler, url=scheduler.url, dir=base)
-
-    c = servers.run(start())
-    yield c
-
-    async def stop():
-        await c.scheduler.stop()
-        for worker in c.workers:
-            await worker.stop()
-        await c.sim.stop()
-
-    servers.run(stop())
+    yield from page_cluster(servers, tmp_path_factory.mktemp("page"), workers=("gpu-a", "gpu-b"),
+                            step_time=STEP_TIME, previews=True)
 
 
 # --- tests -------------------------------------------------------------------------

@@ -10,12 +10,10 @@ browser" is another Playwright context: its own localStorage, the same key.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 
-from support.browser import browser, page, screenshot, servers  # noqa: F401 (fixtures)
-from support.cluster import start_scheduler, start_sim, start_worker
+from support.browser import browser, page, screenshot, page_cluster, servers  # noqa: F401 (fixtures)
 
 pytest.importorskip("playwright")
 from playwright.sync_api import expect  # noqa: E402
@@ -32,24 +30,8 @@ MAX_JOBS = 2
 @pytest.fixture(scope="module")
 def cluster(servers, tmp_path_factory):
     """One ComfyUI double, one worker, one scheduler that wants a key from everyone."""
-    base = tmp_path_factory.mktemp("clients")
-
-    async def start():
-        sim = await start_sim(step_time=STEP_TIME)
-        worker = await start_worker(base / "gpu-a", sim.url, name="gpu-a")
-        scheduler = await start_scheduler(base / "scheduler", [worker], clients={
-            "keys": KEYS, "allow_anonymous": False, "max_jobs": MAX_JOBS})
-        return SimpleNamespace(sim=sim, worker=worker, scheduler=scheduler, url=scheduler.url)
-
-    c = servers.run(start())
-    yield c
-
-    async def stop():
-        await c.scheduler.stop()
-        await c.worker.stop()
-        await c.sim.stop()
-
-    servers.run(stop())
+    yield from page_cluster(servers, tmp_path_factory.mktemp("clients"), step_time=STEP_TIME,
+                            clients={"keys": KEYS, "allow_anonymous": False, "max_jobs": MAX_JOBS})
 
 
 def open_page(page, url: str) -> None:

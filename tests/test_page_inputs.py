@@ -12,12 +12,11 @@ import json
 import re
 import struct
 import zlib
-from types import SimpleNamespace
 
 import pytest
 
-from support.browser import browser, page, screenshot, servers  # noqa: F401 (fixtures)
-from support.cluster import call, start_scheduler, start_sim, start_worker
+from support.browser import browser, page, screenshot, page_cluster, servers  # noqa: F401 (fixtures)
+from support.cluster import call
 from support.timing import until
 
 pytest.importorskip("playwright")
@@ -42,29 +41,15 @@ def png(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def cluster(servers, tmp_path_factory):
     """One ComfyUI double, one worker (txt2img and img2img built in), one scheduler."""
-    base = tmp_path_factory.mktemp("inputs")
 
-    async def start():
-        sim = await start_sim(step_time=STEP_TIME)
-        worker = await start_worker(base / "gpu-a", sim.url, name="gpu-a")
-        scheduler = await start_scheduler(base / "scheduler", [worker])
+    async def listed(scheduler) -> bool:  # the samplers come from ComfyUI's object_info, once the worker asked
+        reply = await call("GET", f"{scheduler.url}/workflows")
+        return reply.code == 200 and "choices" in reply.json["workflows"]["txt2img"]["params"]["sampler_name"]
 
-        async def listed():  # the samplers come from ComfyUI's object_info, once the worker has asked
-            reply = await call("GET", f"{scheduler.url}/workflows")
-            return reply.code == 200 and "choices" in reply.json["workflows"]["txt2img"]["params"]["sampler_name"]
+    async def ready(scheduler) -> None:
+        await until(lambda: listed(scheduler), what="the pool's catalogue with ComfyUI's samplers")
 
-        await until(listed, what="the pool's catalogue with ComfyUI's samplers")
-        return SimpleNamespace(sim=sim, worker=worker, scheduler=scheduler, url=scheduler.url)
-
-    c = servers.run(start())
-    yield c
-
-    async def stop():
-        await c.scheduler.stop()
-        await c.worker.stop()
-        await c.sim.stop()
-
-    servers.run(stop())
+    yield from page_cluster(servers, tmp_path_factory.mktemp("inputs"), step_time=STEP_TIME, ready=ready)
 
 
 def catalogue(page) -> dict:

@@ -13,12 +13,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from support.browser import browser, page, screenshot, servers  # noqa: F401 (fixtures)
-from support.cluster import start_scheduler, start_sim, start_worker, worker_entry, write_workers_yaml
+from support.browser import browser, page, screenshot, page_cluster, servers  # noqa: F401 (fixtures)
+from support.cluster import start_scheduler, worker_entry, write_workers_yaml
 
 pytest.importorskip("playwright")
 from playwright.sync_api import expect  # noqa: E402
@@ -33,24 +32,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 @pytest.fixture(scope="module")
 def cluster(servers, tmp_path_factory):
     """One ComfyUI double (with previews), two workers in front of it, one scheduler."""
-    base = tmp_path_factory.mktemp("layout")
-
-    async def start():
-        sim = await start_sim(step_time=STEP_TIME, previews=True)
-        workers = [await start_worker(base / name, sim.url, name=name) for name in ("gpu-a", "gpu-b")]
-        scheduler = await start_scheduler(base / "scheduler", workers)
-        return SimpleNamespace(sim=sim, workers=workers, scheduler=scheduler, url=scheduler.url, dir=base)
-
-    c = servers.run(start())
-    yield c
-
-    async def stop():
-        await c.scheduler.stop()
-        for worker in c.workers:
-            await worker.stop()
-        await c.sim.stop()
-
-    servers.run(stop())
+    yield from page_cluster(servers, tmp_path_factory.mktemp("layout"), workers=("gpu-a", "gpu-b"),
+                            step_time=STEP_TIME, previews=True)
 
 
 def docs_screenshot(page, name: str, **kwargs) -> None:

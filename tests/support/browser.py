@@ -108,3 +108,35 @@ def screenshot(page, name: str, **kwargs: Any) -> Path:
     page.screenshot(path=str(path), **kwargs)
     print(f"screenshot: {path}")
     return path
+
+
+def page_cluster(servers: "LoopThread", base: Path, *, workers=("gpu-a",), step_time: float = 0.05,
+                 previews: bool = False, ready: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+                 **scheduler_overrides: Any):
+    """A ComfyUI double, ``workers`` in front of it and a scheduler, on the servers' loop, for a
+    module of page tests: yields a namespace (``sim``, ``workers``, ``worker``, ``scheduler``,
+    ``url``, ``dir``) and stops them after. ``ready(scheduler)``: awaited before the tests start."""
+    from types import SimpleNamespace
+
+    from support.cluster import start_scheduler, start_sim, start_worker
+
+    async def start() -> SimpleNamespace:
+        sim = await start_sim(step_time=step_time, previews=previews)
+        started = [await start_worker(base / name, sim.url, name=name) for name in workers]
+        scheduler = await start_scheduler(base / "scheduler", started, **scheduler_overrides)
+        if ready is not None:
+            await ready(scheduler)
+        return SimpleNamespace(sim=sim, workers=started, worker=started[0], scheduler=scheduler,
+                               url=scheduler.url, dir=base)
+
+    async def stop(c: SimpleNamespace) -> None:
+        await c.scheduler.stop()
+        for worker in c.workers:
+            await worker.stop()
+        await c.sim.stop()
+
+    c = servers.run(start())
+    try:
+        yield c
+    finally:
+        servers.run(stop(c))

@@ -1,7 +1,7 @@
 """``/status`` polls against a minimal in-memory Tornado handler: saturated rate, rate at p99 <= 50 ms,
 bytes per parked long-poll. Extends ``bench/poll_bench.py`` (whose worker and schedulers it starts).
 
-    python bench/poll_rate_bench.py [--runs 3] [--clients 32] [--seconds 3] [--step 2] [--parked 1000]
+    python bench/poll_rate_bench.py [--runs 3] [--clients 32] [--seconds 3] [--step 4] [--parked 1000]
 
 Servers, each its own process on 127.0.0.1, side by side in one run:
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import poll_bench  # noqa: E402  (its worker, its schedulers, its closed-loop measure)
 from harness import code_version, machine_line, med_range, percentile  # noqa: E402
 
-DEFAULT_RATES = "200,400,600,800,1000,1200,1400,1700,2000,2500,3000,3500,4000,5000,6000"
+DEFAULT_RATES = "250,500,750,1000,1500,2000,3000,4000,5000,6000"
 P99_LIMIT = 0.050
 
 
@@ -235,7 +235,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32, help="closed-loop connections (saturated rate)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per saturated measurement")
     parser.add_argument("--rates", default=DEFAULT_RATES, help="open-loop ladder, polls/s")
-    parser.add_argument("--step", type=float, default=2.0, help="seconds per open-loop rate")
+    parser.add_argument("--step", type=float, default=4.0,
+                        help="seconds per open-loop rate (longer: one stall of the shared box weighs less in p99)")
     parser.add_argument("--parked", type=int, default=1000, help="long-polls parked for the memory measure")
     parser.add_argument("--serve-minimal", nargs=2, metavar=("PORT_FILE", "BODY_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-worker", nargs=2, metavar=("DIR", "PORT_FILE"), help=argparse.SUPPRESS)
@@ -334,12 +335,14 @@ def main() -> int:
     print(f"  mirror / forward at p99 <= 50 ms, median p99 per rate  "
           f"{pooled_best['mirror'] / pooled_best['forward'] if pooled_best['forward'] else float('nan'):.2f}x  "
           f"(target >= 3x)")
-    ratio = [m / b if b else float("nan") for m, b in zip(at_p99["mirror"], at_p99["minimal"])]
-    ratio_fwd = [m / f if f else float("nan") for m, f in zip(at_p99["mirror"], at_p99["forward"])]
+    ratio = [m / b for m, b in zip(at_p99["mirror"], at_p99["minimal"]) if b] or [float("nan")]
+    ratio_fwd = [m / f for m, f in zip(at_p99["mirror"], at_p99["forward"]) if f] or [float("nan")]
     sat_ratio = [m / b for m, b in zip(saturated["mirror"], saturated["minimal"])]
     sat_fwd = [m / f for m, f in zip(saturated["mirror"], saturated["forward"])]
-    print(f"  mirror / minimal at p99 <= 50 ms  {med_range(ratio, '{:.2f}')}x  (target >= 1.4x)")
-    print(f"  mirror / forward at p99 <= 50 ms  {med_range(ratio_fwd, '{:.2f}')}x  (target >= 3x)")
+    print(f"  mirror / minimal at p99 <= 50 ms, per run  {med_range(ratio, '{:.2f}')}x  (runs where minimal reached "
+          f"none left out)")
+    print(f"  mirror / forward at p99 <= 50 ms, per run  {med_range(ratio_fwd, '{:.2f}')}x  (runs where forward reached "
+          f"none left out)")
     print(f"  mirror / minimal saturated        {med_range(sat_ratio, '{:.2f}')}x")
     print(f"  mirror / forward saturated        {med_range(sat_fwd, '{:.2f}')}x")
     print(f"  parked long-poll: minimal {med_range([b / 1024 for b in parked['minimal']])} KB, mirror "

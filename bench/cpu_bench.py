@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (CPU_SOURCE, Http, code_version, comfy_process, cpu_resolution, cpu_seconds,  # noqa: E402
-                     free_port, healthy, machine_line, med_range, scheduler_process, scheduler_sees, stop_all,
-                     wait_until, worker_process)
+                     free_port, healthy, machine_line, med_range, run_in_temp_dir, scheduler_process,
+                     scheduler_sees, stop_all, wait_until, worker_process)
 
 PHASES = ("direct", "result", "page")
 TARGETS = {"worker": 5.0, "scheduler": 1.0}
@@ -161,13 +159,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="the worker's and scheduler's (default: info)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="t2i-cpu-"))
-    try:
-        code = asyncio.run(run(args, directory))
-    finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-    sys.exit(code)
+    run_in_temp_dir(run, args, "t2i-cpu-")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -325,3 +327,38 @@ def med_range(values: list[float], fmt: str = "{:.1f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+async def fake_feed_page(worker: Any, handler: Any) -> dict[str, Any]:
+    """``GET /jobs`` of a fake worker (``jobs``, ``seq``, ``epoch``, ``changed``), answered the way a
+    t2i worker answers it: held while nothing changed, full or since a cursor, paged by version."""
+    since = int(handler.get_argument("since", "0"))
+    wait = float(handler.get_argument("wait", "0"))
+    limit = handler.get_argument("limit", None)
+    after = int(handler.get_argument("after", "0"))
+    if wait > 0 and since == worker.seq:
+        try:
+            await asyncio.wait_for(worker.changed.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+    full = since <= 0 or since > worker.seq
+    jobs = [job for job in worker.jobs.values() if full or job["version"] > since]
+    page: dict[str, Any] = {"epoch": worker.epoch, "seq": worker.seq, "full": full}
+    if limit is not None:
+        jobs = sorted((job for job in jobs if job["version"] > after), key=lambda job: job["version"])
+        more = len(jobs) > int(limit)
+        jobs = jobs[:int(limit)]
+        page.update(more=more, cursor=jobs[-1]["version"] if more else None)
+    page.update(jobs=jobs, removed=[])
+    return page
+
+
+def run_in_temp_dir(run: Any, args: Any, prefix: str) -> None:
+    """``asyncio.run(run(args, directory))`` in a new temp dir (kept with ``args.keep``); exits with its code."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        code = asyncio.run(run(args, directory))
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    sys.exit(code)

@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (Http, Process, code_version, free_port, machine_line, med_range, percentile,  # noqa: E402
-                     scheduler_process, wait_until)
+from harness import (Http, Process, code_version, fake_feed_page, free_port, machine_line, med_range,  # noqa: E402
+                     percentile, scheduler_process, wait_until)
 
 CATALOGUE = {"default_workflow": "txt2img", "allow_raw_workflows": False, "checked_at": 0,
              "workflows": {"txt2img": {"params": {
@@ -118,26 +118,7 @@ def serve_fakes(spec: list[dict[str, Any]]) -> None:
 
         class Jobs(Base):
             async def get(self) -> None:
-                worker = self.worker
-                since = int(self.get_argument("since", "0"))
-                wait = float(self.get_argument("wait", "0"))
-                limit = self.get_argument("limit", None)
-                after = int(self.get_argument("after", "0"))
-                if wait > 0 and since == worker.seq:
-                    try:
-                        await asyncio.wait_for(worker.changed.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
-                full = since <= 0 or since > worker.seq
-                jobs = [job for job in worker.jobs.values() if full or job["version"] > since]
-                page: dict[str, Any] = {"epoch": worker.epoch, "seq": worker.seq, "full": full}
-                if limit is not None:
-                    jobs = sorted((job for job in jobs if job["version"] > after), key=lambda job: job["version"])
-                    more = len(jobs) > int(limit)
-                    jobs = jobs[:int(limit)]
-                    page.update(more=more, cursor=jobs[-1]["version"] if more else None)
-                page.update(jobs=jobs, removed=[])
-                self.reply(page)
+                self.reply(await fake_feed_page(self.worker, self))
 
         class Control(Base):
             def post(self, status: str) -> None:

@@ -33,10 +33,8 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -46,8 +44,8 @@ from urllib.parse import urlencode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (ROOT, Http, Process, code_version, comfy_process, free_port, healthy,  # noqa: E402
-                     machine_line, med_range, percentile, scheduler_process, scheduler_sees, stop_all,
-                     wait_until, worker_process)
+                     machine_line, med_range, percentile, run_in_temp_dir, scheduler_process, scheduler_sees,
+                     stop_all, wait_until, worker_process)
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 TEMPLATE = json.loads((ROOT / "t2i" / "workflows" / "txt2img.json").read_text())
@@ -257,13 +255,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="the worker's and scheduler's (default: info)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="t2i-overhead-"))
-    try:
-        code = asyncio.run(run(args, directory))
-    finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-    sys.exit(code)
+    run_in_temp_dir(run, args, "t2i-overhead-")
 
 
 if __name__ == "__main__":

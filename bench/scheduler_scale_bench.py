@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py
+
+from harness import fake_feed_page  # noqa: E402
 
 # --- the fake workers (child process) ---------------------------------------------------------
 
@@ -103,26 +106,7 @@ def make_fake_app(by_port: dict[int, FakeWorker]):
 
     class Jobs(Base):
         async def get(self):
-            worker = self.worker
-            since = int(self.get_argument("since", "0"))
-            wait = float(self.get_argument("wait", "0"))
-            limit = self.get_argument("limit", None)
-            after = int(self.get_argument("after", "0"))
-            if wait > 0 and since == worker.seq:
-                try:
-                    await asyncio.wait_for(worker.changed.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-            full = since <= 0 or since > worker.seq
-            jobs = [job for job in worker.jobs.values() if full or job["version"] > since]
-            page: dict[str, Any] = {"epoch": worker.epoch, "seq": worker.seq, "full": full}
-            if limit is not None:
-                jobs = sorted((job for job in jobs if job["version"] > after), key=lambda job: job["version"])
-                more = len(jobs) > int(limit)
-                jobs = jobs[:int(limit)]
-                page.update(more=more, cursor=jobs[-1]["version"] if more else None)
-            page.update(jobs=jobs, removed=[])
-            self.reply(page)
+            self.reply(await fake_feed_page(self.worker, self))
 
     class Generate(Base):
         def post(self):

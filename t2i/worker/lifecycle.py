@@ -530,11 +530,3 @@ def advance(job: Job, event: Any, now: Now, limits: Limits) -> tuple[Job, tuple[
     if not job.differs(changes):
         return job, effects
     return job.evolve(**changes), effects
-
-
-def is_busy(job: Job) -> bool:
-    """I/O about this job is in flight; reconcile leaves it alone until that answers."""
-    return job.phase in (SUBMITTING, FINISHING, COLLECTING)
-
-
-assert set(TRANSITIONS[Restored]) | set(FINISHED) == set(UNFINISHED_PHASES) | set(FINISHED)

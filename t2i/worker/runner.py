@@ -43,11 +43,7 @@ from t2i.worker.workflow import build_workflow
 
 log = logging.getLogger(__name__)
 
-# Kept for callers that name them here.
-LOST = lc.lost_sentence(0)
-INTERRUPTED = lc.INTERRUPTED
-CANCELLED_BY_REQUEST = lc.CANCELLED_BY_REQUEST
-QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR
+QUEUE_TIMEOUT_FACTOR = lc.QUEUE_TIMEOUT_FACTOR  # read at construction: a test (or ops) may change it here
 IN_COMFYUI = (lc.SUBMITTING, lc.QUEUED, lc.STARTED)  # phases that hold a place in ComfyUI's queue
 SERVED_LIMIT = 10000  # clients remembered for taking turns in the worker's own queue
 

@@ -25,6 +25,8 @@ from t2i.worker.images import ImageStore
 from t2i.worker.inputs import SUBFOLDER as INPUT_SUBFOLDER
 from t2i.worker.inputs import UPLOAD_NAME
 from t2i.worker.jobs import JobStore
+from t2i.worker.webhooks import PENDING as WEBHOOK_PENDING
+from t2i.worker.webhooks import WAITING as WEBHOOK_WAITING
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def _scan_comfy_output(directory: str, pattern: re.Pattern = COMFY_OUTPUT_NAME) 
 
 
 def _webhook_owed(job: Any) -> bool:
-    return job is not None and bool(job.webhook) and job.webhook["state"] in ("waiting", "pending")
+    return job is not None and bool(job.webhook) and job.webhook["state"] in (WEBHOOK_WAITING, WEBHOOK_PENDING)
 
 
 def _prompt_id_of(image_name: str) -> str:

@@ -14,12 +14,15 @@ import asyncio
 import json
 import logging
 import random
+import sys
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
-from t2i.httpclient import UpstreamUnavailable, fetch_json
+from tornado.httpclient import HTTPClientError, HTTPRequest
+
+from t2i.httpclient import UpstreamUnavailable, fetch, fetch_json
 from t2i.jobstate import COMPLETED, FAILED, FINISHED, UNFINISHED
 from t2i.scheduler.clients import ClientIndex
 from t2i.waiters import Waiters
@@ -32,6 +35,7 @@ ENDINGS = frozenset({COMPLETED, FAILED})   # outcomes that say whether a worker 
 FEED_WAIT = 25.0            # seconds a feed request waits for changes on the worker
 FEED_CONNECT_TIMEOUT = 2.0
 FEED_SLACK = 10.0           # request_timeout = wait + slack
+STREAM_TYPE = "application/x-ndjson"   # a streamed feed (GET /jobs?stream=1)
 FEED_PAGE = 500             # jobs per feed answer: a worker holding 20,000 is listed in 40 small pages
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
@@ -40,29 +44,86 @@ OUTCOMES_LIMIT = 10000      # job endings seen live, until placement reads them
 GONE_LIMIT = 100_000        # ids workers removed (pruned, refused), remembered to ask their worker (410)
 
 
+_SHARED_STATES = {state: state for state in UNFINISHED | FINISHED}
+
+
 class Entry:
-    """One mirrored job: its worker, its status object and that object's JSON, encoded once."""
+    """One mirrored job: its worker, its status object as JSON bytes (``/status`` answers them as they are)
+    and the few fields routing reads. The object itself is decoded only when asked for (``status``):
+    20,000 mirrored jobs are 20,000 byte strings, not 20,000 dicts of a dozen and more objects each."""
 
-    __slots__ = ("worker", "status", "_encoded")
+    __slots__ = ("worker", "_json", "version", "state", "steps", "steps_done")
 
-    def __init__(self, worker: str, status: dict[str, Any]):
+    def __init__(self, worker: str, status: dict[str, Any], encoded: bytes | None = None):
         self.worker = worker
-        self.status = status
-        self._encoded: bytes | None = None
-
-    @property
-    def version(self) -> int:
-        version = self.status.get("version")
-        return version if isinstance(version, int) else 0
+        self._json = encoded if encoded is not None else json.dumps(status, separators=(",", ":")).encode()
+        version = status.get("version")
+        self.version = version if type(version) is int else 0
+        state = status.get("status")
+        self.state = _SHARED_STATES.get(state, state) if type(state) is str else state  # one copy of each word
+        # Sampler steps asked for and run (placement weighs unfinished jobs by what is left).
+        progress = status.get("progress")
+        progress = progress if isinstance(progress, dict) else {}
+        steps = status.get("steps") or progress.get("max")
+        self.steps = steps if type(steps) is int else None
+        done = progress.get("value")
+        self.steps_done = done if type(done) is int else 0
 
     @property
     def final(self) -> bool:
-        return self.status.get("status") in FINISHED
+        return self.state in FINISHED
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The status object (decoded anew at each call: a reader may change its copy)."""
+        return json.loads(self._json)
 
     def encoded(self) -> bytes:
-        if self._encoded is None:
-            self._encoded = json.dumps(self.status, separators=(",", ":")).encode()
-        return self._encoded
+        return self._json
+
+
+class StreamEnd(Exception):
+    """Stop reading a streamed feed: ``error`` (None: list the worker's jobs again)."""
+
+    def __init__(self, error: str | None):
+        super().__init__(error)
+        self.error = error
+
+
+class FeedStream:
+    """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by Tornado as it arrives."""
+
+    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "streamed", "stopped")
+
+    def __init__(self, mirror: "Mirror", feed: "Feed"):
+        self.mirror = mirror
+        self.feed = feed
+        self.code: int | None = None
+        self.ndjson = False        # the worker streams (else: a plain page, or an error)
+        self.rest = b""            # a line cut between two chunks
+        self.batch: list[tuple[dict[str, Any], bytes]] = []   # job lines until their mark
+        self.plain: list[bytes] = []
+        self.streamed = False      # a mark was applied
+        self.stopped = False
+
+    def header(self, line: str) -> None:
+        if self.code is None:
+            parts = line.split(" ", 2)
+            self.code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        elif line[:13].lower() == "content-type:":
+            self.ndjson = self.code == 200 and line[13:].strip().lower().startswith(STREAM_TYPE)
+
+    def data(self, chunk: bytes) -> None:
+        if self.stopped:
+            raise StreamEnd("stopped")
+        if not self.ndjson:
+            self.plain.append(chunk)
+            return
+        lines = (self.rest + chunk if self.rest else chunk).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            if line:
+                self.mirror._take_line(self.feed, self, line)
 
 
 class Listing:
@@ -105,14 +166,16 @@ class Mirror:
     """prompt_id -> (worker, status object), per-worker feeds, and long-poll waits."""
 
     def __init__(self, *, client=None, auth_token: str | None = None, feed_wait: float = FEED_WAIT,
-                 page_size: int | None = None, clock: Callable[[], float] = time.time):
+                 page_size: int | None = None, stream: bool = True, clock: Callable[[], float] = time.time):
         self.client = client
         self.auth_token = auth_token
         self.feed_wait = feed_wait
         self.page_size = page_size or FEED_PAGE
+        self.stream = stream  # once listed, follow each feed as a stream (GET /jobs?stream=1)
         self.clock = clock
         self._jobs: dict[str, Entry] = {}
-        self._ids: dict[str, set[str]] = {}                 # worker -> its job ids
+        # worker -> its job ids (a dict as an ordered set: a third of a set's bytes at 20,000 ids)
+        self._ids: dict[str, dict[str, None]] = {}
         self._unfinished: dict[str, dict[str, str]] = {}    # worker -> id -> pending|running
         self._feeds: dict[str, Feed] = {}
         self._waiters = Waiters()
@@ -176,10 +239,10 @@ class Mirror:
         total = 0
         for prompt_id in self._unfinished.get(worker, {}):
             entry = self._jobs.get(prompt_id)
-            status = entry.status if entry is not None else {}
-            progress = status.get("progress") or {}
-            steps = status.get("steps") or progress.get("max") or unknown
-            total += max(int(steps) - int(progress.get("value") or 0), 0)
+            if entry is None:
+                total += unknown
+                continue
+            total += max((entry.steps or unknown) - entry.steps_done, 0)
         return total
 
     def recent_unseen(self, worker: str) -> int:
@@ -245,32 +308,37 @@ class Mirror:
         """A full listing ended: the worker's jobs it did not name are gone."""
         self._remove(worker, [pid for pid in self._ids.get(worker, ()) if pid not in keep])
 
-    def _put(self, worker: str, status: dict[str, Any], listing: bool = False) -> None:
-        # Lists as tuples: a tuple of strings drops out of the garbage collector's passes after the
-        # first, a list never does (20,000 mirrored jobs: 40,000 objects for each full pass, not 60,000).
-        status = {key: tuple(value) if type(value) is list else value for key, value in status.items()}
+    def _put(self, worker: str, status: dict[str, Any], listing: bool = False, encoded: bytes | None = None) -> None:
+        """A job's new state from ``worker``'s feed; ``encoded``: the status object's JSON as received
+        (else encoded here). The dict is read here and not kept."""
         prompt_id = status["prompt_id"]
         old = self._jobs.get(prompt_id)
         if old is not None and old.worker != worker:
             self._forget(prompt_id, old.worker)
             old = None
-        entry = Entry(worker, status)
-        if old is not None and old.version == entry.version and old.status == status:
+        entry = Entry(worker, status, encoded)
+        if old is not None and old.version == entry.version and old._json == entry._json:
             return
-        if status.get("status") in ENDINGS and (old is None or not old.final):
+        state = entry.state
+        if state in ENDINGS and (old is None or not old.final):
             # An ending seen as it happened: a change, a job we knew unfinished, or one we placed
             # (a listing's old jobs would count the past again after every scheduler restart).
             if not listing or old is not None or prompt_id in self._recent:
-                self._outcomes.append((worker, status.get("workflow"), status["status"]))
+                self._outcomes.append((worker, status.get("workflow"), state))
         self._jobs[prompt_id] = entry
-        self._gone.pop(prompt_id, None)
-        self._ids.setdefault(worker, set()).add(prompt_id)
+        if self._gone:
+            self._gone.pop(prompt_id, None)
+        self._ids.setdefault(worker, {})[prompt_id] = None
         unfinished = self._unfinished.setdefault(worker, {})
-        if status.get("status") in UNFINISHED:
-            unfinished[prompt_id] = status["status"]
+        if state in UNFINISHED:
+            unfinished[prompt_id] = state
         else:
             unfinished.pop(prompt_id, None)
-        self._unrecent(prompt_id)
+        if self._recent:
+            self._unrecent(prompt_id)
+        client = status.get("client")
+        if type(client) is str:
+            status["client"] = sys.intern(client)  # one copy of each client's name, not one per job
         self.clients.put(prompt_id, worker, status)
         self._wake(prompt_id)
 
@@ -292,7 +360,7 @@ class Mirror:
             self._gone.popitem(last=False)
 
     def _forget(self, prompt_id: str, worker: str) -> None:
-        self._ids.get(worker, set()).discard(prompt_id)
+        self._ids.get(worker, {}).pop(prompt_id, None)
         self._unfinished.get(worker, {}).pop(prompt_id, None)
         self.clients.forget(prompt_id)
 
@@ -412,6 +480,8 @@ class Mirror:
         that changed while paging is missed (what comes twice is applied twice, harmlessly).
         """
         listing = feed.listing
+        if self.stream and listing is None and feed.epoch is not None and feed.up and not feed.more:
+            return await self._stream_once(feed)
         if listing is not None:
             since, wait = listing.since, 0
             query = {"since": since, "after": listing.after, "limit": self.page_size}
@@ -429,9 +499,13 @@ class Mirror:
                 connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK)
         except UpstreamUnavailable as exc:
             return str(exc)
-        page = response.body
-        if response.status != 200:
-            return f"GET /jobs answered {response.status}"
+        return self._take_page(feed, response.status, response.body)
+
+    def _take_page(self, feed: Feed, status: int, page: Any) -> str | None:
+        """A ``GET /jobs`` answer (one page) into the mirror; the error when it is not a page."""
+        listing = feed.listing
+        if status != 200:
+            return f"GET /jobs answered {status}"
         if not isinstance(page, dict) or not isinstance(page.get("seq"), int):
             return "GET /jobs answered without a feed page"
         epoch, full, cursor = page.get("epoch"), bool(page.get("full")), page.get("cursor")
@@ -465,6 +539,71 @@ class Mirror:
             log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
         feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
         return None
+
+    async def _stream_once(self, feed: Feed) -> str | None:
+        """One streamed ``GET /jobs?stream=1``: every change applied as it comes, for ``feed_wait``
+        seconds; the error when it failed. A worker that does not stream answers a plain page (held
+        up to ``wait``), taken as :meth:`_poll_once` takes it: the long-polls go on."""
+        wait = round(self.feed_wait * random.uniform(0.8, 1.0), 1)  # spread, as the long-polls'
+        query = {"since": feed.seq, "wait": wait, "limit": self.page_size, "stream": 1}
+        headers = {"Accept": f"{STREAM_TYPE}, application/json"}
+        if self.auth_token:
+            headers["Authorization"] = f"Bearer {self.auth_token}"
+        reader = FeedStream(self, feed)
+        request = HTTPRequest(f"{feed.url()}/jobs?{urlencode(query)}", headers=headers,
+                              connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
+                              header_callback=reader.header, streaming_callback=reader.data)
+        try:
+            response = await fetch(request, self.client)
+        except StreamEnd as end:
+            return end.error
+        except (HTTPClientError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        except asyncio.CancelledError:
+            reader.stopped = True  # the connection is cut at its next chunk (Tornado cannot abort a fetch)
+            raise
+        if response.code == 599:
+            return str(response.error or "connection failed")
+        if reader.streamed:
+            return None  # ended after a mark, as the worker does when wait has passed
+        try:
+            page = json.loads(b"".join(reader.plain)) if reader.plain else None
+        except ValueError:
+            page = None
+        return self._take_page(feed, response.code, page)
+
+    def _take_line(self, feed: Feed, reader: "FeedStream", line: bytes) -> None:
+        """One line of a streamed feed: a job's status object (kept until its batch's mark), or the
+        mark that applies the batch. Raises StreamEnd to stop reading."""
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise StreamEnd("GET /jobs streamed a line that is not JSON") from None
+        if not isinstance(item, dict):
+            raise StreamEnd("GET /jobs streamed a line that is not an object")
+        if "prompt_id" in item:
+            if isinstance(item["prompt_id"], str):
+                reader.batch.append((item, line))
+            return
+        seq = item.get("seq")
+        if not isinstance(seq, int):
+            raise StreamEnd("GET /jobs streamed a line that is neither a job nor a mark")
+        if item.get("epoch") != feed.epoch or item.get("full"):
+            log.info("worker %s restarted or forgot the changes since %d; listing its jobs again",
+                     feed.name, feed.seq)
+            feed.epoch = None
+            raise StreamEnd(None)
+        for status, encoded in reader.batch:
+            self._put(feed.name, status, False, encoded)
+        reader.batch.clear()
+        removed = item.get("removed")
+        if removed:
+            self._remove(feed.name, [pid for pid in removed if isinstance(pid, str)])
+        feed.seq = seq
+        reader.streamed = True
+        if not feed.up:
+            log.info("following the jobs of worker %s again (%d jobs)", feed.name, self.jobs_of(feed.name))
+        feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
 
     def _feed_down(self, feed: Feed, error: str) -> None:
         if feed.up or feed.last_error is None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
+
+from tornado.iostream import StreamClosedError
 
 from t2i.comfyui import ComfyUIError, ComfyUIUnavailable, PromptRejected
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -20,6 +23,7 @@ from t2i.worker.journal import JournalError
 from t2i.worker.runner import JobFinished, KeyConflict, Runner, WorkflowNotReady
 
 RETRY_AFTER = "5"
+STREAM_TYPE = "application/x-ndjson"   # GET /jobs?stream=1: newline-delimited JSON
 CLIENT_HEADER = "T2I-Client"   # the scheduler's client name for the job (t2i.scheduler.clients)
 
 
@@ -152,29 +156,73 @@ class CancelHandler(WorkerBodyHandler):
 
 class JobsHandler(WorkerHandler):
     async def get(self) -> None:
-        """The change feed: jobs changed after ``since`` (and removals), waiting up to ``wait`` s."""
+        """The change feed: jobs changed after ``since`` (and removals), waiting up to ``wait`` s;
+        ``stream=1``: every change as it happens, on one answer that lasts ``wait`` s."""
         require_token(self, self.config.auth_token)
         since = self.get_number_argument("since", int, 0)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         limit = self.get_number_argument("limit", int, None)
         after = self.get_number_argument("after", int, 0)
+        stream = self.get_number_argument("stream", int, 0)
         if limit is not None and limit < 1:
             raise APIError(400, "limit must be at least 1.", field="limit")
+        if stream > 1:
+            raise APIError(400, "stream must be 0 or 1.", field="stream")
+        if stream:
+            await self.stream(since, wait, limit)
+            return
         if wait > 0 and since == self.store.seq:  # nothing new: hold the request
             if not await self.wait_unless_gone(self.store.wait_feed(since, wait)):
                 return
-        full, jobs, removed = self.store.changes_since(since)
-        page: dict[str, Any] = {"epoch": self.store.epoch, "seq": self.store.seq, "full": full}
+        page = self.store.page(since, limit, after)
+        body: dict[str, Any] = {"epoch": self.store.epoch, "seq": self.store.seq, "full": page.full}
         if limit is not None:
-            # Pages in version order: a follower of 20,000 jobs never makes (or waits for) one huge answer.
-            jobs = sorted((job for job in jobs if job.version > after), key=lambda job: job.version)
-            more = len(jobs) > limit
-            jobs = jobs[:limit]
-            page.update(more=more, cursor=jobs[-1].version if more else None)
-            if not full and more:
-                removed = [prompt_id for prompt_id in removed if self.store.removed_seq(prompt_id) <= jobs[-1].version]
-        page.update(jobs=[self.job_json(job) for job in jobs], removed=removed)
-        self.write_json(page)
+            body.update(more=page.more, cursor=page.cursor)
+        body.update(jobs=[self.job_json(job) for job in page.jobs], removed=page.removed)
+        self.write_json(body)
+
+    async def stream(self, since: int, wait: float, limit: int | None) -> None:
+        """Newline-delimited JSON, one batch of lines per change of the store: each changed job's status
+        object (as ``GET /status`` shows it), then a mark, a feed page without jobs (``jobs: []``), that
+        brings the follower up to its ``seq`` and names the removals. The first batch comes at once
+        (the changes since ``since``, perhaps none); after ``wait`` seconds a last mark ends the answer.
+        When ``since`` needs a full listing: one mark with ``full: true`` and the end (list the jobs with
+        paged requests, then stream from the listing's ``seq``).
+
+        A follower pays a decode and a mirror update per change, not a request and an answer on both
+        sides (a job changes five or more times); changes made within one turn of the event loop come
+        as one batch, and a job's progress superseded before it is sent is never sent."""
+        self.set_header("Content-Type", STREAM_TYPE)
+        deadline = time.monotonic() + wait
+        while True:
+            page = self.store.page(since, limit)
+            if page.full:
+                break
+            since = page.cursor if page.more else self.store.seq
+            lines = [json.dumps(self.job_json(job), separators=(",", ":")).encode() + b"\n" for job in page.jobs]
+            lines.append(feed_mark(self.store.epoch, since, False, page.removed))
+            self.write(b"".join(lines))
+            try:
+                await self.flush()
+            except StreamClosedError:
+                return
+            if page.more:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0 or self._client_gone:
+                break
+            if not await self.wait_unless_gone(self.store.wait_feed(since, left)):
+                return
+            if self.store.seq != since:
+                continue
+            break  # the wait passed
+        self.finish(feed_mark(self.store.epoch, self.store.seq if page.full else since, page.full, []))
+
+
+def feed_mark(epoch: str, seq: int, full: bool, removed: list[str]) -> bytes:
+    """A streamed feed's line that ends a batch (see JobsHandler.stream): a feed page without jobs."""
+    return json.dumps({"epoch": epoch, "seq": seq, "full": full, "jobs": [], "removed": removed},
+                      separators=(",", ":")).encode() + b"\n"
 
 
 class WorkflowsHandler(WorkerHandler):

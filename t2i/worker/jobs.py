@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from t2i.jobstate import CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RUNNING, UNFINISHED  # noqa: F401
 from t2i.waiters import Waiters
@@ -142,6 +142,16 @@ class Job:
         return state
 
 
+class FeedPage(NamedTuple):
+    """One answer of the change feed (``GET /jobs``)."""
+
+    full: bool           # every job held (the follower keeps only these), not the changes since
+    jobs: list[Job]
+    removed: list[str]   # ids removed since (empty when full)
+    more: bool           # cut at the limit: ask again from ``cursor``
+    cursor: int | None   # the last job's version when ``more``
+
+
 class JobStore:
     """All jobs of one worker process, in memory."""
 
@@ -226,6 +236,27 @@ class JobStore:
         changed.reverse()
         removed.reverse()
         return False, changed, removed
+
+    def page(self, since: int, limit: int | None = None, after: int = 0) -> FeedPage:
+        """One answer of the feed: :meth:`changes_since` in version order, at most ``limit`` jobs
+        with a version above ``after`` (a follower of 20,000 jobs never makes or waits for one huge
+        answer); ``more`` and ``cursor`` (the last job's version) say how to go on. Removals come
+        with the page that reaches their seq."""
+        full, jobs, removed = self.changes_since(since)
+        if limit is None:
+            return FeedPage(full, jobs, removed, False, None)
+        if full:
+            jobs = sorted(jobs, key=lambda job: job.version)  # changes come in version order already
+        if after:
+            jobs = [job for job in jobs if job.version > after]
+        more = len(jobs) > limit
+        if not more:
+            return FeedPage(full, jobs, removed, False, None)
+        jobs = jobs[:limit]
+        cursor = jobs[-1].version
+        if not full:
+            removed = [prompt_id for prompt_id in removed if self._tombstones.get(prompt_id, 0) <= cursor]
+        return FeedPage(full, jobs, removed, True, cursor)
 
     # --- changing -----------------------------------------------------------
 

@@ -39,6 +39,10 @@ SUBMIT_TIMEOUT = 10.0
 VIEW_RETRY = Backoff(first=0.2, maximum=2.0, jitter=0.5)  # /view right after a run: the file may lag  # seconds for POST /prompt (validation runs inside it)
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+# ``progress_state`` (a snapshot of every node, several per step) says nothing ``executing`` and
+# ``progress`` do not: dropped before it is parsed. ComfyUI writes ``{"type": ...`` first (aiohttp
+# ``send_json``); any other spelling is parsed and then ignored as before.
+UNUSED_MESSAGES = ('{"type": "progress_state"', '{"type":"progress_state"')
 
 
 class ComfyUIError(Exception):
@@ -366,6 +370,8 @@ class ComfyUIClient:
             if parsed is not None:
                 _, prompt_id, image, content_type = parsed
                 self._notify("on_preview", prompt_id, image, content_type)
+            return
+        if message.startswith(UNUSED_MESSAGES):
             return
         try:
             msg = json.loads(message)

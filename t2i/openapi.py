@@ -127,11 +127,12 @@ def match_path(path: str, server: str | None = None) -> str | None:
 
 
 def expects_json(method: str, path: str, status: int, server: str | None = None) -> bool:
-    """Does the document promise a JSON body for this response?"""
+    """Does the document promise a JSON body for this response (and nothing else, e.g. ``image/*`` for an
+    ``Accept`` that asks for it)?"""
     template = match_path(path, server)
     operation = document(server)["paths"].get(template, {}).get(method.lower()) if template else None
     response = (operation or {}).get("responses", {}).get(str(status)) or {}
-    return "application/json" in response.get("content", {})
+    return list(response.get("content", {})) == ["application/json"]
 
 
 def check_response(method: str, path: str, status: int, body: Any, server: str | None = None) -> list[str]:

@@ -24,17 +24,19 @@ class CollectError(Exception):
         self.retry = retry
 
 
-async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: str,
-                         refs: list[ImageRef]) -> list[str]:
-    """Fetch each output with ``/view`` and store it atomically; all or nothing.
+async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: str, refs: list[ImageRef],
+                         prefetched: dict[ImageRef, asyncio.Future] | None = None) -> list[str]:
+    """Fetch each output with ``/view`` and store it atomically, not yet fsynced
+    (:meth:`ImageStore.make_durable` does that); all or nothing.
 
-    Returns the stored names. On failure the files already stored are removed
+    ``prefetched``: ``/view`` fetches started when `executed` named the file; one that failed is
+    fetched again here. Returns the stored names. On failure the files already stored are removed
     and :class:`CollectError` is raised.
     """
     saved: list[str] = []
     for number, ref in enumerate(refs):
         try:
-            data, content_type = await comfy.view(ref)
+            data, content_type = await _fetch(comfy, ref, (prefetched or {}).get(ref))
         except ComfyUIError as exc:
             await discard_images(images, saved)
             log.error("job %s: could not fetch image %s: %s", prompt_id, ref.filename, exc)
@@ -48,13 +50,22 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
             raise CollectError(f"ComfyUI sent something other than an image for {ref.filename}: {exc}.") from None
         name = ImageStore.filename_for(prompt_id, number, kind)
         try:
-            await images.save(name, data)
+            await images.save(name, data, durable=False)
         except OSError as exc:  # disk full, read-only folder: the job fails, the worker goes on
             await discard_images(images, saved)
             log.error("job %s: could not save image %s: %s", prompt_id, name, exc)
             raise CollectError(f"Could not save the image: {exc}") from None
         saved.append(name)
     return saved
+
+
+async def _fetch(comfy: ComfyUIClient, ref: ImageRef, early: asyncio.Future | None) -> tuple[bytes, str]:
+    if early is not None:
+        try:
+            return await early
+        except ComfyUIError as exc:
+            log.debug("the early /view of %s failed (%s); fetching it again", ref.filename, exc)
+    return await comfy.view(ref)
 
 
 def image_type(data: bytes, content_type: str) -> str:

@@ -17,8 +17,8 @@ from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
 from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token
-from t2i.worker.images import ImageHandler
-from t2i.worker.jobs import Job, JobStore
+from t2i.worker.images import ImageHandler, ImageStore
+from t2i.worker.jobs import COMPLETED, Job, JobStore
 from t2i.worker.journal import JournalError
 from t2i.worker.runner import JobFinished, KeyConflict, Runner, WorkflowNotReady
 
@@ -123,8 +123,9 @@ class StatusHandler(WorkerHandler):
 class ResultHandler(WorkerHandler):
     async def get(self, prompt_id: str) -> None:
         """200 with the image URLs (or the error) when finished, 202 with the status while not;
-        ``?wait=S`` holds the request until the job ends (one request to the result), and
-        ``?redirect=image`` answers a completed job with a 303 to its image."""
+        ``?wait=S`` holds the request until the job ends (one request to the result),
+        ``?redirect=image`` answers a completed job with a 303 to its image, and ``Accept: image/*``
+        with the image itself."""
         job = self.job_or_404(prompt_id)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
@@ -132,7 +133,25 @@ class ResultHandler(WorkerHandler):
             if not await self.wait_unless_gone(self.store.wait_job(prompt_id, job.version, left)):
                 return
             job = self.job_or_404(prompt_id)
+        self.set_header("Vary", "Accept")
+        if job.status == COMPLETED and job.images and not job.image_expired and wants_image(self.request) \
+                and self.get_query_argument("redirect", None) is None:
+            image = await self.runner.images.read(job.images[0])
+            if image is not None:
+                # The client's second request saved: the bytes it would fetch from image_url next.
+                self.set_header("Content-Type", ImageStore.content_type(job.images[0]))
+                self.set_header("Content-Location", f"{self.config.public_url}/images/{job.images[0]}")
+                self.set_header("Cache-Control", "no-store")
+                self.finish(image)
+                return
         self.write_result(self.job_json(job))
+
+
+def wants_image(request: Any) -> bool:
+    """Does ``Accept`` put an image type first (``image/*``, ``image/png``...)? A browser's page load
+    lists ``text/html`` first, and a plain API client sends none or ``*/*``: those get JSON."""
+    first = request.headers.get("Accept", "").split(",", 1)[0]
+    return first.split(";", 1)[0].strip().lower().startswith("image/")
 
 
 class CancelHandler(WorkerBodyHandler):

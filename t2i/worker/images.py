@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,6 +22,11 @@ IMAGE_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}\w+{re.escape(TEMP_SUFFIX)}$")
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+TYPES = {**{ext: kind for kind, ext in EXTENSIONS.items()}, "jpeg": "image/jpeg"}
+FRESH_COUNT, FRESH_BYTES = 32, 64 * 1024 * 1024  # the newest images kept in memory as well
+# Tests only: a FIFO that the fsync of new images waits on, so a test can kill the worker between
+# an image being served and being durable (tests/test_worker_durability.py).
+DURABLE_GATE = os.environ.get("T2I_TEST_DURABLE_GATE")
 
 
 class ImageStore:
@@ -29,10 +35,16 @@ class ImageStore:
         self.clock = clock
         # name -> (size in bytes, mtime); insertion order is roughly age order.
         self.index: dict[str, tuple[int, float]] = {}
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()  # see _keep_fresh
+        self._fresh_bytes = 0
 
     @staticmethod
     def filename_for(prompt_id: str, number: int, content_type: str = "image/png") -> str:
         return f"{prompt_id}_{number}.{EXTENSIONS.get(content_type, 'png')}"
+
+    @staticmethod
+    def content_type(name: str) -> str:
+        return TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
 
     @property
     def total_bytes(self) -> int:
@@ -69,12 +81,19 @@ class ImageStore:
                         pass
         return found
 
-    async def save(self, name: str, data: bytes) -> str:
-        """Write ``data`` as ``name`` atomically (temp file, fsync, rename), off the event loop."""
+    async def save(self, name: str, data: bytes, durable: bool = True) -> str:
+        """Write ``data`` as ``name`` atomically (temp file, rename, fsync), off the event loop.
+
+        ``durable=False`` leaves out the fsync: the file is whole for every reader and survives the
+        process being killed, but not a power cut, until :meth:`make_durable`.
+        """
         if not IMAGE_NAME.match(name):
             raise ValueError(f"not an image name: {name!r}")
         await asyncio.get_running_loop().run_in_executor(None, self._write, name, data)
+        if durable:
+            await self.make_durable([name])
         self.index[name] = (len(data), self.clock())
+        self._keep_fresh(name, data)
         return name
 
     def _write(self, name: str, data: bytes) -> None:
@@ -84,9 +103,7 @@ class ImageStore:
             with os.fdopen(fd, "wb") as handle:
                 os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would keep a reverse proxy from serving it
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.directory / name)
+            os.replace(tmp, self.directory / name)  # whole or absent for every reader, fsynced or not
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -94,9 +111,55 @@ class ImageStore:
                 pass
             raise
 
+    async def make_durable(self, names: Iterable[str]) -> None:
+        """fsync the files saved with ``durable=False``, and the folder that names them; OSError if not."""
+        paths = [self.directory / name for name in names]
+        await asyncio.get_running_loop().run_in_executor(None, self._sync, paths)
+
+    def _sync(self, paths: list[Path]) -> None:
+        if DURABLE_GATE:
+            with open(DURABLE_GATE, "rb"):  # a FIFO: blocks this thread until the test opens it too
+                pass
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames: a file whose name is lost is not kept either
+        finally:
+            os.close(fd)
+
+    async def read(self, name: str) -> bytes | None:
+        """An image's bytes: a fresh one from memory, else the file (off the loop); None when gone."""
+        data = self._fresh.get(name)
+        if data is not None:
+            return data
+        if not IMAGE_NAME.match(name):
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, (self.directory / name).read_bytes)
+        except OSError:
+            return None
+
+    def _keep_fresh(self, name: str, data: bytes) -> None:
+        """The newest images' bytes: a client waiting on ``/result`` asks for them right after they are saved."""
+        if len(data) > FRESH_BYTES:
+            return
+        self._fresh[name] = data
+        self._fresh_bytes += len(data)
+        while self._fresh_bytes > FRESH_BYTES or len(self._fresh) > FRESH_COUNT:
+            _, old = self._fresh.popitem(last=False)
+            self._fresh_bytes -= len(old)
+
     def forget(self, names: Iterable[str]) -> None:
         for name in names:
             self.index.pop(name, None)
+            data = self._fresh.pop(name, None)
+            if data is not None:
+                self._fresh_bytes -= len(data)
 
 
 class ImageHandler(FileHandler):

@@ -84,12 +84,16 @@ def _row_of(job: Job) -> tuple:
             job.webhook, job.ending, job.request_hash)
 
 
+GRAPH = COLUMNS.index("graph")
+
+
 def _encode(row: tuple) -> tuple:
+    """The row as SQLite takes it, but for the graph (``Journal._graph_json`` encodes that once per job)."""
     values = dict(zip(COLUMNS, row))
     values["images"] = json.dumps(list(values["images"]))
     values["seed"] = None if values["seed"] is None else str(values["seed"])
     values["outputs"] = json.dumps([[ref.filename, ref.subfolder, ref.type] for ref in values["outputs"]])
-    for key in ("params", "graph", "webhook", "ending"):
+    for key in ("params", "webhook", "ending"):
         if values[key] is not None:
             values[key] = json.dumps(values[key], separators=(",", ":"))
     return tuple(values[name] for name in COLUMNS)
@@ -132,10 +136,12 @@ class Journal:
         self._thread: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, tuple | None] = {}  # prompt_id -> row to write, or None: delete
+        self._held: dict[str, tuple | None] = {}  # prompt_id -> its newest row kept back (see hold)
         self._queued = 0      # writes queued so far (a counter, for flush)
         self._committed = 0   # writes committed so far
         self._writer: asyncio.Task | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._graphs: dict[str, tuple[Any, str]] = {}  # the writer thread's: see _graph_json
         self.last_error: str | None = None
         self._closed = False
 
@@ -215,7 +221,24 @@ class Journal:
         for prompt_id in prompt_ids:
             self._queue(prompt_id, None)
 
+    def hold(self, prompt_id: str) -> None:
+        """Keep the job's rows back until :meth:`release`: it is about to say ``completed`` while its
+        images are not yet on disk for good. A worker killed meanwhile finds its older row (collecting)
+        and copies the images out of ComfyUI again."""
+        self._held.setdefault(prompt_id, None)
+
+    def release(self, prompt_id: str) -> None:
+        """Its images are durable: queue the newest row held back (if any)."""
+        row = self._held.pop(prompt_id, None)
+        if row is not None:
+            self._queue(prompt_id, row)
+
     def _queue(self, prompt_id: str, row: tuple | None) -> None:
+        if prompt_id in self._held:
+            if row is not None:
+                self._held[prompt_id] = row
+                return
+            del self._held[prompt_id]  # removed: nothing of it is to be written
         self._pending[prompt_id] = row
         self._queued += 1
         if self._writer is None or self._writer.done():
@@ -259,10 +282,13 @@ class Journal:
             if row is None:
                 continue
             try:
-                upserts.append(_encode(row))
+                encoded = _encode(row)
+                upserts.append(encoded[:GRAPH] + (self._graph_json(row[0], row[GRAPH]),) + encoded[GRAPH + 1:])
             except (TypeError, ValueError) as exc:  # a bug, not the disk: the other rows still go in
                 log.error("job %s: cannot be journaled: %s", row[0], exc)
         removed = [(prompt_id, time.time()) for prompt_id, row in batch.items() if row is None]
+        for prompt_id, _ in removed:
+            self._graphs.pop(prompt_id, None)
         db.execute("BEGIN IMMEDIATE")
         try:
             if upserts:
@@ -279,6 +305,17 @@ class Journal:
             raise
         self.writes += len(batch)
         self.commits += 1
+
+    def _graph_json(self, prompt_id: str, graph: Any) -> str | None:
+        """A job's graph as JSON, cached on the writer thread: it never changes, and it would be encoded
+        again at every transition of the job."""
+        if graph is None:
+            self._graphs.pop(prompt_id, None)
+            return None
+        cached = self._graphs.get(prompt_id)
+        if cached is None or cached[0] is not graph:
+            cached = self._graphs[prompt_id] = (graph, json.dumps(graph, separators=(",", ":")))
+        return cached[1]
 
     def _wake_waiters(self) -> None:
         still = []

@@ -138,6 +138,8 @@ class Runner:
         # Newest live preview per running job: prompt_id -> (bytes, content type). Bytes, not state:
         # the job's preview_version says whether there is one.
         self.previews: dict[str, tuple[bytes, str]] = {}
+        # prompt_id -> {ImageRef: its /view in flight or done}, from `executed` until the images are copied
+        self._early_views: dict[str, dict[Any, asyncio.Future]] = {}
         self.stalled: dict[str, Any] | None = None  # the watchdog fired: {prompt_id, error} until ComfyUI moves
         self.ready = asyncio.Event()  # journaled jobs reconciled: /generate may go ahead
         self._running_id: str | None = None  # whom legacy previews (no prompt_id) belong to
@@ -169,7 +171,14 @@ class Runner:
             return None
         new, effects = lc.advance(job, event, self.now(), self.limits)
         if new is not job:
-            self.store.put(new)
+            if _only_quiet_fields_changed(job, new):
+                # E.g. each node's `executing` only restarts the stall watchdog: a new version would
+                # wake every long-poll and feed follower of the job for nothing they can see.
+                for name in QUIET_FIELDS:
+                    setattr(job, name, getattr(new, name))
+                new = job
+            else:
+                self.store.put(new)
         for effect in effects:
             if effect not in skip:
                 self._carry_out(new, effect)
@@ -205,6 +214,7 @@ class Runner:
         elif kind == "drop":
             self.store.remove([job.prompt_id])
             self.previews.pop(job.prompt_id, None)
+            self._forget_early_views(job.prompt_id)
         elif kind == "discard":
             self._spawn(discard_images(self.images, list(effect.refs)))
         else:  # a new effect in lifecycle.py without a line here is a bug worth hearing of at once
@@ -223,6 +233,7 @@ class Runner:
         else:
             log.warning("job %s: failed: %s", job.prompt_id, job.error)
         self.previews.pop(job.prompt_id, None)
+        self._forget_early_views(job.prompt_id)
         if self._running_id == job.prompt_id:
             self._running_id = None
         if job.webhook:
@@ -580,7 +591,9 @@ class Runner:
             return  # progress_state, feature_flags, custom nodes' types: not needed
         if isinstance(event, (lc.Started, lc.Progress)):
             self._running_id = prompt_id
-        self.apply(prompt_id, event)
+        job = self.apply(prompt_id, event)
+        if isinstance(event, lc.Executed) and job is not None and job.phase in lc.BEFORE_RUN_END:
+            self._view_early(prompt_id, event.refs)
 
     def on_preview(self, prompt_id: str | None, image: bytes, content_type: str) -> None:
         prompt_id = prompt_id or self._running_id
@@ -609,14 +622,51 @@ class Runner:
             self.apply(prompt_id, lc.HistoryRead(outcome_of(entry)))
 
     async def _collect(self, prompt_id: str, refs: list) -> None:
-        """Copy the outputs into images/; then the job is completed."""
+        """Copy the outputs into images/; then the job is completed, and its clients are answered at once.
+
+        The fsync of the images comes after that, off the path to the client: the journal holds the
+        job's ``completed`` row back until the images are durable, so a worker killed in between
+        restarts with the job collecting and copies its images out of ComfyUI again.
+        """
+        early = self._early_views.pop(prompt_id, None)
         try:
-            saved = await collect_images(self.comfy, self.images, prompt_id, refs)
+            saved = tuple(await collect_images(self.comfy, self.images, prompt_id, refs, early))
         except CollectError as exc:
             self.apply(prompt_id, lc.CollectFailed(str(exc), retry=exc.retry))
             return
-        if self.apply(prompt_id, lc.Collected(tuple(saved))) is None:
-            await discard_images(self.images, saved)  # pruned while we downloaded
+        journal = self.journal
+        if journal is not None:
+            journal.hold(prompt_id)
+        job = self.apply(prompt_id, lc.Collected(saved))
+        if job is None or job.images != saved:  # pruned, or it had ended, while we downloaded
+            if journal is not None:
+                journal.release(prompt_id)
+            if job is None:
+                await discard_images(self.images, list(saved))
+            return
+        try:
+            await self.images.make_durable(saved)
+        except OSError as exc:
+            # Never journaled completed, then: a restart copies the images out of ComfyUI again.
+            log.error("job %s: its images could not be made durable (%s); it stays journaled as collecting",
+                      prompt_id, exc)
+            return
+        if journal is not None:
+            journal.release(prompt_id)
+
+    def _view_early(self, prompt_id: str, refs: tuple) -> None:
+        """`executed` named output files, which are on disk now: fetch them while ComfyUI finishes the run
+        (its `execution_success` follows), not after."""
+        early = self._early_views.setdefault(prompt_id, {})
+        for ref in refs:
+            if ref not in early:
+                task = asyncio.ensure_future(self.comfy.view(ref))
+                task.add_done_callback(_outcome_collected)
+                early[ref] = task
+
+    def _forget_early_views(self, prompt_id: str) -> None:
+        for task in self._early_views.pop(prompt_id, {}).values():
+            task.cancel()
 
     # --- the stall watchdog ------------------------------------------------------------------
 
@@ -740,6 +790,28 @@ class Runner:
             else:
                 self.apply(job.prompt_id, lc.Absent())
         return True
+
+
+# Fields of a job nobody outside the runner reads (not in /status, the feed, or what a waiter waits
+# for): a change to them alone is written onto the held job in place.
+QUIET_FIELDS = ("active_at", "running_at", "queued_at", "outputs")
+_LOUD_FIELDS = tuple(name for name in Job.__slots__ if name not in QUIET_FIELDS and name != "version")
+
+
+def _only_quiet_fields_changed(old: Job, new: Job) -> bool:
+    if old.phase != new.phase:
+        return False
+    for name in _LOUD_FIELDS:
+        before, after = getattr(old, name), getattr(new, name)
+        if before is not after and before != after:
+            return False
+    return True
+
+
+def _outcome_collected(task: asyncio.Future) -> None:
+    """An early /view nobody awaits in the end (the job failed, or it was fetched again): no warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _node_error_summary(node_errors: dict[str, Any]) -> str:

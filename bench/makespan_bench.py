@@ -1,19 +1,23 @@
 """GPUs never idle while work waits: the makespan of a burst of mixed jobs on mixed-speed GPUs.
 
     python bench/makespan_bench.py [--jobs 200] [--runs 1] [--scale 1] [--clients 40] [--seed 15]
-                                   [--modes page,at-once] [--timeout 600]
+                                   [--modes page,at-once] [--timeout 600] [--backlog N] [--max-queue N]
 
 Per run and client mode, a fresh fleet, each part its own process on 127.0.0.1: 4 ComfyUI test doubles
 with step times 0.02, 0.02, 0.01, 0.04 s (x ``--scale``: relative speeds 1, 1, 2, 0.5), a worker in
-front of each (its defaults: ``comfyui.ahead`` 2, ``backlog`` 32, journal on), one scheduler over them
-(its defaults; workers.yaml entries with the default ``max_queue``). Before the burst each worker runs
-two 10-step jobs sent to it directly, so it has measured its seconds per step. Then ``--jobs`` jobs of
+front of each (its defaults: ``comfyui.ahead`` 2, ``backlog`` as configured by default, or ``--backlog``;
+journal on), one scheduler over them (its defaults; workers.yaml entries without ``max_queue``, so each
+worker takes as many jobs as its /health capacity says, unless ``--max-queue``). Before the burst each
+worker runs ``--warm-up`` (8) 10-step jobs sent to it directly, at least until its /health reports its
+seconds per step (after 3).
+Then ``--jobs`` jobs of
 1-20 steps (seeded random, 64x64) are submitted at once through the scheduler, by ``--clients`` API
 clients (a key each in scheduler.yaml, jobs dealt round-robin, so the per-client cap of 8 unfinished
 jobs does not bind at the default 5 jobs per client), each job on its own like a page's row:
 
-  page:    503 and 429 waited out as static/app.js does: max(Retry-After x (1 + 0.25 r),
-           Backoff(1 s, cap 10 s, jitter 0.5).next()); no answer: Backoff(1.5 s, cap 30 s);
+  page:    503 and 429 waited out as static/app.js does (api.js retryWait): the server's Retry-After
+           x (1 + 0.25 r) when it gave one, else Backoff(1 s, cap 10 s, jitter 0.5).next(); no
+           answer: Backoff(1.5 s, cap 30 s);
   at-once: 503 and 429 sent again at once.
 
 Accepted jobs are followed with /status long-polls (?wait=20&since=V) and their image fetched from
@@ -66,13 +70,14 @@ class Backoff:
         return base * (1 - self.jitter * self.rng.random())
 
 
-def after_retry_after(value: str | None, rng: random.Random) -> float:
-    """static/api.js afterRetryAfter: never sooner, up to a quarter later."""
+def retry_wait(value: str | None, backoff: Backoff, rng: random.Random) -> float:
+    """static/api.js retryWait: the server's Retry-After, never sooner and up to a quarter later
+    (afterRetryAfter), when it gave one; else the backoff's next wait."""
     try:
-        seconds = max(0.0, float(value)) if value else 0.0
+        seconds = max(0.0, float(value)) if value else None
     except ValueError:
-        seconds = 0.0
-    return seconds * (1 + 0.25 * rng.random())
+        seconds = None
+    return backoff.next() if seconds is None else seconds * (1 + 0.25 * rng.random())
 
 
 @dataclass
@@ -90,7 +95,8 @@ class Job:
 
 
 class Fleet:
-    def __init__(self, directory: Path, step_times: list[float], keys: dict[str, str], log_level: str):
+    def __init__(self, directory: Path, step_times: list[float], keys: dict[str, str], log_level: str,
+                 backlog: int | None = None, max_queue: int | None = None):
         self.directory = directory
         self.step_times = step_times
         self.comfy_urls, self.worker_urls, self.processes = [], [], []
@@ -101,8 +107,10 @@ class Fleet:
             self.worker_urls.append(f"http://127.0.0.1:{worker_port}")
             self.processes.append(comfy_process(directory, f"comfy-{i}", comfy_port, step_time))
             self.processes.append(worker_process(directory, f"gpu-{i}", worker_port, self.comfy_urls[i],
-                                                 log_level=log_level))
-            entries.append({"name": f"gpu-{i}", "url": self.worker_urls[i]})
+                                                 log_level=log_level,
+                                                 **({"backlog": backlog} if backlog is not None else {})))
+            entries.append({"name": f"gpu-{i}", "url": self.worker_urls[i],
+                            **({"max_queue": max_queue} if max_queue is not None else {})})
         scheduler_port = free_port()
         self.url = f"http://127.0.0.1:{scheduler_port}"
         self.processes.append(scheduler_process(directory, "scheduler", scheduler_port, entries, log_level=log_level,
@@ -157,10 +165,9 @@ class Burst:
             if reply is None:
                 await asyncio.sleep(network.next())
             elif reply.status == 503:
-                await asyncio.sleep(max(after_retry_after(reply.headers.get("retry-after"), self.rng), busy.next()))
+                await asyncio.sleep(retry_wait(reply.headers.get("retry-after"), busy, self.rng))
             elif reply.status == 429:
-                await asyncio.sleep(max(after_retry_after(reply.headers.get("retry-after"), self.rng),
-                                        limited.next()))
+                await asyncio.sleep(retry_wait(reply.headers.get("retry-after"), limited, self.rng))
             else:
                 job.status, job.error = f"refused {reply.status}", reply.body[:200].decode(errors="replace")
                 return
@@ -183,10 +190,15 @@ class Burst:
         job.status = "stuck"
 
 
-async def warm_up(http: Http, fleet: Fleet) -> list[dict]:
-    """Two 10-step jobs straight to each worker, so each has measured its seconds per step."""
-    async def two(url: str) -> None:
-        for n in range(2):
+async def warm_up(http: Http, fleet: Fleet, jobs: int, most: int = 20) -> list[dict]:
+    """``jobs`` 10-step jobs straight to each worker, more until its /health reports its seconds per
+    step (a worker trusts its measure after a few jobs), so placement knows each GPU's speed as after a
+    while in service (the measure is a moving average: one job slowed by the box weighs less)."""
+    async def measured(url: str) -> None:
+        for n in range(most):
+            load = (await http.request("GET", url + "/health")).json().get("load") or {}
+            if n >= jobs and load.get("seconds_per_step"):
+                return
             reply = await http.request("POST", url + "/generate", {"prompt": f"warm-up {n}", "steps": 10,
                                                                    "width": 64, "height": 64})
             if reply.status != 200:
@@ -194,8 +206,9 @@ async def warm_up(http: Http, fleet: Fleet) -> list[dict]:
             prompt_id = reply.json()["prompt_id"]
             while (await http.request("GET", f"{url}/result/{prompt_id}?wait=30")).status == 202:
                 pass
+        raise SystemExit(f"warm-up on {url}: no seconds_per_step in /health after {most} jobs")
 
-    await asyncio.gather(*(two(url) for url in fleet.worker_urls))
+    await asyncio.gather(*(measured(url) for url in fleet.worker_urls))
     return [(await http.request("GET", url + "/health")).json().get("load") for url in fleet.worker_urls]
 
 
@@ -223,14 +236,14 @@ async def one_run(args: argparse.Namespace, mode: str, run_no: int, directory: P
     keys = {f"page-{i}": secrets.token_urlsafe(24) for i in range(args.clients)}
     home = directory / f"{mode}-{run_no}"
     home.mkdir()
-    fleet = Fleet(home, step_times, keys, args.log_level)
+    fleet = Fleet(home, step_times, keys, args.log_level, args.backlog, args.max_queue)
     http = Http()
     fleet.start()
     try:
         await wait_until(lambda: all_healthy(http, fleet), what="the workers", processes=fleet.processes)
         await wait_until(lambda: scheduler_sees(http, fleet.url, len(step_times)), what="the scheduler",
                          processes=fleet.processes)
-        loads = await warm_up(http, fleet)
+        loads = await warm_up(http, fleet, args.warm_up)
         await asyncio.sleep(args.settle)  # the scheduler's next health check sees the warmed-up loads
         burst = Burst(http, fleet, jobs, list(keys.values()), mode, args.seed, args.timeout)
         started = time.time()
@@ -315,6 +328,10 @@ def main() -> None:
     parser.add_argument("--modes", default="page,at-once", help="comma-separated: page, at-once")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per burst before jobs count as stuck")
     parser.add_argument("--log-level", default="info", help="the workers' and scheduler's (default: info)")
+    parser.add_argument("--warm-up", type=int, default=8,
+                        help="10-step jobs each worker runs before the burst (at least until it reports its speed)")
+    parser.add_argument("--backlog", type=int, help="the workers' backlog (default: the worker's default)")
+    parser.add_argument("--max-queue", type=int, help="workers.yaml max_queue of each (default: none set)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
@@ -323,7 +340,8 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="t2i-makespan-"))
     print(f"makespan bench: {args.jobs} jobs of 1-20 steps (seed {args.seed}) at once, 4 GPUs with step times "
           f"{', '.join(f'{t * args.scale * 1000:g}' for t in STEP_TIMES)} ms; modes {', '.join(modes)}, "
-          f"{args.runs} run(s) each")
+          f"{args.runs} run(s) each; workers' backlog {args.backlog if args.backlog is not None else 'default'}, "
+          f"max_queue {args.max_queue if args.max_queue is not None else 'unset'}")
     print(f"  code {code_version()}; {machine_line()}; processes and logs in {directory}", flush=True)
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:

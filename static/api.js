@@ -41,6 +41,15 @@ export function afterRetryAfter(seconds, random = Math.random) {
   return Math.round(Math.max(0, seconds || 0) * 1000 * (1 + 0.25 * random()));
 }
 
+/**
+ * How long to wait before asking again after a 503 or 429, in ms: the server's Retry-After when it
+ * gave one (it says when a place is expected to free up; stretching it with a growing backoff of our
+ * own would leave GPUs idle while this job waits), else `backoff`'s next wait.
+ */
+export function retryWait(retryAfter, backoff, random = Math.random) {
+  return retryAfter == null ? backoff.next() : afterRetryAfter(retryAfter, random);
+}
+
 /** Seconds from a Retry-After header (seconds or HTTP date), or null. */
 export function parseRetryAfter(value) {
   if (!value) return null;

@@ -2,7 +2,7 @@
 // image leaves its row for the gallery (shown once). The client's jobs from its other tabs
 // and browsers come in from GET /jobs (sync.js); the key from auth.js.
 
-import { afterRetryAfter, api, Backoff, JobWatcher, NetworkError } from "./api.js";
+import { afterRetryAfter, api, Backoff, JobWatcher, NetworkError, retryWait } from "./api.js";
 import { KeyManager } from "./auth.js";
 import { httpUrl } from "./download.js";
 import { plainCancelAll, plainCatalogueError, plainLimit, plainSubmitError, plainTrouble,
@@ -182,9 +182,9 @@ async function submit(row) {
     if (row.abandoned) return;
     if (status === 503) {
       // Every queue full, or no worker up: said differently, retried after the server's
-      // Retry-After, stretched (and spread) while it lasts.
+      // Retry-After (spread; when the pool is full, when a place is expected to free up).
       const why = plainUnavailable(data);
-      const wait = Math.max(afterRetryAfter(answer.retryAfter), busy.next());
+      const wait = retryWait(answer.retryAfter, busy);
       await row.showWaiting(why.text, wait, why.kind, why.detail);
       continue;
     }
@@ -192,7 +192,7 @@ async function submit(row) {
       // This client holds its most unfinished jobs: sent again as soon as one of them ends
       // (the oldest waiting row first), or after the server's Retry-After at the latest.
       const why = plainLimit(data);
-      const wait = Math.max(afterRetryAfter(answer.retryAfter), limited.next());
+      const wait = retryWait(answer.retryAfter, limited);
       limitQueue.push(row);
       await row.showWaiting(why.text, wait, why.kind, why.detail);
       if (limitQueue.includes(row)) limitQueue.splice(limitQueue.indexOf(row), 1);

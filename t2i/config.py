@@ -104,7 +104,7 @@ class WorkerConfig:
     default_workflow: str
     workflows: dict[str, WorkflowConfig]
     state_dir: Path = Path("state")
-    backlog: int = 32
+    backlog: int = 128
     webhooks: WebhooksConfig = WebhooksConfig()
     image_limits: ImageLimits = ImageLimits()
 
@@ -142,7 +142,9 @@ class WorkerEntry:
     url: str
     public_url: str
     enabled: bool = True
-    max_queue: int = 8
+    # Jobs (pending + running) above which it gets no more; None: as many as the worker says it
+    # holds (its /health ``load.capacity``: comfyui.ahead + backlog).
+    max_queue: int | None = None
 
 
 def parse_listen(value: str, file: Path, key: str = "listen", line: int | None = None) -> tuple[str, int]:
@@ -237,7 +239,7 @@ def load_worker_config(path: Path | str) -> WorkerConfig:
         default_workflow=default_workflow,
         workflows=workflows,
         state_dir=state_dir,
-        backlog=root.get("backlog", int, 32, minimum=0),
+        backlog=root.get("backlog", int, 128, minimum=0),
         webhooks=webhooks,
         image_limits=image_limits,
     )
@@ -454,7 +456,7 @@ def load_workers_file(path: Path | str) -> list[WorkerEntry]:
             url=url,
             public_url=check_url(public_url, sec, "public_url") if public_url else url,
             enabled=sec.get("enabled", bool, True),
-            max_queue=sec.get("max_queue", int, 8, minimum=1),
+            max_queue=sec.get("max_queue", int, None, minimum=1),
         ))
         sec.finish()
     return entries

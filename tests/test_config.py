@@ -117,7 +117,7 @@ def test_scheduler_and_workers_files(tmp_path):
         "workers:\n  - name: a\n    url: http://10.0.0.1:8001\n"
         "  - name: b\n    url: http://10.0.0.2:8001\n    public_url: http://b.lan:8001\n    max_queue: 2\n")))
     assert [(w.name, w.public_url, w.max_queue) for w in workers] == [
-        ("a", "http://10.0.0.1:8001", 8), ("b", "http://b.lan:8001", 2)]
+        ("a", "http://10.0.0.1:8001", None), ("b", "http://b.lan:8001", 2)]  # None: as many as the worker holds
     with pytest.raises(ConfigError, match="duplicate worker name"):
         load_workers_file(write(tmp_path / "workers.yaml", (
             "workers:\n  - name: a\n    url: http://x:1\n  - name: a\n    url: http://y:1\n")))

@@ -44,6 +44,9 @@ class FakeMirror:
     def recent_unseen(self, name):
         return 0
 
+    def recent_unseen_steps(self, name):
+        return 0
+
     def steps_ahead(self, name, unknown):
         return self.loads.get(name, 0) * unknown  # each job the test put there: a typical one
 
@@ -101,7 +104,8 @@ def test_choose_least_loaded_then_round_robin(tmp_path):
     assert set(picks) == {"b", "c"} and picks[0] != picks[1]
     loads.update(b=3, c=3)
     assert placement.choose().name == "a"
-    registry.workers["a"].in_flight = 2  # submissions on their way count as load
+    # submissions on their way count as load, by their steps
+    registry.workers["a"].in_flight, registry.workers["a"].in_flight_steps = 2, 40
     assert placement.choose().name in {"b", "c"}
 
 
@@ -201,7 +205,7 @@ def test_mirror_apply_full_changes_removed():
     assert mirror.fresh("2").status["status"] == "completed"  # final: answerable without a feed
     mirror.apply("a", {"epoch": "f", "seq": 1, "full": True, "jobs": [job("3")], "removed": []})
     assert mirror.get("2") is None and mirror.jobs_of("a") == 1
-    mirror.note_submitted("9", "b")
+    mirror.note_submitted("9", "b", 20)
     assert mirror.owner("9") == "b" and mirror.recent_unseen("b") == 1
     mirror.apply("b", {"epoch": "g", "seq": 1, "full": True, "jobs": [job("9")], "removed": []})
     assert mirror.recent_unseen("b") == 0 and mirror.owner("9") == "b"

@@ -58,8 +58,10 @@ async def test_the_worker_queue_survives_a_restart(tmp_path):
 @pytest.mark.gen_test(timeout=30)
 async def test_health_reports_the_steps_left_and_the_measured_speed(tmp_path):
     """What a scheduler needs to place a job where it finishes first."""
-    async with WorkerCluster(tmp_path, comfyui={"ahead": 1}) as c:
-        assert (await call("GET", f"{c.url}/health")).json["load"] == {"steps": 0, "seconds_per_step": None}
+    async with WorkerCluster(tmp_path, comfyui={"ahead": 1}, backlog=5) as c:
+        # capacity: the jobs it holds at most, one in ComfyUI and 5 in its own queue
+        assert (await call("GET", f"{c.url}/health")).json["load"] == {"steps": 0, "seconds_per_step": None,
+                                                                       "capacity": 6}
         for n in range(3):  # the speed is reported once a few jobs have been seen
             done = await c.submit({"prompt": f"measure {n}", "steps": 4})
             assert (await c.wait(done))["status"] == "completed"

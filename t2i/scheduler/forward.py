@@ -152,6 +152,7 @@ class JobRouter:
         workflow = body.get("workflow")
         tried: list[str] = []
         refusals: list[Refusal] = []
+        steps = self.placement.steps_of(body)
         holder = await self.holder(prompt_id) if known else None
         while True:
             holds = holder is not None
@@ -159,12 +160,11 @@ class JobRouter:
                 state, holder = holder, None  # the key's job is there: the worker answers for it
             else:
                 try:
-                    steps = body.get("steps") if isinstance(body.get("steps"), int) else None
                     state = self.placement.choose(workflow, exclude=tried, steps=steps)
                 except NoWorkerAvailable as exc:
                     raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)
-            outcome = await self._submit(state, body, key, prompt_id, holds=holds, client=client)
+            outcome = await self._submit(state, body, key, prompt_id, steps, holds=holds, client=client)
             if isinstance(outcome, Reply):
                 return outcome
             refusals.append(outcome)
@@ -205,10 +205,11 @@ class JobRouter:
         if refusals:
             message = ("No worker could take the job: " + "; ".join(r.reason for r in refusals) + "."
                        + (f" {message}" if exc.others else ""))
-        retry = RETRY_AFTER_BUSY if exc.ready else RETRY_AFTER_UNREADY
+        # Every queue full: when placement expects the first place to free up; else the defaults.
+        retry = str(exc.retry_after) if exc.retry_after else RETRY_AFTER_BUSY if exc.ready else RETRY_AFTER_UNREADY
         return APIError(503, message, headers={"Retry-After": retry})
 
-    async def _submit(self, state: WorkerState, body: Any, key: str, prompt_id: str,
+    async def _submit(self, state: WorkerState, body: Any, key: str, prompt_id: str, steps: int,
                       holds: bool = False, client: str = "") -> Reply | Refusal:
         """The worker's answer to pass on, or why it refused (it is then marked).
 
@@ -216,8 +217,10 @@ class JobRouter:
         elsewhere: the worker is asked for the job first (it holds it from before it submits to
         ComfyUI), and the job goes to another worker only when that worker says it does not hold it.
         ``holds``: the worker is known to hold the key's job; when it cannot be reached, 503.
+        ``steps``: the job's sampler steps, counted as the worker's load while the POST is on its way.
         """
         state.in_flight += 1
+        state.in_flight_steps += steps
         headers = {IDEMPOTENCY_HEADER: key, **({CLIENT_HEADER: client} if client else {})}
         try:
             response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
@@ -233,12 +236,13 @@ class JobRouter:
                 state.mark_down(f"POST /generate failed: {exc}", unreachable=True)
                 self.mirror.suspect(state.name, reason)
                 return Refusal(f"{state.name} {reason}")
-            return await self._after_no_answer(state, prompt_id, exc, client)
+            return await self._after_no_answer(state, prompt_id, exc, steps, client)
         finally:
             state.in_flight -= 1
-        return self._answer(state, body, response, client)
+            state.in_flight_steps -= steps
+        return self._answer(state, body, response, steps, client)
 
-    async def _after_no_answer(self, state: WorkerState, prompt_id: str, error: Exception,
+    async def _after_no_answer(self, state: WorkerState, prompt_id: str, error: Exception, steps: int,
                                client: str = "") -> Reply | Refusal:
         """A POST /generate sent to ``state`` got no answer: does it hold the job?"""
         log.warning("POST /generate of job %s to worker %s got no answer (%s); asking it for the job",
@@ -248,7 +252,7 @@ class JobRouter:
             log.info("worker %s holds job %s after all", state.name, prompt_id)
             return self._placed(state, {"prompt_id": prompt_id, "worker": state.name,
                                         "status_url": f"/status/{prompt_id}", "result_url": f"/result/{prompt_id}"},
-                                client)
+                                steps, client)
         if isinstance(outcome, Reply) and outcome.status in (404, 410):
             state.mark_down(f"POST /generate got no answer: {error}")
             return Refusal(f"{state.name} did not answer ({error})")
@@ -258,8 +262,8 @@ class JobRouter:
                        f"shortly (with the same {IDEMPOTENCY_HEADER}, the same job is answered).",
                        headers={"Retry-After": RETRY_AFTER_OWNER}, prompt_id=prompt_id)
 
-    def _placed(self, state: WorkerState, answer: dict[str, Any], client: str = "") -> Reply:
-        self.mirror.note_submitted(answer["prompt_id"], state.name)
+    def _placed(self, state: WorkerState, answer: dict[str, Any], steps: int, client: str = "") -> Reply:
+        self.mirror.note_submitted(answer["prompt_id"], state.name, steps)
         SCHEDULER_ROUTED.labels(worker=state.name).inc()
         if client and not answer.get("duplicate"):
             self.mirror.clients.placed(answer["prompt_id"], client)
@@ -267,13 +271,14 @@ class JobRouter:
         log.info("placed job %s on worker %s for client %s", answer["prompt_id"], state.name, client or "-")
         return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
 
-    def _answer(self, state: WorkerState, body: Any, response: JSONResponse, client: str = "") -> Reply | Refusal:
+    def _answer(self, state: WorkerState, body: Any, response: JSONResponse, steps: int,
+                client: str = "") -> Reply | Refusal:
         """Pass a worker's answer on, or turn it into a refusal: a client's mistake (400, 413, 422, a
         raw workflow ComfyUI rejected) is the client's answer; the worker's own trouble is not."""
         answer = response.body
         status = response.status
         if status == 200 and isinstance(answer, dict) and isinstance(answer.get("prompt_id"), str):
-            return self._placed(state, answer, client)
+            return self._placed(state, answer, steps, client)
         detail = answer.get("error") if isinstance(answer, dict) else None
         raw = isinstance(body.get("workflow"), dict)
         if detail and status in CLIENT_MISTAKES or (detail and status == 502 and raw):

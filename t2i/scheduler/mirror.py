@@ -180,9 +180,9 @@ class Mirror:
         self._feeds: dict[str, Feed] = {}
         self._waiters = Waiters()
         # Jobs this scheduler submitted that no feed has shown yet: id -> worker, and per worker
-        # id -> submit time (for load counting, which forgets them after RECENT_LOAD_TTL).
+        # id -> (submit time, sampler steps) (for load counting, which forgets them after RECENT_LOAD_TTL).
         self._recent: OrderedDict[str, str] = OrderedDict()
-        self._recent_by_worker: dict[str, OrderedDict[str, float]] = {}
+        self._recent_by_worker: dict[str, OrderedDict[str, tuple[float, int]]] = {}
         # Jobs seen ending (completed or failed) as it happened, not in a listing of old jobs:
         # (worker, workflow, status), read by placement's breakers with take_outcomes().
         self._outcomes: deque[tuple[str, Any, str]] = deque(maxlen=OUTCOMES_LIMIT)
@@ -251,9 +251,15 @@ class Mirror:
         if not recent:
             return 0
         cutoff = self.clock() - RECENT_LOAD_TTL
-        while recent and next(iter(recent.values())) < cutoff:
+        while recent and next(iter(recent.values()))[0] < cutoff:
             recent.popitem(last=False)
         return len(recent)
+
+    def recent_unseen_steps(self, worker: str) -> int:
+        """The sampler steps of those jobs (as placed): a burst is weighed by its real work."""
+        if not self.recent_unseen(worker):
+            return 0
+        return sum(steps for _, steps in self._recent_by_worker[worker].values())
 
     def feed(self, worker: str) -> Feed | None:
         return self._feeds.get(worker)
@@ -273,11 +279,11 @@ class Mirror:
 
     # --- changing -------------------------------------------------------------
 
-    def note_submitted(self, prompt_id: str, worker: str) -> None:
+    def note_submitted(self, prompt_id: str, worker: str, steps: int) -> None:
         if prompt_id in self._jobs:
             return
         self._recent[prompt_id] = worker
-        self._recent_by_worker.setdefault(worker, OrderedDict())[prompt_id] = self.clock()
+        self._recent_by_worker.setdefault(worker, OrderedDict())[prompt_id] = (self.clock(), steps)
         while len(self._recent) > RECENT_LIMIT:
             old_id, old_worker = self._recent.popitem(last=False)
             self._recent_by_worker.get(old_worker, {}).pop(old_id, None)

@@ -16,13 +16,20 @@ A worker gets a job when it is listed, enabled, reachable with its ComfyUI, and
   the workflow failed there in a row while another worker completed it lately
   take it out of rotation for :data:`BREAKER_COOLDOWN` seconds; then one job is
   tried (half-open), and a completed job closes the breaker again;
-- its queue is not full (``max_queue``); of those, the one with the fewest jobs
-  ahead wins, ties in turn.
+- it has room: fewer unfinished jobs (placements on their way included) than its
+  :meth:`~Placement.capacity`, what it says it holds (``/health`` ``load.capacity``:
+  ComfyUI's ``ahead`` + its own ``backlog``), capped by workers.yaml ``max_queue`` when
+  set. Of those, the job goes where it is expected to end first (the sampler steps
+  ahead of it at the worker's measured speed), near-ties in turn.
+
+When every worker that could take the job is full, the ``503``'s ``Retry-After`` is
+when the first place is expected to free up (:meth:`Placement.first_free`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -38,7 +45,10 @@ RAW = "(raw)"              # a raw workflow: the workers' status objects name it
 MAX_REASONS = 6            # per-worker reasons in one "no worker" sentence
 DESCRIBE_SLICE = 100       # workers described between two turns of the event loop (GET /workers)
 DEFAULT_STEPS = 20         # a job whose steps are unknown (a raw workflow) counts as a typical one
-FINISH_TIE = 0.15          # expected finishes this close to the earliest are a tie (measurements wobble)
+FALLBACK_CAPACITY = 8      # jobs for a worker that does not report its capacity (older, or not asked yet)
+RETRY_AFTER_MIN = 1        # seconds: a Retry-After sooner than this only brings every waiting client back at once
+RETRY_AFTER_MAX = 30       # seconds: a wait longer than this is a guess; ask again by then
+FINISH_TIE = 0.15          # expected finishes within this share of the job's own run time are a tie
 
 
 class NoWorkerAvailable(Exception):
@@ -48,10 +58,11 @@ class NoWorkerAvailable(Exception):
     open), which will not change in a moment, unlike full queues.
     """
 
-    def __init__(self, message: str, *, ready: bool = True, others: bool = True):
+    def __init__(self, message: str, *, ready: bool = True, others: bool = True, retry_after: int | None = None):
         super().__init__(message)
         self.ready = ready
         self.others = others   # False: every listed worker was tried already
+        self.retry_after = retry_after  # seconds until a place is expected to free up (queues full)
 
 
 class Breaker:
@@ -112,15 +123,46 @@ class Placement:
         pending, running = self.counts(state)
         return pending + running + state.in_flight
 
-    def expected_finish(self, state: WorkerState, steps: int, speeds: dict[str, float]) -> float:
-        """Seconds until a new job of ``steps`` would end on this worker: the sampler steps ahead
-        of it (its own queue and jobs on their way there included) and its own, at its speed."""
+    @staticmethod
+    def capacity(state: WorkerState) -> int:
+        """Jobs this worker may hold: what its ``/health`` says it holds (ComfyUI's ``ahead`` + its own
+        ``backlog``), capped by workers.yaml ``max_queue`` when ops set one; :data:`FALLBACK_CAPACITY`
+        for a worker that does not say."""
+        reported = ((state.health or {}).get("load") or {}).get("capacity")
+        own = reported if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0 \
+            else FALLBACK_CAPACITY
+        cap = state.entry.max_queue
+        return own if cap is None else min(own, cap)
+
+    def steps_ahead(self, state: WorkerState) -> int:
+        """Sampler steps this worker has to run before a new job: its queue as its feed (else its
+        last health answer) shows it, plus the jobs placed there that it has not shown yet and
+        those on their way, each with its own steps."""
         if self.mirror.feed_up(state.name):
             ahead = self.mirror.steps_ahead(state.name, DEFAULT_STEPS)
         else:
             ahead = int(((state.health or {}).get("load") or {}).get("steps") or 0)
-        ahead += (self.mirror.recent_unseen(state.name) + state.in_flight) * DEFAULT_STEPS
-        return (ahead + steps) * speeds[state.name]
+        return ahead + self.mirror.recent_unseen_steps(state.name) + state.in_flight_steps
+
+    def expected_finish(self, state: WorkerState, steps: int, speeds: dict[str, float]) -> float:
+        """Seconds until a new job of ``steps`` would end on this worker, at its speed."""
+        return (self.steps_ahead(state) + steps) * speeds[state.name]
+
+    def first_free(self, state: WorkerState, load: int, speeds: dict[str, float]) -> float:
+        """Seconds until a full worker is expected to have a place again: its running job ends, taken as
+        one of its queued jobs on average (the steps ahead over the jobs ahead) at its speed."""
+        return self.steps_ahead(state) / max(load, 1) * speeds[state.name]
+
+    def steps_of(self, body: dict[str, Any]) -> int:
+        """A job's sampler steps: as asked, else its workflow's default, else a typical job's."""
+        steps = body.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            specs = self.specs() or {}
+            workflow = body.get("workflow")
+            name = workflow if isinstance(workflow, str) else specs.get("default_workflow")
+            spec = ((specs.get("workflows") or {}).get(name) or {}).get("params", {}).get("steps")
+            steps = spec.get("default") if isinstance(spec, dict) else None
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else DEFAULT_STEPS
 
     @staticmethod
     def speeds(states: list[WorkerState]) -> dict[str, float]:
@@ -231,9 +273,9 @@ class Placement:
         self.absorb()
         exclude = set(exclude)
         listed = [s for s in self.registry.workers.values() if s.listed and s.name not in exclude]
-        best, why = self._survey(listed, workflow, steps or DEFAULT_STEPS)
+        best, why, frees = self._survey(listed, workflow, steps or DEFAULT_STEPS)
         if not best:
-            raise self._none(listed, why, bool(exclude), workflow)
+            raise self._none(listed, why, bool(exclude), workflow, frees)
         self._rr += 1
         chosen = best[self._rr % len(best)]
         name = self.workflow_of(chosen, workflow)
@@ -241,12 +283,14 @@ class Placement:
             chosen.breakers[name].probe_at = self.clock()  # the one trial job
         return chosen
 
-    def _survey(self, listed: list[WorkerState], workflow: Any,
-                steps: int = DEFAULT_STEPS) -> tuple[list[WorkerState], list[tuple[str, str, str]]]:
-        """The workers where the job would end first, and (worker, kind, why) of the others."""
+    def _survey(self, listed: list[WorkerState], workflow: Any, steps: int = DEFAULT_STEPS
+                ) -> tuple[list[WorkerState], list[tuple[str, str, str]], float | None]:
+        """The workers where the job would end first, (worker, kind, why) of the others, and the
+        seconds until the first full one is expected to have a place (None: none is full)."""
         finishes: list[tuple[float, WorkerState]] = []
         speeds = self.speeds(listed)
         why: list[tuple[str, str, str]] = []
+        frees: float | None = None
         for state in listed:
             if not state.entry.enabled:
                 why.append((state.name, "disabled", "disabled in workers.yaml"))
@@ -263,17 +307,22 @@ class Placement:
             if breaker in ("open", "trial"):
                 why.append((state.name, "breaker", self._breaker_reason(name, breaker, left)))
                 continue
-            load = self.load(state)
-            if load >= state.entry.max_queue:
-                why.append((state.name, "full", f"its queue is full ({load} of {state.entry.max_queue})"))
+            load, capacity = self.load(state), self.capacity(state)
+            if load >= capacity:
+                why.append((state.name, "full", f"its queue is full ({load} of {capacity})"))
+                free = self.first_free(state, load, speeds)
+                frees = free if frees is None else min(frees, free)
                 continue
             finishes.append((self.expected_finish(state, steps, speeds), state))
         if not finishes:
-            return [], why
-        # Within FINISH_TIE of the earliest counts as a tie (round robin among them): two equal
-        # GPUs measure a little apart, and an idle pool should still share the work.
+            return [], why, frees
+        # Within FINISH_TIE of the job's own run time (on the fastest of them) of the earliest finish
+        # is a tie (round robin among them): two equal GPUs measure a little apart, and an idle pool
+        # should still share the work. Not a share of the whole queue: behind a burst that would let
+        # a slow GPU take jobs that end seconds later than elsewhere.
         earliest = min(finish for finish, _ in finishes)
-        return [state for finish, state in finishes if finish <= earliest * (1 + FINISH_TIE) + 1e-9], why
+        slack = FINISH_TIE * steps * min(speeds[state.name] for _, state in finishes)
+        return [state for finish, state in finishes if finish <= earliest + slack + 1e-9], why, frees
 
     def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:
         if breaker == "trial":
@@ -282,7 +331,7 @@ class Placement:
                 f"workers completed it (tried again in {max(1, round(left or 0))} s)")
 
     def _none(self, listed: list[WorkerState], why: list[tuple[str, str, str]], tried: bool,
-              workflow: Any) -> NoWorkerAvailable:
+              workflow: Any, frees: float | None = None) -> NoWorkerAvailable:
         if tried and not listed:
             return NoWorkerAvailable("every worker that could take the job refused it.", others=False)
         if not listed:
@@ -293,7 +342,9 @@ class Placement:
         if kinds <= {"disabled", "down"}:
             return NoWorkerAvailable("Every enabled worker is down or unreachable.")
         if kinds <= {"disabled", "down", "full"}:
-            return NoWorkerAvailable("Every available worker's queue is full; try again shortly.")
+            # The whole pool is full: come back when the first place is expected to free up.
+            retry = min(max(math.ceil(frees or 0), RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+            return NoWorkerAvailable("Every available worker's queue is full; try again shortly.", retry_after=retry)
         shown = [f"{name}: {reason}" for name, kind, reason in why if kind != "disabled"]
         more = len(shown) - MAX_REASONS
         detail = "; ".join(shown[:MAX_REASONS]) + (f"; and {more} more" if more > 0 else "")
@@ -356,8 +407,8 @@ class Placement:
             workflow = {**spec, "ready": ready, "reason": None, "not_ready": not_ready}
             if not ready:
                 listed = [s for s in self.registry.workers.values() if s.listed]
-                _, why = self._survey(listed, name)
-                workflow["reason"] = str(self._none(listed, why, False, name))
+                _, why, frees = self._survey(listed, name)
+                workflow["reason"] = str(self._none(listed, why, False, name, frees))
             workflows[name] = workflow
         return {**specs, "workflows": workflows}
 
@@ -399,6 +450,7 @@ class Placement:
             out.append({
                 "name": state.name, "url": state.url, "public_url": state.entry.public_url,
                 "enabled": state.entry.enabled, "max_queue": state.entry.max_queue,
+                "capacity": self.capacity(state),
                 "listed": state.listed, "routable": state.routable, "reachable": state.reachable,
                 "comfyui_reachable": state.comfyui_reachable, "pending": pending, "running": running,
                 "in_flight": state.in_flight, "jobs": mirror.jobs_of(state.name),

@@ -51,6 +51,7 @@ class WorkerState:
         self.catalogue_at: float | None = None   # monotonic time of the last GET /workflows
         self.health_status: int | None = None    # status of the last GET /health
         self.in_flight = 0                     # POST /generate calls on their way to it
+        self.in_flight_steps = 0               # ... and their sampler steps (placement weighs them)
         self.next_check = 0.0                  # monotonic time its next health check is due
         self.checking = False
         # Placement's bookkeeping for this worker (t2i.scheduler.placement), per workflow name:

@@ -676,12 +676,15 @@ class Runner:
 
     def load(self) -> dict[str, Any]:
         """What placement needs to tell which worker finishes a new job first: the sampler steps
-        this worker still has to run (its own queue included) and how fast it runs them."""
+        this worker still has to run (its own queue included) and how fast it runs them; and how
+        many jobs it holds at most (ComfyUI's ``ahead`` + its own ``backlog``), so a scheduler
+        fills it that far and no further."""
         steps = 0
         for job in self.store.unfinished():
             total = (job.params or {}).get("steps") or job.progress_max or DEFAULT_STEPS
             steps += max(int(total) - (job.progress_value or 0), 0) if job.phase == lc.STARTED else int(total)
-        return {"steps": steps, "seconds_per_step": self.speed.seconds_per_step}
+        return {"steps": steps, "seconds_per_step": self.speed.seconds_per_step,
+                "capacity": self.config.comfyui.ahead + self.config.backlog}
 
     async def health(self) -> dict[str, Any]:
         """The probe's view of ComfyUI, plus what only the runner knows: a stall, a start-up check."""

@@ -62,7 +62,7 @@ def write_workers_yaml(path: Path, workers: list[dict[str, Any]]) -> Path:
 
 
 def worker_entry(worker, **overrides: Any) -> dict[str, Any]:
-    entry = {"name": worker.config.name, "url": worker.url, "enabled": True, "max_queue": 8}
+    entry = {"name": worker.config.name, "url": worker.url, "enabled": True}
     entry.update(overrides)
     return entry
 

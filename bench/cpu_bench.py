@@ -3,7 +3,7 @@
     python bench/cpu_bench.py [--jobs 200] [--runs 3] [--concurrency 4] [--step-time 0.01] [--idle 5]
 
 Starts, each as its own process on 127.0.0.1: the ComfyUI test double (``python -m t2i.comfy_sim``),
-one worker (``python -m t2i.worker --config ...``, its defaults: ahead 2, backlog 32, journal on) and
+one worker (``python -m t2i.worker --config ...``, its defaults: ahead 2, backlog 128, journal on) and
 one scheduler over it (``python -m t2i.scheduler --config ...``, its defaults), all at log level info
 as deployed. Then, per run, three phases of ``--jobs`` jobs of 1 sampler step (64x64), at most
 ``--concurrency`` in flight, each reading every process's CPU time (user + system, all threads; psutil

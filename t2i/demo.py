@@ -79,7 +79,7 @@ def write_configs(data_dir: Path, workers: int, sim_urls: list[str], scheduler_p
         worker_files.append(path)
         local = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else listen_host
         entries.append({"name": name, "url": f"http://{local}:{port}", "public_url": config["public_url"],
-                        "enabled": True, "max_queue": 8})
+                        "enabled": True})  # no max_queue: each worker takes what it says it holds
     (data_dir / "workers.yaml").write_text(yaml.safe_dump({"workers": entries}, sort_keys=False))
     scheduler_file = data_dir / "scheduler.yaml"
     scheduler_file.write_text(yaml.safe_dump({

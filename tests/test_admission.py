@@ -157,3 +157,28 @@ async def test_the_scheduler_fills_a_worker_to_its_capacity_with_true_queue_posi
             assert (await wait_status(c.scheduler.url, prompt_id))["status"] == "completed"
         # Drained below the cap: it takes jobs again.
         assert (await call("POST", c.scheduler.url + "/generate", {"prompt": "room again", "steps": 2})).code == 200
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_whose_own_queue_is_full_is_passed_over_not_marked_down(tmp_path):
+    """The scheduler's view can run ahead of a worker's (another scheduler filled it first): the worker's
+    503 says queue_full, the job goes to the next worker, and the first stays in rotation."""
+    async with SchedulerCluster(tmp_path, n=2, health_interval=600,
+                                workers=[{"comfyui": {"ahead": 1}, "backlog": 1}, {}]) as c:
+        registry = c.scheduler.registry
+        await until(lambda: all(s.health.get("load") for s in registry.workers.values()), what="health")
+        # As if it had room for many, and ends every job first.
+        registry.workers["gpu-0"].health["load"].update(capacity=100, seconds_per_step=0.001)
+        registry.workers["gpu-1"].health["load"].update(seconds_per_step=10)
+        c.sims[0].stall = True
+        placed = []
+        for n in range(3):
+            reply = await call("POST", c.scheduler.url + "/generate", {"prompt": f"job {n}", "steps": 2})
+            assert reply.code == 200, reply
+            placed.append(reply.json["worker"])
+            if n < 2:  # the next is placed once the feed has shown this one (its steps count as gpu-0's)
+                await until(lambda: c.scheduler.mirror.owner(reply.json["prompt_id"]), what="mirrored")
+        assert placed == ["gpu-0", "gpu-0", "gpu-1"]
+        gpu0 = registry.workers["gpu-0"]
+        assert gpu0.refused is None and gpu0.routable
+        c.sims[0].stall = False

@@ -287,6 +287,10 @@ class JobRouter:
             why = f"its ComfyUI rejected the workflow: {detail}"
             self.placement.refused(state, body.get("workflow"), why)
             return Refusal(f"{state.name} {why}", rejected=Reply(status, answer))
+        if detail and status == 503 and answer.get("queue_full"):
+            # Its own queue is full (another scheduler, or clients of its own, filled it before our
+            # mirror saw): not down, just not this job.
+            return Refusal(f"{state.name} is full ({detail})")
         if detail and status == 503 and answer.get("workflow_not_ready"):
             self.placement.refused(state, body.get("workflow"), detail)
             return Refusal(f"{state.name} is not ready: {detail}")

@@ -20,7 +20,7 @@ from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_t
 from t2i.worker.images import ImageHandler, ImageStore
 from t2i.worker.jobs import COMPLETED, Job, JobStore
 from t2i.worker.journal import JournalError
-from t2i.worker.runner import JobFinished, KeyConflict, Runner, WorkflowNotReady
+from t2i.worker.runner import JobFinished, KeyConflict, QueueFull, Runner, WorkflowNotReady
 
 RETRY_AFTER = "5"
 STREAM_TYPE = "application/x-ndjson"   # GET /jobs?stream=1: newline-delimited JSON
@@ -91,6 +91,8 @@ class GenerateHandler(WorkerBodyHandler):
         except WorkflowNotReady as exc:
             raise APIError(503, str(exc), workflow_not_ready=True, workflow=exc.workflow,
                            headers={"Retry-After": RETRY_AFTER}) from None
+        except QueueFull as exc:  # said so that a scheduler tries another worker and keeps this one
+            raise APIError(503, str(exc), queue_full=True, headers={"Retry-After": RETRY_AFTER}) from None
         except (ComfyUIUnavailable, JournalError) as exc:
             raise APIError(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
         except PromptRejected as exc:

@@ -34,6 +34,10 @@ IDLE_CONNECTION_TIMEOUT = 60.0   # seconds without a complete request head, betw
 BODY_TIMEOUT = 60.0              # seconds to receive a request body (bodies are capped at max_body_bytes)
 FD_RESERVE = 256                 # descriptors kept for everything but inbound connections (at least)
 UNLIMITED_FILES = 65536          # what RLIM_INFINITY counts as
+# listen(2)'s queue of connections not yet accepted: thousands of browsers polling may connect within one
+# turn of the event loop (Tornado's default of 128 overflowed at 1,000 polls/s; the kernel caps it at
+# net.core.somaxconn, 4096 on current Linux).
+LISTEN_BACKLOG = 4096
 ACCEPT_BATCH = 128               # connections accepted per readiness event (Tornado's own figure)
 ACCEPT_PAUSE = 0.5               # seconds without accepting after an accept error (asyncio pauses 1 s)
 LOG_EVERY = 60.0                 # seconds between two log lines about the same trouble

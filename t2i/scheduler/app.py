@@ -28,13 +28,14 @@ from t2i.cli import (build_parser, install_shutdown_handlers, load_or_exit, port
 from t2i.config import SchedulerConfig, load_scheduler_config, load_workers_file
 from t2i.httpclient import MAX_CLIENTS, configure_http_client
 from t2i.scheduler.clients import Clients
+from t2i.scheduler.fastpath import StatusFastPath
 from t2i.scheduler.forward import JobRouter
 from t2i.scheduler.handlers import (MetricsHandler, NotFoundHandler, OpenAPIHandler, StaticHandler,
                                     default_handlers)
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import HEALTH_TICK, Registry
-from t2i.serve import serve
+from t2i.serve import LISTEN_BACKLOG, serve
 from t2i.web import body_size_limit, log_request
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,12 @@ class Scheduler:
         self._periodic(self.reload, self.config.reload_interval)
         app = make_app(self.config, self.registry, self.mirror, self.placement, self.router,
                        simulated=self.simulated)
-        sockets = bind_sockets(self.config.listen_port, self.config.listen_host,
+        sockets = bind_sockets(self.config.listen_port, self.config.listen_host, backlog=LISTEN_BACKLOG,
                                family=socket.AF_INET if ":" not in self.config.listen_host else socket.AF_UNSPEC)
-        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB).
-        self.server = serve(app, sockets, max_body_size=body_size_limit(self.config.max_body_bytes))
+        # Every route's body is capped, not only the JSON ones (Tornado's default is 100 MB). Plain
+        # /status polls the mirror can answer are answered before the Application (t2i.scheduler.fastpath).
+        self.server = serve(StatusFastPath(app, self.mirror, self.router), sockets,
+                            max_body_size=body_size_limit(self.config.max_body_bytes))
         self.port = sockets[0].getsockname()[1]
         log.info("scheduler listening on %s:%d with %d workers", self.config.listen_host, self.port,
                  len(self.registry.workers))

@@ -11,6 +11,7 @@ from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.clients import LIST_LIMIT, LIST_MAX, Clients, decode_cursor, list_jobs, parse_statuses
+from t2i.scheduler.fastpath import SHUTTING_DOWN
 from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
@@ -72,7 +73,7 @@ class StatusHandler(SchedulerHandler):
             if not await self.wait_unless_gone(self.mirror.wait(prompt_id, since, wait)):
                 return
             if self.router.closing:
-                raise APIError(503, "The scheduler is shutting down; ask again.", headers={"Retry-After": "1"})
+                raise APIError(503, SHUTTING_DOWN, headers={"Retry-After": "1"})
             entry = self.mirror.fresh(prompt_id)
             if entry is not None:
                 self.finish(entry.encoded())

@@ -390,6 +390,14 @@ class Mirror:
             return
         await self._waiters.wait(prompt_id, timeout)
 
+    def park(self, prompt_id: str, wake: Callable[[], None]) -> None:
+        """Call ``wake`` once when the job changes, leaves the mirror or goes stale (a parked
+        long-poll that is not a coroutine: t2i.scheduler.fastpath); ``unpark`` when it ends otherwise."""
+        self._waiters.add(prompt_id, wake)
+
+    def unpark(self, prompt_id: str, wake: Callable[[], None]) -> None:
+        self._waiters.discard(prompt_id, wake)
+
     def _wake(self, prompt_id: str) -> None:
         self._waiters.wake(prompt_id)
 

@@ -1,0 +1,214 @@
+"""``GET /status/{id}`` answered from the mirror before Tornado's Application sees it.
+
+Browsers poll ``/status`` more than anything else. Through the Application each poll builds an
+``HTTPServerRequest``, finds its route, makes a ``StatusHandler`` with its header tables, runs its
+coroutine and logs; a parked long-poll keeps all that, a task and a timeout for up to a minute. Here a
+poll the mirror can answer (``mirror.fresh``) is answered from the job's JSON bytes as the feed brought
+them, with the headers ``StatusHandler`` sends (``tests/test_status_fastpath.py`` compares the two), and
+a long-poll (``?wait=S&since=V``) waits as one small object with a callback and a timer.
+
+Everything else goes to the Application as it came, untouched: other routes and methods, an id or a
+query this does not read plainly (escapes, other arguments, bad numbers: the handler's 400s), a
+conditional request (``If-None-Match``: the handler's 304), a request with a body, a job the mirror
+cannot answer (the handler asks its worker). A parked long-poll whose copy went stale is passed on
+the same way with no wait left, as ``StatusHandler`` then asks the worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from email.utils import formatdate
+from typing import Any, Awaitable
+
+from tornado import httputil
+from tornado.ioloop import IOLoop
+
+from t2i.jobstate import MAX_WAIT
+from t2i.metrics import POLL_REQUESTS, REJECTIONS, REQUEST_DURATION
+from t2i.scheduler.mirror import Entry, Mirror
+
+log = logging.getLogger("t2i.access")   # the access log's lines, as t2i.web.log_request writes them
+
+PREFIX = "/status/"
+ROUTE = "/status/{prompt_id}"
+SHUTTING_DOWN = "The scheduler is shutting down; ask again."   # StatusHandler's 503 too
+SHUTDOWN_BODY = json.dumps({"error": SHUTTING_DOWN}).encode()     # as t2i.web.JSONHandler.write_error writes it
+_POLLS = POLL_REQUESTS.labels(server="scheduler")
+_ANSWERED = {code: REQUEST_DURATION.labels("scheduler", ROUTE, "GET", f"{code // 100}xx") for code in (200, 503)}
+_SHUTDOWN = REJECTIONS.labels("scheduler", ROUTE, "503", "unavailable")
+# What StatusHandler's answers carry (tornado.web.RequestHandler.clear, JSONHandler.set_default_headers).
+_SERVER = "TornadoServer/" + __import__("tornado").version
+_REASONS = {200: "OK", 503: "Service Unavailable"}
+
+
+class StatusFastPath(httputil.HTTPServerConnectionDelegate):
+    """In front of the scheduler's Application: polls the mirror answers, answered here; the rest to it."""
+
+    def __init__(self, app: Any, mirror: Mirror, router: Any):
+        self.app = app
+        self.mirror = mirror
+        self.router = router   # its ``closing``: parked long-polls are answered 503 at shutdown
+        self._date = (0, "")
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        return _Request(self, server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.app.on_close(server_conn)
+
+    def date(self) -> str:
+        """The Date header, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def take(self, request: "_Request", start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> bool:
+        """Answer (or park) ``request`` when it is a plain poll of a job the mirror can answer."""
+        path = start_line.path
+        if (start_line.method != "GET" or not path.startswith(PREFIX) or "If-None-Match" in headers
+                or "Content-Length" in headers or "Transfer-Encoding" in headers):
+            return False
+        path, _, query = path.partition("?")
+        prompt_id = path[len(PREFIX):]
+        if not prompt_id or "/" in prompt_id or "%" in prompt_id:
+            return False
+        args = _wait_args(query)
+        if args is None:
+            return False
+        entry = self.mirror.fresh(prompt_id)
+        if entry is None:
+            return False
+        _POLLS.inc()
+        wait, since = args
+        request.prompt_id = prompt_id
+        if wait > 0 and since is not None and entry.version <= since:
+            request.park(since, wait, headers.get("Host", ""))
+        else:
+            request.ready = entry  # answered once the request is read (an answer before that closes the connection)
+        return True
+
+
+def _wait_args(query: str) -> tuple[float, int | None] | None:
+    """(wait, since) of a query of at most ``wait`` and ``since``, each once, as plain decimal numbers;
+    None for anything else (the handler reads it and says what is wrong)."""
+    wait, since = 0.0, None
+    if not query:
+        return wait, since
+    seen = set()
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name in seen or not value.isascii():
+            return None
+        seen.add(name)
+        if name == "wait" and value.replace(".", "", 1).isdigit():
+            wait = min(float(value), MAX_WAIT)
+        elif name == "since" and value.isdigit():
+            since = int(value)
+        else:
+            return None
+    return wait, since
+
+
+class _Request(httputil.HTTPMessageDelegate):
+    """One request: answered here, parked here, or passed to the Application (``delegate``)."""
+
+    __slots__ = ("path", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer")
+
+    def __init__(self, path: StatusFastPath, server_conn: object, request_conn: httputil.HTTPConnection):
+        self.path = path
+        self.conn = request_conn
+        self.server_conn = server_conn
+        self.delegate: httputil.HTTPMessageDelegate | None = None
+        self.prompt_id: str | None = None
+        self.ready: Entry | None = None      # to answer with
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- tornado's HTTPMessageDelegate ----------------------------------------------------------
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        self.started = time.monotonic()
+        assert isinstance(start_line, httputil.RequestStartLine)
+        if self.path.take(self, start_line, headers):
+            return None
+        return self._pass_on(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk) if self.delegate is not None else None
+
+    def finish(self) -> None:
+        if self.delegate is not None:
+            self.delegate.finish()
+        elif self.ready is not None:
+            self.answer(self.ready)
+            self.ready = None
+
+    def on_connection_close(self) -> None:
+        if self.delegate is not None:
+            self.delegate.on_connection_close()
+
+    # --- answering ------------------------------------------------------------------------------
+
+    def _pass_on(self, start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        self.delegate = self.path.app.start_request(self.server_conn, self.conn)
+        return self.delegate.headers_received(start_line, headers)
+
+    def answer(self, entry: Entry) -> None:
+        body = entry.encoded()
+        self._write(200, body, ("Etag", '"%s"' % hashlib.sha1(body).hexdigest()))
+
+    def _write(self, code: int, body: bytes, *extra: tuple[str, str]) -> None:
+        """The answer, with StatusHandler's headers in its order (tornado.web.RequestHandler.clear,
+        JSONHandler.set_default_headers, then what the answer adds)."""
+        headers = httputil.HTTPHeaders({"Server": _SERVER, "Content-Type": "application/json; charset=UTF-8",
+                                        "Date": self.path.date(), "Cache-Control": "no-store"})
+        for name, value in extra:
+            headers.add(name, value)
+        headers.add("Content-Length", str(len(body)))
+        self.conn.write_headers(httputil.ResponseStartLine("", code, _REASONS[code]), headers, body)
+        self.conn.finish()
+        elapsed = time.monotonic() - self.started
+        _ANSWERED[code].observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            context = getattr(self.conn, "context", None)
+            log.debug("%d GET %s%s (%s) %.1fms", code, PREFIX, self.prompt_id or "",
+                      getattr(context, "remote_ip", "-"), elapsed * 1000)
+
+    # --- parked long-polls ----------------------------------------------------------------------
+
+    def park(self, since: int, wait: float, host: str) -> None:
+        """Wait for the job's next change (StatusHandler's ``mirror.wait``), at most ``wait`` seconds."""
+        self.since, self.host = since, host
+        self.path.mirror.park(self.prompt_id, self.wake)
+        self.timer = asyncio.get_running_loop().call_later(wait, self.wake)
+        self.conn.set_close_callback(self._unpark)   # the browser went away: stop waiting
+
+    def _unpark(self) -> None:
+        self.conn.set_close_callback(None)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.path.mirror.unpark(self.prompt_id, self.wake)
+
+    def wake(self) -> None:
+        """The job changed, left the mirror or went stale, or the wait is over: answer as StatusHandler does."""
+        if self.timer is None:
+            return   # answered already
+        self._unpark()
+        if self.path.router.closing:
+            _SHUTDOWN.inc()
+            self._write(503, SHUTDOWN_BODY, ("Retry-After", "1"))
+            return
+        entry = self.path.mirror.fresh(self.prompt_id)
+        if entry is not None:
+            self.answer(entry)
+            return
+        # The copy went stale while waiting: the handler asks the worker for the state now (no wait left).
+        line = httputil.RequestStartLine("GET", f"{PREFIX}{self.prompt_id}?since={self.since}", "HTTP/1.1")
+        self._pass_on(line, httputil.HTTPHeaders({"Host": self.host}))
+        self.delegate.finish()

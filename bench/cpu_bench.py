@@ -11,6 +11,8 @@ when installed, else /proc/<pid>/stat) before and after:
 
   direct:  POST /generate to the worker, GET /result/{id}?wait=30 there, GET image_url
            (the scheduler only follows the worker's /jobs feed meanwhile);
+  image:   the same in one request after the submit: GET /result/{id}?wait=30 with Accept: image/*
+           answers with the image itself;
   result:  the same through the scheduler (one request to the result);
   page:    through the scheduler as the page does it: /status/{id}?wait=20&since=V long-polls until
            the job ends, then GET image_url.
@@ -36,7 +38,7 @@ from harness import (CPU_SOURCE, Http, code_version, comfy_process, cpu_resoluti
                      free_port, healthy, machine_line, med_range, run_in_temp_dir, scheduler_process,
                      scheduler_sees, stop_all, wait_until, worker_process)
 
-PHASES = ("direct", "result", "page")
+PHASES = ("direct", "image", "result", "page")
 TARGETS = {"worker": 5.0, "scheduler": 1.0}
 FINAL = ("completed", "failed", "cancelled")
 
@@ -63,6 +65,14 @@ async def one_job(http: Http, base: str, phase: str, number: int) -> None:
             since = state["version"]
             if state["status"] in FINAL:
                 break
+    elif phase == "image":
+        while True:
+            reply = await http.request("GET", f"{base}/result/{prompt_id}?wait=30", headers={"Accept": "image/*"})
+            if reply.status != 202:
+                break
+        if reply.status != 200 or not reply.headers.get("content-type", "").startswith("image/"):
+            raise SystemExit(f"job {prompt_id}: {reply.status} {reply.body[:300]!r}")
+        return
     else:
         while True:
             reply = await http.request("GET", f"{base}/result/{prompt_id}?wait=30")
@@ -109,7 +119,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await wait_until(lambda: scheduler_sees(http, scheduler_url, 1), what="the scheduler",
                          processes=processes.values())
         for phase in PHASES:  # warm-up: imports, first-use caches, the feed's first changes
-            await phase_run(http, worker_url if phase == "direct" else scheduler_url, phase, 5, 1)
+            await phase_run(http, worker_url if phase in ("direct", "image") else scheduler_url, phase, 5, 1)
         await asyncio.sleep(1)
         pids = {name: process.pid for name, process in processes.items()}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -120,7 +130,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         print("  idle: " + ", ".join(f"{name} {rate * 1000:.1f} ms/s" for name, rate in idle_rate.items()))
         for run_no in range(args.runs):
             for phase in PHASES:
-                base = worker_url if phase == "direct" else scheduler_url
+                base = worker_url if phase in ("direct", "image") else scheduler_url
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 started = time.monotonic()
                 await phase_run(http, base, phase, args.jobs, args.concurrency)

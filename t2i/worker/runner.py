@@ -170,11 +170,12 @@ class Runner:
         if job is None:
             return None
         new, effects = lc.advance(job, event, self.now(), self.limits)
+        left_comfyui = job.phase in IN_COMFYUI and new.phase not in IN_COMFYUI
         if new is not job:
-            if _only_quiet_fields_changed(job, new):
+            if _seen_the_same(job, new):
                 # E.g. each node's `executing` only restarts the stall watchdog: a new version would
                 # wake every long-poll and feed follower of the job for nothing they can see.
-                for name in QUIET_FIELDS:
+                for name in UNSEEN_FIELDS:
                     setattr(job, name, getattr(new, name))
                 new = job
             else:
@@ -182,7 +183,7 @@ class Runner:
         for effect in effects:
             if effect not in skip:
                 self._carry_out(new, effect)
-        if job.phase in IN_COMFYUI and new.phase not in IN_COMFYUI:
+        if left_comfyui:
             self._dispatch()  # ComfyUI has room for the next one of this worker's queue
         return new
 
@@ -795,16 +796,19 @@ class Runner:
         return True
 
 
-# Fields of a job nobody outside the runner reads (not in /status, the feed, or what a waiter waits
-# for): a change to them alone is written onto the held job in place.
-QUIET_FIELDS = ("active_at", "running_at", "queued_at", "outputs")
-_LOUD_FIELDS = tuple(name for name in Job.__slots__ if name not in QUIET_FIELDS and name != "version")
+# What a job's ``/status`` (and so the feed, and every long-poll) shows, besides its status and attempt.
+SEEN_FIELDS = ("progress_value", "progress_max", "queue_position", "images", "preview_version", "error", "params",
+               "workflow", "seed", "created_at", "started_at", "finished_at", "client", "image_expired", "webhook")
+# The rest (phase and attempt as far as status and attempt show them the same): a change to these alone
+# is written onto the held record in place, without a new version.
+UNSEEN_FIELDS = tuple(name for name in Job.__slots__ if name not in SEEN_FIELDS and name != "version")
 
 
-def _only_quiet_fields_changed(old: Job, new: Job) -> bool:
-    if old.phase != new.phase:
+def _seen_the_same(old: Job, new: Job) -> bool:
+    """Would ``new`` show in ``/status`` exactly as ``old`` does (its version aside)?"""
+    if old.status != new.status or max(old.attempt, 1) != max(new.attempt, 1):
         return False
-    for name in _LOUD_FIELDS:
+    for name in SEEN_FIELDS:
         before, after = getattr(old, name), getattr(new, name)
         if before is not after and before != after:
             return False

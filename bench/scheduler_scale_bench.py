@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py
 
 from harness import fake_feed_page  # noqa: E402
 
+from t2i.gcpolicy import STATS  # noqa: E402
+
 # --- the fake workers (child process) ---------------------------------------------------------
 
 
@@ -148,27 +150,31 @@ async def serve_fakes(count: int, big: int) -> None:
 
 
 class GCMeter:
-    """The longest full (generation 2) garbage collection since the last :meth:`take`, in CPU ms."""
+    """Garbage collections since the last :meth:`take`: how many, the longest (CPU ms of this thread)
+    and its generation, and how many were full (generation 2) passes."""
 
     def __init__(self) -> None:
         self.worst = 0.0
-        self.count = 0
+        self.worst_generation = 0
+        self.count = self.full = 0
         self._started = 0.0
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict) -> None:
-        if info["generation"] != 2:
-            return
         if phase == "start":
             self._started = time.thread_time()
-        else:
-            self.worst = max(self.worst, time.thread_time() - self._started)
-            self.count += 1
+            return
+        took = time.thread_time() - self._started
+        self.count += 1
+        self.full += info["generation"] == 2
+        if took > self.worst:
+            self.worst, self.worst_generation = took, info["generation"]
 
     def take(self) -> str:
-        worst, count = self.worst, self.count
-        self.worst, self.count = 0.0, 0
-        return f"{count} x, longest {worst * 1000:.0f} ms"
+        text = (f"gc {self.count} x, longest {self.worst * 1000:.0f} ms gen {self.worst_generation}, "
+                f"{self.full} full")
+        self.worst, self.worst_generation, self.count, self.full = 0.0, 0, 0, 0
+        return text
 
 
 class StallMeter:
@@ -191,7 +197,7 @@ class StallMeter:
     def take(self) -> str:
         wall, cpu = self.worst_wall, self.worst_cpu
         self.worst_wall = self.worst_cpu = 0.0
-        return f"{cpu * 1000:.0f} cpu/{wall * 1000:.0f} wall (full gc {self.gc.take()})"
+        return f"{cpu * 1000:.0f} cpu/{wall * 1000:.0f} wall ({self.gc.take()})"
 
 
 def rss_bytes() -> int:
@@ -223,7 +229,7 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
     started = time.perf_counter()
     scheduler = Scheduler(load_scheduler_config(directory / "scheduler.yaml"))
     await scheduler.start()
-    gc.freeze()  # as t2i.scheduler.app.main() does once started
+    collector = start_gc(args)  # as t2i.scheduler.app.main() does once started
     out["start_s"] = time.perf_counter() - started
     while not all(scheduler.mirror.feed_up(name) for name in names):
         await asyncio.sleep(0.05)
@@ -231,10 +237,14 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
     out["startup_stall_ms"] = meter.take()
     await asyncio.sleep(args.health_interval * 1.2)  # every worker checked once more, off the start
     meter.take()
+    blocks0, rss_idle0 = sys.getallocatedblocks(), rss_bytes()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await asyncio.sleep(args.idle)
     out["idle_core_pct"] = 100 * (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     out["idle_stall_ms"] = meter.take()
+    # Growth while idle: of the Python heap (allocated blocks: what the GC policy watches) and of RSS.
+    out["idle_heap_growth"] = sys.getallocatedblocks() - blocks0
+    out["idle_rss_growth_mb"] = (rss_bytes() - rss_idle0) / 1e6
     out["rss_mb"] = (rss_bytes() - rss0) / 1e6
     client = AsyncHTTPClient(force_instance=True, max_clients=64)
     latencies = []
@@ -263,13 +273,43 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
     out["health_view_ms"] = 1000 * (time.perf_counter() - t0)
     out["views_stall_ms"] = meter.take()
     client.close()
+    if collector is not None:
+        # The policy's one long pause, done now to be measured: what it rescans and what it frees
+        # (cyclic garbage that was frozen alive: the leak it bounds).
+        collector.compact()
+        out["frozen_objects"] = gc.get_freeze_count()
+        out["compaction_ms"] = 1000 * STATS.last_compaction_pause
+        out["compaction_freed"] = STATS.last_compaction_freed
+        meter.take()
     t0 = time.perf_counter()
     await scheduler.stop()
     out["stop_s"] = time.perf_counter() - t0
+    stop_gc(collector)
     return out
 
 
-async def run_listing(port: int, jobs: int, directory: Path, meter: StallMeter) -> dict[str, Any]:
+def start_gc(args):
+    """The GC policy as the servers' main() starts it (``--gc policy``), or the old single freeze."""
+    from t2i.gcpolicy import GCPolicy
+
+    if args.gc == "policy":
+        collector = GCPolicy()
+        collector.start()
+        return collector
+    if args.gc == "freeze":
+        gc.freeze()
+    return None
+
+
+def stop_gc(collector) -> None:
+    """Stop the policy and give the next scheduler a fresh heap (not measured)."""
+    if collector is not None:
+        collector.stop()
+    gc.unfreeze()
+    gc.collect()
+
+
+async def run_listing(port: int, jobs: int, directory: Path, meter: StallMeter, args) -> dict[str, Any]:
     """A scheduler following one worker that holds ``jobs`` jobs: time to list, longest stall."""
     import yaml
 
@@ -284,11 +324,15 @@ async def run_listing(port: int, jobs: int, directory: Path, meter: StallMeter) 
     t0 = time.perf_counter()
     scheduler = Scheduler(load_scheduler_config(directory / "scheduler.yaml"))
     await scheduler.start()
+    collector = start_gc(args)
     while not scheduler.mirror.feed_up("big"):
         await asyncio.sleep(0.01)
     out = {"jobs": jobs, "listed_s": time.perf_counter() - t0, "listing_stall_ms": meter.take(),
            "mirrored": scheduler.mirror.jobs_of("big")}
+    await asyncio.sleep(2)  # held: the GC policy's ticks over 20,000 mirrored jobs
+    out["held_stall_ms"] = meter.take()
     await scheduler.stop()
+    stop_gc(collector)
     return out
 
 
@@ -307,7 +351,7 @@ async def bench(args) -> None:
             names = [f"fake-{i:04d}" for i in range(len(ports))]
             base = await run_pool(ports[:args.baseline], names[:args.baseline], args, Path(tmp) / "base", meter)
             full = await run_pool(ports, names, args, Path(tmp) / "full", meter)
-            listing = await run_listing(big, args.listing, Path(tmp) / "big", meter)
+            listing = await run_listing(big, args.listing, Path(tmp) / "big", meter, args)
         meter.task.cancel()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -331,9 +375,17 @@ async def bench(args) -> None:
           f"SIGTERM-like stop {full['stop_s']:.2f} s, GET /workers {full['workers_view_ms']:.0f} ms "
           f"({full['workers_view_kb']:.0f} KB)")
     print(f"one worker holding {listing['jobs']} jobs: listed in {listing['listed_s']:.2f} s, "
-          f"{listing['mirrored']} mirrored, longest loop stall (ms) {listing['listing_stall_ms']}")
+          f"{listing['mirrored']} mirrored, longest loop stall (ms) {listing['listing_stall_ms']}; "
+          f"then held 2 s: {listing['held_stall_ms']}")
     print("longest loop stall (ms) at {workers} workers: start-up {startup_stall_ms}, idle {idle_stall_ms}, "
           "placing {place_stall_ms}, /workers+/health {views_stall_ms}".format(**full))
+    print(f"GC: --gc {args.gc}; while idle {args.idle:.0f} s the heap grew by {full['idle_heap_growth']} blocks "
+          f"and RSS by {full['idle_rss_growth_mb']:.1f} MB", end="")
+    if "compaction_ms" in full:
+        print(f"; a compaction (unfreeze, full collection, freeze again: {full['frozen_objects']} objects) "
+              f"took {full['compaction_ms']:.0f} ms and freed {full['compaction_freed']}")
+    else:
+        print()
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           "(wall-clock numbers include waiting for a CPU)")
 
@@ -346,6 +398,9 @@ def main() -> None:
     parser.add_argument("--placements", type=int, default=500)
     parser.add_argument("--listing", type=int, default=20000, help="jobs held by the big-listing worker")
     parser.add_argument("--health-interval", type=float, default=5.0)
+    parser.add_argument("--gc", choices=["policy", "freeze", "off"], default="policy",
+                        help="policy: t2i.gcpolicy as the servers run it; freeze: one gc.freeze() after start-up "
+                             "(before the policy); off: CPython's defaults")
     parser.add_argument("--serve-fakes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fakes is not None:

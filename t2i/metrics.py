@@ -12,9 +12,10 @@ import weakref
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from tornado import web
 
+from t2i.gcpolicy import PAUSE_BUCKETS, PAUSES, STATS  # importing it starts timing every collection
 from t2i.web import JSONHandler
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class MetricsHandler(JSONHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest() + pool_metrics(self.application) + client_metrics(self.application))
+        self.finish(generate_latest() + pool_metrics(self.application) + client_metrics(self.application)
+                    + gc_metrics())
 
 
 # --- jobs ----------------------------------------------------------------------------------
@@ -192,6 +194,35 @@ def client_metrics(application: web.Application) -> bytes:
         unfinished.add_metric([label], value)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed([unfinished]))
+    return generate_latest(registry)
+
+
+# --- the garbage collector (process-wide), read at scrape time --------------------------------
+
+def gc_metrics() -> bytes:
+    """Every collection's pause by generation (t2i.gcpolicy times them from start-up) and what the GC
+    policy did: a long pause shows here first. (Not the frozen count: gc.get_freeze_count() walks
+    the whole frozen list, tens of ms on the event loop.)"""
+    pauses = HistogramMetricFamily("t2i_gc_pause_seconds", "Garbage collection passes by generation (2: full) "
+                                   "and how long each held the process (wall clock)", labels=["generation"])
+    for generation in range(3):
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, PAUSE_BUCKETS), "+Inf"], PAUSES.buckets[generation]):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        pauses.add_metric([str(generation)], buckets, PAUSES.seconds[generation])
+    longest = GaugeMetricFamily("t2i_gc_longest_pause_seconds", "The longest garbage collection pass since "
+                                "start-up, by generation", labels=["generation"])
+    for generation in range(3):
+        longest.add_metric([str(generation)], PAUSES.longest[generation])
+    freezes = CounterMetricFamily("t2i_gc_freezes", "Young collections followed by gc.freeze (GC policy)",
+                                  STATS.freezes)
+    compactions = CounterMetricFamily("t2i_gc_compactions", "Compactions: unfreeze, full collection, freeze "
+                                      "again (GC policy; each is a full pass over every object)", STATS.compactions)
+    freed = GaugeMetricFamily("t2i_gc_compaction_freed_objects", "Cyclic garbage the last compaction freed "
+                              "(frozen while alive, a cycle once dead)", STATS.last_compaction_freed)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([pauses, longest, freezes, compactions, freed]))
     return generate_latest(registry)
 
 

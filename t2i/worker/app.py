@@ -14,6 +14,7 @@ from tornado.netutil import bind_sockets
 from t2i import cli
 from t2i.check import check_worker
 from t2i.config import ConfigError, WorkerConfig, load_worker_config
+from t2i.gcpolicy import GCPolicy
 from t2i.httpclient import configure_http_client
 from t2i.serve import serve
 from t2i.web import NotFoundHandler, body_size_limit, log_request
@@ -153,8 +154,12 @@ async def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
         return 1
+    # Start-up's objects (the journal's jobs among them) and what lives on, out of full GC passes.
+    collector = GCPolicy()
+    collector.start()
     await stop.wait()
     log.info("shutting down")
+    collector.stop()
     await worker.stop()
     log.info("stopped")
     return 0

@@ -305,11 +305,12 @@ class ComfyUIClient:
         failures = 0     # connect attempts that failed in a row (drives the logging)
         while not self._closing:
             client_id = uuid.uuid4().hex
+            inbox = _Inbox(self._dispatch)
             try:
                 ws = await websocket_connect(
                     HTTPRequest(f"{self.ws_url}?clientId={client_id}", connect_timeout=self.connect_timeout,
                                 request_timeout=self.connect_timeout),
-                    ping_interval=self.ping_interval)
+                    ping_interval=self.ping_interval, on_message_callback=inbox.received)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # refused, timed out, bad handshake: all mean "not now"
@@ -324,14 +325,14 @@ class ComfyUIClient:
                 continue
             failures = 0
             connected_at = time.monotonic()
-            await self._serve(ws, client_id)
+            await self._serve(ws, client_id, inbox)
             if time.monotonic() - connected_at > self.backoff.maximum:
                 retries = 0  # it was up a good while: start the backoff over
             if not self._closing:
                 retries += 1
                 await asyncio.sleep(self.backoff.delay(retries))
 
-    async def _serve(self, ws: WebSocketClientConnection, client_id: str) -> None:
+    async def _serve(self, ws: WebSocketClientConnection, client_id: str, inbox: "_Inbox") -> None:
         self._ws = ws
         self.client_id = client_id
         self.connections += 1
@@ -346,14 +347,7 @@ class ComfyUIClient:
         log.info("connected to ComfyUI websocket %s (clientId %s)", self.ws_url, client_id)
         self._notify("on_connected", client_id, self.connections > 1)
         try:
-            while True:
-                message = await ws.read_message()
-                if message is None:
-                    break
-                try:
-                    self._dispatch(message)
-                except Exception:  # one odd message must not end the connection's reader
-                    log.exception("ignoring a ComfyUI websocket message that could not be handled")
+            await inbox.open()  # messages are handled as they arrive from here on, until it closes
         finally:
             # However the reader ends, submit() must not believe a dead socket is listening.
             self._connected.clear()
@@ -541,6 +535,39 @@ class ComfyUIClient:
         stats, queue = await asyncio.gather(self._get_json("/system_stats", request_timeout=timeout),
                                             self._get_json("/queue", request_timeout=timeout))
         return stats, parse_queue(queue)
+
+
+class _Inbox:
+    """One websocket's messages, handed to ``handle`` as Tornado reads them (its callback: no queue, no
+    task wake-up per message; ComfyUI sends a dozen or more per job). Those that arrive before
+    :meth:`open` (the connection is still being announced) wait, in order, until then."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.early: list[str | bytes] | None = []
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def received(self, message: str | bytes | None) -> None:
+        if message is None:
+            if not self.closed.done():
+                self.closed.set_result(None)
+        elif self.early is not None:
+            self.early.append(message)
+        else:
+            self._handle(message)
+
+    async def open(self) -> None:
+        """Handle what came early, then each message as it comes; returns when the connection closes."""
+        early, self.early = self.early or [], None
+        for message in early:
+            self._handle(message)
+        await self.closed
+
+    def _handle(self, message: str | bytes) -> None:
+        try:
+            self.handle(message)
+        except Exception:  # one odd message must not end the connection's reader
+            log.exception("ignoring a ComfyUI websocket message that could not be handled")
 
 
 def _multipart(boundary: str, parts: list[tuple[str, str | None, str | None, bytes]]) -> bytes:

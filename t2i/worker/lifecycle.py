@@ -521,12 +521,17 @@ def event_of(msg_type: str, data: dict[str, Any]) -> Any:
 
 
 
-def advance(job: Job, event: Any, now: Now, limits: Limits) -> tuple[Job, tuple[Effect, ...]]:
-    """The job after ``event``, and the effects to carry out. The same ``job`` when nothing changed."""
+def changes_of(job: Job, event: Any, now: Now, limits: Limits) -> Step:
+    """The fields ``event`` changes on ``job`` (some may keep their value), and the effects to carry out."""
     rule = TRANSITIONS.get(type(event), {}).get(job.phase)
     if rule is None:
-        return job, ()
-    changes, effects = rule(job, event, now, limits)
-    if not job.differs(changes):
+        return NOTHING
+    return rule(job, event, now, limits)
+
+
+def advance(job: Job, event: Any, now: Now, limits: Limits) -> tuple[Job, tuple[Effect, ...]]:
+    """The job after ``event``, and the effects to carry out. The same ``job`` when nothing changed."""
+    changes, effects = changes_of(job, event, now, limits)
+    if not changes or not job.differs(changes):
         return job, effects
     return job.evolve(**changes), effects

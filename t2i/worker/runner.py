@@ -35,7 +35,7 @@ from t2i.worker.collect import CollectError, collect_images, discard_images
 from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
 from t2i.worker.inputs import upload_inputs
-from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
+from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, PHASE_STATUS, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
 from t2i.worker.readiness import WorkflowReadiness
 from t2i.worker.webhooks import Webhooks, new_state
@@ -169,17 +169,17 @@ class Runner:
         job = self.store.get(prompt_id)
         if job is None:
             return None
-        new, effects = lc.advance(job, event, self.now(), self.limits)
-        left_comfyui = job.phase in IN_COMFYUI and new.phase not in IN_COMFYUI
-        if new is not job:
-            if _seen_the_same(job, new):
+        changes, effects = lc.changes_of(job, event, self.now(), self.limits)  # what lc.advance would apply
+        new = job
+        left_comfyui = job.phase in IN_COMFYUI and changes.get("phase", job.phase) not in IN_COMFYUI
+        if changes and job.differs(changes):
+            if _shown_the_same(job, changes):
                 # E.g. each node's `executing` only restarts the stall watchdog: a new version would
                 # wake every long-poll and feed follower of the job for nothing they can see.
-                for name in UNSEEN_FIELDS:
-                    setattr(job, name, getattr(new, name))
-                new = job
+                for name, value in changes.items():
+                    setattr(job, name, value)
             else:
-                self.store.put(new)
+                new = self.store.put(job.evolve(**changes))
         for effect in effects:
             if effect not in skip:
                 self._carry_out(new, effect)
@@ -797,20 +797,22 @@ class Runner:
 
 
 # What a job's ``/status`` (and so the feed, and every long-poll) shows, besides its status and attempt.
-SEEN_FIELDS = ("progress_value", "progress_max", "queue_position", "images", "preview_version", "error", "params",
-               "workflow", "seed", "created_at", "started_at", "finished_at", "client", "image_expired", "webhook")
-# The rest (phase and attempt as far as status and attempt show them the same): a change to these alone
-# is written onto the held record in place, without a new version.
-UNSEEN_FIELDS = tuple(name for name in Job.__slots__ if name not in SEEN_FIELDS and name != "version")
+SHOWN_FIELDS = frozenset(("progress_value", "progress_max", "queue_position", "images", "preview_version", "error",
+                          "params", "workflow", "seed", "created_at", "started_at", "finished_at", "client",
+                          "image_expired", "webhook"))
 
 
-def _seen_the_same(old: Job, new: Job) -> bool:
-    """Would ``new`` show in ``/status`` exactly as ``old`` does (its version aside)?"""
-    if old.status != new.status or max(old.attempt, 1) != max(new.attempt, 1):
-        return False
-    for name in SEEN_FIELDS:
-        before, after = getattr(old, name), getattr(new, name)
-        if before is not after and before != after:
+def _shown_the_same(job: Job, changes: dict[str, Any]) -> bool:
+    """Would ``job`` with ``changes`` show in ``/status`` exactly as it does now (its version aside)? Then the
+    changes (timers, outputs, a phase within one status, attempt 0 -> 1) are written onto the held record."""
+    for name, value in changes.items():
+        if name == "phase":
+            if PHASE_STATUS[value] != job.status:
+                return False
+        elif name == "attempt":
+            if max(value, 1) != max(job.attempt, 1):
+                return False
+        elif name in SHOWN_FIELDS and getattr(job, name) != value:
             return False
     return True
 

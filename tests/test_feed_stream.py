@@ -4,9 +4,13 @@ pages, and lists again after a worker restart."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 
 import pytest
+from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from support.cluster import CountingRoute, SchedulerCluster, WorkerCluster, call, start_scheduler
@@ -74,6 +78,9 @@ async def test_a_stream_from_a_forgotten_seq_says_full_and_ends(tmp_path):
         assert response.code == 200
         assert stream.lines == [{"epoch": w.worker.store.epoch, "seq": w.worker.store.seq, "full": True,
                                  "jobs": [], "removed": []}]
+        # A follower of an earlier run of the worker (another epoch) is told at once, whatever its since.
+        stream = Stream(f"{w.url}/jobs?since={w.worker.store.seq}&wait=30&stream=1&epoch=an-earlier-run")
+        assert (await stream.start()).code == 200 and [line["full"] for line in stream.lines] == [True]
         bad = await call("GET", f"{w.url}/jobs?stream=2")
         assert bad.code == 400 and bad.json["field"] == "stream"
 
@@ -115,6 +122,58 @@ async def test_a_worker_that_does_not_stream_is_long_polled():
             await until(lambda: mirror.get("job-2") is not None, what="a change after the listing")
             assert mirror.get("job-1").state == "completed" and mirror.counts("w") == (1, 0)
             assert feed.up
+        finally:
+            await mirror.stop()
+
+
+class StreamingFeed(FakeFeed):
+    """FakeFeed that also streams (``stream=1``) as t2i workers do: changed jobs, then a mark; again on
+    each change until ``wait`` has passed."""
+
+    def app(self) -> web.Application:
+        feed = self
+        plain = super().app().wildcard_router.rules[0].target
+
+        class Jobs(plain):
+            async def get(self):
+                if self.get_argument("stream", "0") != "1":
+                    return await super().get()
+                feed.queries.append({k: self.get_argument(k) for k in self.request.arguments})
+                since, deadline = int(self.get_argument("since")), time.monotonic() + float(self.get_argument("wait"))
+                self.set_header("Content-Type", "application/x-ndjson")
+                while time.monotonic() < deadline:
+                    page = feed.page(since, None, 0)
+                    lines = [] if page["full"] else [json.dumps(job) for job in page["jobs"]]
+                    lines.append(json.dumps({**page, "jobs": []}))
+                    self.write("".join(line + "\n" for line in lines))
+                    await self.flush()
+                    if page["full"]:
+                        break
+                    since = page["seq"]
+                    feed.changed.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(feed.changed.wait(), deadline - time.monotonic())
+                self.finish()
+
+        return web.Application([(r"/jobs", Jobs)])
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_stream_whose_mark_names_a_new_epoch_is_listed_again():
+    async with served(StreamingFeed()) as fake_feed:
+        fake_feed.put("job-1", "pending")
+        mirror = Mirror(feed_wait=5)
+        feed = mirror.follow("w", lambda: fake_feed.url)
+        try:
+            await until(lambda: any(q.get("stream") == "1" for q in fake_feed.queries), what="streaming")
+            fake_feed.put("job-2", "running")
+            await until(lambda: state_of(mirror, "job-2") == "running", what="a streamed change")
+            listings = sum(1 for q in fake_feed.queries if q["since"] == "0")
+            fake_feed.epoch = "e2"   # the worker restarted (its jobs read back from its journal)
+            fake_feed.put("job-3", "pending")
+            await until(lambda: feed.epoch == "e2" and state_of(mirror, "job-3") == "pending", what="listed again")
+            assert sum(1 for q in fake_feed.queries if q["since"] == "0") == listings + 1
+            assert state_of(mirror, "job-1") == "pending" and feed.up
         finally:
             await mirror.stop()
 

@@ -83,7 +83,7 @@ class Entry:
 
 
 class StreamEnd(Exception):
-    """Stop reading a streamed feed: ``error`` (None: list the worker's jobs again)."""
+    """Stop reading a streamed feed (raised by a line): ``error`` (None: list the worker's jobs again)."""
 
     def __init__(self, error: str | None):
         super().__init__(error)
@@ -93,7 +93,7 @@ class StreamEnd(Exception):
 class FeedStream:
     """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by Tornado as it arrives."""
 
-    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "streamed", "stopped")
+    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "streamed", "stopped", "ended")
 
     def __init__(self, mirror: "Mirror", feed: "Feed"):
         self.mirror = mirror
@@ -104,7 +104,8 @@ class FeedStream:
         self.batch: list[tuple[dict[str, Any], bytes]] = []   # job lines until their mark
         self.plain: list[bytes] = []
         self.streamed = False      # a mark was applied
-        self.stopped = False
+        self.stopped = False       # the follower is done with it: what still comes is ignored
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()   # StreamEnd's error
 
     def header(self, line: str) -> None:
         if self.code is None:
@@ -115,15 +116,28 @@ class FeedStream:
 
     def data(self, chunk: bytes) -> None:
         if self.stopped:
-            raise StreamEnd("stopped")
+            return
         if not self.ndjson:
             self.plain.append(chunk)
             return
         lines = (self.rest + chunk if self.rest else chunk).split(b"\n")
         self.rest = lines.pop()
-        for line in lines:
-            if line:
-                self.mirror._take_line(self.feed, self, line)
+        try:
+            for line in lines:
+                if line:
+                    self.mirror._take_line(self.feed, self, line)
+        except StreamEnd as end:
+            self.stopped = True
+            self.ended.set_result(end.error)
+
+
+async def _outcome(awaitable: Any) -> Any:
+    """The result of ``awaitable``, or the exception it raised (a fetch left to end by itself after its
+    follower is done with it must not be logged as an exception never retrieved)."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        return exc
 
 
 class Listing:
@@ -559,7 +573,8 @@ class Mirror:
         seconds; the error when it failed. A worker that does not stream answers a plain page (held
         up to ``wait``), taken as :meth:`_poll_once` takes it: the long-polls go on."""
         wait = round(self.feed_wait * random.uniform(0.8, 1.0), 1)  # spread, as the long-polls'
-        query = {"since": feed.seq, "wait": wait, "limit": self.page_size, "stream": 1}
+        # With its epoch: a worker that restarted says so at once (a full mark) and ends the answer.
+        query = {"since": feed.seq, "wait": wait, "limit": self.page_size, "stream": 1, "epoch": feed.epoch}
         headers = {"Accept": f"{STREAM_TYPE}, application/json"}
         if self.auth_token:
             headers["Authorization"] = f"Bearer {self.auth_token}"
@@ -567,15 +582,20 @@ class Mirror:
         request = HTTPRequest(f"{feed.url()}/jobs?{urlencode(query)}", headers=headers,
                               connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
                               header_callback=reader.header, streaming_callback=reader.data)
+        # Tornado's clients cannot abort a request (an exception in the callback is logged as a bug): a
+        # stream the mirror is done with is left to end by itself (at its wait), its lines ignored.
+        fetching = asyncio.ensure_future(_outcome(fetch(request, self.client)))
         try:
-            response = await fetch(request, self.client)
-        except StreamEnd as end:
-            return end.error
-        except (HTTPClientError, OSError) as exc:
-            return str(exc) or type(exc).__name__
-        except asyncio.CancelledError:
-            reader.stopped = True  # the connection is cut at its next chunk (Tornado cannot abort a fetch)
-            raise
+            await asyncio.wait((fetching, reader.ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.stopped = True
+        if reader.ended.done():
+            return reader.ended.result()
+        response = fetching.result()
+        if isinstance(response, (HTTPClientError, OSError)):
+            return str(response) or type(response).__name__
+        if isinstance(response, BaseException):
+            raise response
         if response.code == 599:
             return str(response.error or "connection failed")
         if reader.streamed:

@@ -190,7 +190,7 @@ class JobsHandler(WorkerHandler):
         if stream > 1:
             raise APIError(400, "stream must be 0 or 1.", field="stream")
         if stream:
-            await self.stream(since, wait, limit)
+            await self.stream(since, wait, limit, self.get_query_argument("epoch", None))
             return
         if wait > 0 and since == self.store.seq:  # nothing new: hold the request
             if not await self.wait_unless_gone(self.store.wait_feed(since, wait)):
@@ -202,22 +202,24 @@ class JobsHandler(WorkerHandler):
         body.update(jobs=[self.job_json(job) for job in page.jobs], removed=page.removed)
         self.write_json(body)
 
-    async def stream(self, since: int, wait: float, limit: int | None) -> None:
+    async def stream(self, since: int, wait: float, limit: int | None, epoch: str | None) -> None:
         """Newline-delimited JSON, one batch of lines per change of the store: each changed job's status
         object (as ``GET /status`` shows it), then a mark, a feed page without jobs (``jobs: []``), that
         brings the follower up to its ``seq`` and names the removals. The first batch comes at once
         (the changes since ``since``, perhaps none); after ``wait`` seconds a last mark ends the answer.
-        When ``since`` needs a full listing: one mark with ``full: true`` and the end (list the jobs with
-        paged requests, then stream from the listing's ``seq``).
+        When ``since`` needs a full listing, or ``epoch`` (the follower's) is not this run's: one mark with
+        ``full: true`` and the end (list the jobs with paged requests, then stream from the listing's ``seq``).
 
         A follower pays a decode and a mirror update per change, not a request and an answer on both
         sides (a job changes five or more times); changes made within one turn of the event loop come
         as one batch, and a job's progress superseded before it is sent is never sent."""
         self.set_header("Content-Type", STREAM_TYPE)
         deadline = time.monotonic() + wait
-        while True:
+        relist = epoch is not None and epoch != self.store.epoch
+        while not relist:
             page = self.store.page(since, limit)
             if page.full:
+                relist = True
                 break
             since = page.cursor if page.more else self.store.seq
             lines = [json.dumps(self.job_json(job), separators=(",", ":")).encode() + b"\n" for job in page.jobs]
@@ -237,7 +239,7 @@ class JobsHandler(WorkerHandler):
             if self.store.seq != since:
                 continue
             break  # the wait passed
-        self.finish(feed_mark(self.store.epoch, self.store.seq if page.full else since, page.full, []))
+        self.finish(feed_mark(self.store.epoch, self.store.seq if relist else since, relist, []))
 
 
 def feed_mark(epoch: str, seq: int, full: bool, removed: list[str]) -> bytes:

@@ -24,8 +24,8 @@ import time
 from email.utils import formatdate
 from typing import Any, Awaitable
 
+import tornado
 from tornado import httputil
-from tornado.ioloop import IOLoop
 
 from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, REJECTIONS, REQUEST_DURATION
@@ -41,7 +41,7 @@ _POLLS = POLL_REQUESTS.labels(server="scheduler")
 _ANSWERED = {code: REQUEST_DURATION.labels("scheduler", ROUTE, "GET", f"{code // 100}xx") for code in (200, 503)}
 _SHUTDOWN = REJECTIONS.labels("scheduler", ROUTE, "503", "unavailable")
 # What StatusHandler's answers carry (tornado.web.RequestHandler.clear, JSONHandler.set_default_headers).
-_SERVER = "TornadoServer/" + __import__("tornado").version
+_SERVER = "TornadoServer/" + tornado.version
 _REASONS = {200: "OK", 503: "Service Unavailable"}
 
 
@@ -117,10 +117,10 @@ def _wait_args(query: str) -> tuple[float, int | None] | None:
 class _Request(httputil.HTTPMessageDelegate):
     """One request: answered here, parked here, or passed to the Application (``delegate``)."""
 
-    __slots__ = ("path", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer")
+    __slots__ = ("front", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer")
 
-    def __init__(self, path: StatusFastPath, server_conn: object, request_conn: httputil.HTTPConnection):
-        self.path = path
+    def __init__(self, front: StatusFastPath, server_conn: object, request_conn: httputil.HTTPConnection):
+        self.front = front
         self.conn = request_conn
         self.server_conn = server_conn
         self.delegate: httputil.HTTPMessageDelegate | None = None
@@ -134,7 +134,7 @@ class _Request(httputil.HTTPMessageDelegate):
                          headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
         self.started = time.monotonic()
         assert isinstance(start_line, httputil.RequestStartLine)
-        if self.path.take(self, start_line, headers):
+        if self.front.take(self, start_line, headers):
             return None
         return self._pass_on(start_line, headers)
 
@@ -155,7 +155,7 @@ class _Request(httputil.HTTPMessageDelegate):
     # --- answering ------------------------------------------------------------------------------
 
     def _pass_on(self, start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
-        self.delegate = self.path.app.start_request(self.server_conn, self.conn)
+        self.delegate = self.front.app.start_request(self.server_conn, self.conn)
         return self.delegate.headers_received(start_line, headers)
 
     def answer(self, entry: Entry) -> None:
@@ -166,7 +166,7 @@ class _Request(httputil.HTTPMessageDelegate):
         """The answer, with StatusHandler's headers in its order (tornado.web.RequestHandler.clear,
         JSONHandler.set_default_headers, then what the answer adds)."""
         headers = httputil.HTTPHeaders({"Server": _SERVER, "Content-Type": "application/json; charset=UTF-8",
-                                        "Date": self.path.date(), "Cache-Control": "no-store"})
+                                        "Date": self.front.date(), "Cache-Control": "no-store"})
         for name, value in extra:
             headers.add(name, value)
         headers.add("Content-Length", str(len(body)))
@@ -174,17 +174,18 @@ class _Request(httputil.HTTPMessageDelegate):
         self.conn.finish()
         elapsed = time.monotonic() - self.started
         _ANSWERED[code].observe(elapsed)
-        if log.isEnabledFor(logging.DEBUG):
+        level = logging.DEBUG if code == 200 else logging.INFO   # t2i.web.log_request's levels
+        if log.isEnabledFor(level):
             context = getattr(self.conn, "context", None)
-            log.debug("%d GET %s%s (%s) %.1fms", code, PREFIX, self.prompt_id or "",
-                      getattr(context, "remote_ip", "-"), elapsed * 1000)
+            log.log(level, "%d GET %s%s (%s) %.1fms", code, PREFIX, self.prompt_id or "",
+                    getattr(context, "remote_ip", "-"), elapsed * 1000)
 
     # --- parked long-polls ----------------------------------------------------------------------
 
     def park(self, since: int, wait: float, host: str) -> None:
         """Wait for the job's next change (StatusHandler's ``mirror.wait``), at most ``wait`` seconds."""
         self.since, self.host = since, host
-        self.path.mirror.park(self.prompt_id, self.wake)
+        self.front.mirror.park(self.prompt_id, self.wake)
         self.timer = asyncio.get_running_loop().call_later(wait, self.wake)
         self.conn.set_close_callback(self._unpark)   # the browser went away: stop waiting
 
@@ -193,18 +194,18 @@ class _Request(httputil.HTTPMessageDelegate):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-            self.path.mirror.unpark(self.prompt_id, self.wake)
+            self.front.mirror.unpark(self.prompt_id, self.wake)
 
     def wake(self) -> None:
         """The job changed, left the mirror or went stale, or the wait is over: answer as StatusHandler does."""
         if self.timer is None:
             return   # answered already
         self._unpark()
-        if self.path.router.closing:
+        if self.front.router.closing:
             _SHUTDOWN.inc()
             self._write(503, SHUTDOWN_BODY, ("Retry-After", "1"))
             return
-        entry = self.path.mirror.fresh(self.prompt_id)
+        entry = self.front.mirror.fresh(self.prompt_id)
         if entry is not None:
             self.answer(entry)
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -178,6 +179,18 @@ class ImageHandler(FileHandler):
         # immutable and uniquely named, so size and mtime identify the content as well.
         stat = self._stat()
         return f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        # parse_url_path let only our own flat names through, so the path is <root>/<name>; one lstat
+        # tells a file of ours from a symlink (refused: it could lead anywhere) or nothing, where
+        # FileHandler's general check resolves every component of both paths on each request.
+        try:
+            mode = os.lstat(absolute_path).st_mode
+        except OSError:
+            raise APIError(404, self.not_found) from None
+        if not stat.S_ISREG(mode):
+            raise APIError(404, self.not_found)
+        return absolute_path
 
     def parse_url_path(self, url_path: str) -> str:
         # Only our own flat names: anything else (``../``, sub-paths) is a 404 before any

@@ -93,6 +93,31 @@ def _merge_workflow(workflows: dict[str, Any], name: str, spec: dict[str, Any]) 
             mine["choices"] = mine["choices"] + [c for c in value["choices"] if c not in mine["choices"]]
 
 
+def _health_load(state: WorkerState) -> dict[str, Any]:
+    """The ``load`` object of a worker's last ``/health`` answer ({} when it has none)."""
+    return (state.health or {}).get("load") or {}
+
+
+def _speed(load: dict[str, Any]) -> float | None:
+    """Seconds per step a worker measured (``load.seconds_per_step``), None when it has not yet."""
+    value = load.get("seconds_per_step")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _median(speeds: list[float]) -> float:
+    """The pool's median seconds per step: a worker not measured yet is taken to run at it (1.0 while
+    none is measured: then only the steps ahead count)."""
+    known = sorted(speeds)
+    return known[len(known) // 2] if known else 1.0
+
+
+def _capacity(load: dict[str, Any], max_queue: int | None) -> int:
+    reported = load.get("capacity")
+    own = reported if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0 \
+        else FALLBACK_CAPACITY
+    return own if max_queue is None else min(own, max_queue)
+
+
 class Placement:
     """The scheduler's routing choice over a registry and a mirror."""
 
@@ -111,47 +136,53 @@ class Placement:
 
     # --- load -----------------------------------------------------------------
 
+    def _seen(self, state: WorkerState) -> tuple[int, int, int, bool]:
+        """(pending, running, placed here and not shown yet, feed up) of a worker now: the mirror's
+        while its feed is up, else its last health answer."""
+        mirror, name = self.mirror, state.name
+        up = mirror.feed_up(name)
+        pending, running = mirror.counts(name) if up else state.health_jobs()
+        return pending, running, mirror.recent_unseen(name), up
+
     def counts(self, state: WorkerState) -> tuple[int, int]:
-        """(pending, running) of a worker now: the mirror's while its feed is up, else its last
-        health answer; plus the jobs placed here that no feed has shown yet."""
-        mirror = self.mirror
-        pending, running = mirror.counts(state.name) if mirror.feed_up(state.name) else state.health_jobs()
-        return pending + mirror.recent_unseen(state.name), running
+        """(pending, running) of a worker now, the jobs placed here that no feed has shown yet pending."""
+        pending, running, recent, _ = self._seen(state)
+        return pending + recent, running
+
+    def load_and_steps(self, state: WorkerState) -> tuple[int, int]:
+        """(jobs, sampler steps) ahead of a new job on this worker: its queue as its feed (else its
+        last health answer) shows it, plus the jobs placed there that it has not shown yet and
+        those on their way, each with its own steps. One look at the mirror for both: placement
+        asks this of every worker for every job."""
+        pending, running, recent, up = self._seen(state)
+        if up:
+            ahead = self.mirror.steps_ahead(state.name, DEFAULT_STEPS)
+        else:
+            ahead = int(_health_load(state).get("steps") or 0)
+        if recent:
+            ahead += self.mirror.recent_unseen_steps(state.name)
+        return pending + recent + running + state.in_flight, ahead + state.in_flight_steps
 
     def load(self, state: WorkerState) -> int:
         """Jobs ahead of a new one on this worker, submissions on their way included."""
-        pending, running = self.counts(state)
-        return pending + running + state.in_flight
+        return self.load_and_steps(state)[0]
 
     @staticmethod
     def capacity(state: WorkerState) -> int:
         """Jobs this worker may hold: what its ``/health`` says it holds (ComfyUI's ``ahead`` + its own
         ``backlog``), capped by workers.yaml ``max_queue`` when ops set one; :data:`FALLBACK_CAPACITY`
         for a worker that does not say."""
-        reported = ((state.health or {}).get("load") or {}).get("capacity")
-        own = reported if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0 \
-            else FALLBACK_CAPACITY
-        cap = state.entry.max_queue
-        return own if cap is None else min(own, cap)
+        return _capacity(_health_load(state), state.entry.max_queue)
 
     def steps_ahead(self, state: WorkerState) -> int:
-        """Sampler steps this worker has to run before a new job: its queue as its feed (else its
-        last health answer) shows it, plus the jobs placed there that it has not shown yet and
-        those on their way, each with its own steps."""
-        if self.mirror.feed_up(state.name):
-            ahead = self.mirror.steps_ahead(state.name, DEFAULT_STEPS)
-        else:
-            ahead = int(((state.health or {}).get("load") or {}).get("steps") or 0)
-        return ahead + self.mirror.recent_unseen_steps(state.name) + state.in_flight_steps
+        """Sampler steps this worker has to run before a new job (see :meth:`load_and_steps`)."""
+        return self.load_and_steps(state)[1]
 
-    def expected_finish(self, state: WorkerState, steps: int, speeds: dict[str, float]) -> float:
-        """Seconds until a new job of ``steps`` would end on this worker, at its speed."""
-        return (self.steps_ahead(state) + steps) * speeds[state.name]
-
-    def first_free(self, state: WorkerState, load: int, speeds: dict[str, float]) -> float:
+    @staticmethod
+    def first_free(ahead: int, load: int, speed: float) -> float:
         """Seconds until a full worker is expected to have a place again: its running job ends, taken as
         one of its queued jobs on average (the steps ahead over the jobs ahead) at its speed."""
-        return self.steps_ahead(state) / max(load, 1) * speeds[state.name]
+        return ahead / max(load, 1) * speed
 
     def steps_of(self, body: dict[str, Any]) -> int:
         """A job's sampler steps: as asked, else its workflow's default, else a typical job's."""
@@ -163,19 +194,6 @@ class Placement:
             spec = ((specs.get("workflows") or {}).get(name) or {}).get("params", {}).get("steps")
             steps = spec.get("default") if isinstance(spec, dict) else None
         return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else DEFAULT_STEPS
-
-    @staticmethod
-    def speeds(states: list[WorkerState]) -> dict[str, float]:
-        """Seconds per step of each worker as it measures them; one not measured yet is taken to
-        run at the pool's median (1.0 while none is measured: then only the steps ahead count)."""
-        measured = {}
-        for state in states:
-            value = ((state.health or {}).get("load") or {}).get("seconds_per_step")
-            if isinstance(value, (int, float)) and value > 0:
-                measured[state.name] = float(value)
-        known = sorted(measured.values())
-        fallback = known[len(known) // 2] if known else 1.0
-        return {state.name: measured.get(state.name, fallback) for state in states}
 
     # --- readiness --------------------------------------------------------------
 
@@ -287,11 +305,17 @@ class Placement:
                 ) -> tuple[list[WorkerState], list[tuple[str, str, str]], float | None]:
         """The workers where the job would end first, (worker, kind, why) of the others, and the
         seconds until the first full one is expected to have a place (None: none is full)."""
-        finishes: list[tuple[float, WorkerState]] = []
-        speeds = self.speeds(listed)
+        # One pass, each worker's health read once, the pool's median speed sorted only when a worker
+        # needs it: this runs for every job over every worker (1,000 in bench/scheduler_scale_bench.py).
         why: list[tuple[str, str, str]] = []
-        frees: float | None = None
+        room: list[tuple[WorkerState, int, float | None]] = []        # (state, steps ahead, speed)
+        full: list[tuple[int, int, float | None]] = []                # (load, steps ahead, speed)
+        known: list[float] = []                                       # every listed worker's measured speed
         for state in listed:
+            health = _health_load(state)
+            speed = _speed(health)
+            if speed is not None:
+                known.append(speed)
             if not state.entry.enabled:
                 why.append((state.name, "disabled", "disabled in workers.yaml"))
                 continue
@@ -302,27 +326,32 @@ class Placement:
             if ready is False:
                 why.append((state.name, "unready", reason or "not ready"))
                 continue
-            name = self.workflow_of(state, workflow)
-            breaker, left = self.breaker_state(state, name)
-            if breaker in ("open", "trial"):
-                why.append((state.name, "breaker", self._breaker_reason(name, breaker, left)))
-                continue
-            load, capacity = self.load(state), self.capacity(state)
+            if state.breakers:   # none recorded (most workers, most of the time): closed
+                name = self.workflow_of(state, workflow)
+                breaker, left = self.breaker_state(state, name)
+                if breaker in ("open", "trial"):
+                    why.append((state.name, "breaker", self._breaker_reason(name, breaker, left)))
+                    continue
+            load, ahead = self.load_and_steps(state)
+            capacity = _capacity(health, state.entry.max_queue)
             if load >= capacity:
                 why.append((state.name, "full", f"its queue is full ({load} of {capacity})"))
-                free = self.first_free(state, load, speeds)
-                frees = free if frees is None else min(frees, free)
+                full.append((load, ahead, speed))
                 continue
-            finishes.append((self.expected_finish(state, steps, speeds), state))
-        if not finishes:
+            room.append((state, ahead, speed))
+        # A worker not measured yet (speed None) runs at the median of those measured.
+        fallback = _median(known) if any(speed is None for *_, speed in full + room) else 1.0
+        frees = min((self.first_free(ahead, load, speed or fallback) for load, ahead, speed in full), default=None)
+        if not room:
             return [], why, frees
+        finishes = [((ahead + steps) * (speed or fallback), state, speed or fallback) for state, ahead, speed in room]
         # Within FINISH_TIE of the job's own run time (on the fastest of them) of the earliest finish
         # is a tie (round robin among them): two equal GPUs measure a little apart, and an idle pool
         # should still share the work. Not a share of the whole queue: behind a burst that would let
         # a slow GPU take jobs that end seconds later than elsewhere.
-        earliest = min(finish for finish, _ in finishes)
-        slack = FINISH_TIE * steps * min(speeds[state.name] for _, state in finishes)
-        return [state for finish, state in finishes if finish <= earliest + slack + 1e-9], why, frees
+        earliest = min(finish for finish, _, _ in finishes)
+        slack = FINISH_TIE * steps * min(speed for _, _, speed in finishes)
+        return [state for finish, state, _ in finishes if finish <= earliest + slack + 1e-9], why, frees
 
     def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:
         if breaker == "trial":

@@ -259,7 +259,8 @@ def wrk_best(points: dict[int, tuple[float, float]]) -> float:
 
 
 def wrk_text(points: dict[int, tuple[float, float]]) -> str:
-    return " ".join(f"{count}:{rate:.0f}/{p99 * 1000:.0f}" for count, (rate, p99) in points.items())
+    return " ".join(f"{count}:{rate:.0f}/{'x' if p99 == float('inf') else f'{p99 * 1000:.0f}'}"
+                    for count, (rate, p99) in points.items())
 
 
 def rss_kb(pid: int) -> int:
@@ -414,6 +415,17 @@ def main() -> int:
         ratio_fwd = [m / f for m, f in zip(wrk_at_p99["mirror"], wrk_at_p99["forward"]) if f] or [float("nan")]
         print(f"  mirror / minimal at p99 <= 50 ms, wrk, per run  {med_range(ratio, '{:.2f}')}x  (target >= 1.4x)")
         print(f"  mirror / forward at p99 <= 50 ms, wrk, per run  {med_range(ratio_fwd, '{:.2f}')}x  (target >= 3x)")
+        # Robust to one bad run on a shared box: each count's rate and p99 are the medians over the runs.
+        pooled = {name: {count: (statistics.median(run.get(count, (0.0, 0.0))[0] for run in wrk_points[name]),
+                                 statistics.median(run.get(count, (0.0, float("inf")))[1] for run in wrk_points[name]))
+                         for count in wrk_counts} for name in at_p99}
+        for name in at_p99:
+            print(f"  p99 <= 50 ms  {name:8s} {wrk_best(pooled[name]):5.0f} polls/s from the runs' medians per "
+                  f"connection count (wrk; connections:rate/p99 ms {wrk_text(pooled[name])})")
+        best = {name: wrk_best(pooled[name]) for name in at_p99}
+        for other, target in (("minimal", 1.4), ("forward", 3)):
+            value = best["mirror"] / best[other] if best[other] else float("nan")
+            print(f"  mirror / {other} at p99 <= 50 ms, wrk, runs' medians per count  {value:.2f}x  (target >= {target:g}x)")
     if use_python:
         python_summary(rates, at_p99, ladders)
     sat_ratio = [m / b for m, b in zip(saturated["mirror"], saturated["minimal"])]

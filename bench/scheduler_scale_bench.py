@@ -225,11 +225,13 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
         {"listen": "127.0.0.1:0", "workers_file": "workers.yaml", "health_interval": args.health_interval}))
     out: dict[str, Any] = {"workers": len(ports)}
     rss0 = rss_bytes()
+    collector = start_gc(args)  # as t2i.scheduler.app.main() does before starting
     meter.take()
     started = time.perf_counter()
     scheduler = Scheduler(load_scheduler_config(directory / "scheduler.yaml"))
     await scheduler.start()
-    collector = start_gc(args)  # as t2i.scheduler.app.main() does once started
+    if args.gc == "freeze":
+        gc.freeze()  # what main() did before the policy: once started
     out["start_s"] = time.perf_counter() - started
     while not all(scheduler.mirror.feed_up(name) for name in names):
         await asyncio.sleep(0.05)
@@ -289,15 +291,13 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
 
 
 def start_gc(args):
-    """The GC policy as the servers' main() starts it (``--gc policy``), or the old single freeze."""
+    """The GC policy as the servers' main() starts it, before the server (``--gc policy``)."""
     from t2i.gcpolicy import GCPolicy
 
     if args.gc == "policy":
         collector = GCPolicy()
         collector.start()
         return collector
-    if args.gc == "freeze":
-        gc.freeze()
     return None
 
 
@@ -320,11 +320,13 @@ async def run_listing(port: int, jobs: int, directory: Path, meter: StallMeter, 
     (directory / "workers.yaml").write_text(yaml.safe_dump({"workers": [
         {"name": "big", "url": f"http://127.0.0.1:{port}"}]}))
     (directory / "scheduler.yaml").write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "workers_file": "workers.yaml"}))
+    collector = start_gc(args)
     meter.take()
     t0 = time.perf_counter()
     scheduler = Scheduler(load_scheduler_config(directory / "scheduler.yaml"))
     await scheduler.start()
-    collector = start_gc(args)
+    if args.gc == "freeze":
+        gc.freeze()
     while not scheduler.mirror.feed_up("big"):
         await asyncio.sleep(0.01)
     out = {"jobs": jobs, "listed_s": time.perf_counter() - t0, "listing_stall_ms": meter.take(),

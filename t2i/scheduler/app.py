@@ -206,6 +206,10 @@ async def main(argv: list[str] | None = None) -> int:
     stop = asyncio.Event()
     install_shutdown_handlers(stop)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, scheduler.reload, True)
+    # From before start-up on, what lives on is frozen out of the collector's full passes, which held
+    # the loop ~0.1 s at 1,000 workers (t2i.gcpolicy); start-up's own passes stay short too.
+    collector = GCPolicy()
+    collector.start()
     # SIGTERM while starting (a large pool, workers slow to answer) stops at once too.
     log.info("starting with %d workers", len(scheduler.registry.workers))
     starting = asyncio.ensure_future(scheduler.start())
@@ -215,6 +219,7 @@ async def main(argv: list[str] | None = None) -> int:
         starting.cancel()
         await asyncio.wait([starting])
         log.info("shutting down while starting")
+        collector.stop()
         await scheduler.stop()
         return 0
     stopping.cancel()
@@ -222,12 +227,9 @@ async def main(argv: list[str] | None = None) -> int:
         starting.result()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port, exc)
+        collector.stop()
         await scheduler.stop()
         return 1
-    # What start-up made (modules, the pool's state, a thousand feed followers) and what lives on
-    # out of the collector's full passes, which held the loop ~0.1 s at 1,000 workers (t2i.gcpolicy).
-    collector = GCPolicy()
-    collector.start()
     await stop.wait()
     log.info("shutting down")
     collector.stop()

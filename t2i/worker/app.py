@@ -146,17 +146,20 @@ async def main(argv: list[str] | None = None) -> int:
     stop = asyncio.Event()
     cli.install_shutdown_handlers(stop)
     worker = Worker(config)
+    # From before start-up on (the journal's jobs read back among them), what lives on is frozen out of
+    # the collector's full passes (t2i.gcpolicy).
+    collector = GCPolicy()
+    collector.start()
     try:
         await worker.start()
     except ConfigError as exc:
+        collector.stop()
         cli.report_config_error(exc)
         return 2
     except OSError as exc:
+        collector.stop()
         log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
         return 1
-    # Start-up's objects (the journal's jobs among them) and what lives on, out of full GC passes.
-    collector = GCPolicy()
-    collector.start()
     await stop.wait()
     log.info("shutting down")
     collector.stop()

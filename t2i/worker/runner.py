@@ -283,6 +283,8 @@ class Runner:
         tasks = list(self._tasks)
         if self._reconcile.task is not None:
             tasks.append(self._reconcile.task)
+        tasks += [task for views in self._early_views.values() for task in views.values()]
+        self._early_views.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from support.cluster import WorkerCluster, call, wait_status
-from t2i.worker.jobs import FINISHING, STARTED
+from t2i.worker.jobs import FINISHING, PHASE_STATUS, STARTED, Job
+from t2i.worker.runner import SHOWN_FIELDS
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -50,3 +51,20 @@ async def test_a_phase_change_within_running_keeps_the_version_and_a_new_status_
         ended = await wait_status(c.url, prompt_id)
         assert ended["status"] == "failed" and ended["version"] > version
         c.sim.stall = False
+
+
+def test_what_is_written_in_place_is_nothing_status_shows():
+    """Every field outside runner.SHOWN_FIELDS (and the phase within one status, attempt 0 -> 1) leaves a
+    job's /status the same: a field added to Job.to_json must be added there too."""
+    job = Job("p-1", 1_795_805_000.0, workflow="txt2img", seed=7, phase=STARTED, params={"steps": 3},
+              progress_value=1, progress_max=3, started_at=1_795_805_001.0, webhook={"state": "pending", "attempts": 0,
+                                                                                     "last_error": None})
+    shown = job.to_json("http://w")
+    for name in Job.__slots__:
+        if name in SHOWN_FIELDS or name in ("phase", "attempt", "version"):
+            continue
+        assert job.evolve(**{name: object()}).to_json("http://w") == shown, name
+    for phase, status in PHASE_STATUS.items():
+        if status == job.status:
+            assert job.evolve(phase=phase).to_json("http://w") == shown, phase
+    assert job.evolve(attempt=0).to_json("http://w") == job.evolve(attempt=1).to_json("http://w")

@@ -799,8 +799,8 @@ class Runner:
 
 
 # What a job's ``/status`` (and so the feed, and every long-poll) shows, besides its status and attempt.
-SHOWN_FIELDS = frozenset(("progress_value", "progress_max", "queue_position", "images", "preview_version", "error",
-                          "params", "workflow", "seed", "created_at", "started_at", "finished_at", "client",
+SHOWN_FIELDS = frozenset(("prompt_id", "progress_value", "progress_max", "queue_position", "images", "preview_version",
+                          "error", "params", "workflow", "seed", "created_at", "started_at", "finished_at", "client",
                           "image_expired", "webhook"))
 
 

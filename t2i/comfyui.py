@@ -35,8 +35,8 @@ TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 
-SUBMIT_TIMEOUT = 10.0
-VIEW_RETRY = Backoff(first=0.2, maximum=2.0, jitter=0.5)  # /view right after a run: the file may lag  # seconds for POST /prompt (validation runs inside it)
+SUBMIT_TIMEOUT = 10.0  # seconds for POST /prompt (validation runs inside it)
+VIEW_RETRY = Backoff(first=0.2, maximum=2.0, jitter=0.5)  # /view right after a run: the file may lag
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 # ``progress_state`` (a snapshot of every node, several per step) says nothing ``executing`` and

@@ -5,11 +5,12 @@ placement latency, start-up and shutdown, ``GET /workers``, and its longest even
     python bench/scheduler_scale_bench.py --workers 200 --idle 10 --placements 200 --listing 5000
 
 Fake workers (one child process, one tiny Tornado app on one port per worker) answer what the
-scheduler asks of a worker: ``/health``, ``/workflows``, ``/jobs`` long-polls (paged with ``limit``
-and ``after``, as t2i workers page them), ``/generate`` (the job completes a moment later) and
-``/status``. The scheduler runs in this process, as ``python -m t2i.scheduler`` would, with its
-default ``health_interval`` (5 s), so its CPU time and memory are its own. Cost per worker is the
-difference to a baseline pool of ``--baseline`` workers measured in the same run.
+scheduler asks of a worker: ``/health``, ``/workflows``, ``/jobs`` (paged with ``limit`` and
+``after``, as t2i workers page them, and streamed with ``stream=1``; ``--no-stream``: long-polls),
+``/generate`` (the job completes a moment later) and ``/status``. The scheduler runs in this process,
+as ``python -m t2i.scheduler`` would (its GC policy included), with its default ``health_interval``
+(5 s), so its CPU time and memory are its own. Cost per worker is the difference to a baseline pool
+of ``--baseline`` workers measured in the same run.
 
 It prints numbers and asserts nothing. Targets (issue 10): >= 1,000 workers followed, placement
 p99 <= 50 ms, <= 0.05 % of a core per idle worker, no loop stall > 20 ms on big listings.
@@ -83,7 +84,7 @@ CATALOGUE = {"default_workflow": "txt2img", "allow_raw_workflows": False, "check
                  "ready": True, "reason": None}}}
 
 
-def make_fake_app(by_port: dict[int, FakeWorker]):
+def make_fake_app(by_port: dict[int, FakeWorker], streams: bool = True):
     from tornado import web
 
     from t2i.idempotency import prompt_id_for
@@ -108,7 +109,38 @@ def make_fake_app(by_port: dict[int, FakeWorker]):
 
     class Jobs(Base):
         async def get(self):
-            self.reply(await fake_feed_page(self.worker, self))
+            if streams and self.get_argument("stream", "0") == "1":
+                await self.stream()
+            else:
+                self.reply(await fake_feed_page(self.worker, self))
+
+        async def stream(self):
+            """``GET /jobs?stream=1`` as a t2i worker answers it (t2i.worker.handlers.JobsHandler.stream):
+            per change, the changed jobs' lines and a mark; a last mark after ``wait``; one ``full`` mark
+            when the follower must list the jobs first."""
+            worker = self.worker
+            since = int(self.get_argument("since", "0"))
+            deadline = time.monotonic() + float(self.get_argument("wait", "0"))
+            self.set_header("Content-Type", "application/x-ndjson")
+            relist = self.get_argument("epoch", worker.epoch) != worker.epoch or not 0 < since <= worker.seq
+            while not relist:
+                lines = [json.dumps(job).encode() + b"\n" for job in worker.jobs.values() if job["version"] > since]
+                since = worker.seq
+                self.write(b"".join(lines) + mark(worker, since, False))
+                await self.flush()
+                if worker.seq == since and not await changed(worker, deadline - time.monotonic()):
+                    break
+            self.finish(mark(worker, worker.seq if relist else since, relist))
+
+    async def changed(worker: FakeWorker, left: float) -> bool:
+        try:
+            await asyncio.wait_for(worker.changed.wait(), max(left, 0))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def mark(worker: FakeWorker, seq: int, full: bool) -> bytes:
+        return json.dumps({"epoch": worker.epoch, "seq": seq, "full": full, "jobs": [], "removed": []}).encode() + b"\n"
 
     class Generate(Base):
         def post(self):
@@ -129,12 +161,12 @@ def make_fake_app(by_port: dict[int, FakeWorker]):
                             (r"/generate", Generate), (r"/status/([^/]+)", Status)])
 
 
-async def serve_fakes(count: int, big: int) -> None:
+async def serve_fakes(count: int, big: int, streams: bool) -> None:
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
     by_port: dict[int, FakeWorker] = {}
-    server = HTTPServer(make_fake_app(by_port), idle_connection_timeout=120)
+    server = HTTPServer(make_fake_app(by_port, streams), idle_connection_timeout=120)
     ports = []
     for i in range(count + 1):
         sockets = bind_sockets(0, "127.0.0.1", backlog=1024)
@@ -266,6 +298,16 @@ async def run_pool(ports: list[int], names: list[str], args, directory: Path, me
     out["place_p50_ms"] = 1000 * pct(latencies, 0.5)
     out["place_p99_ms"] = 1000 * pct(latencies, 0.99)
     out["place_stall_ms"] = meter.take()
+    # The fake workers' own answer time (one process answers the whole pool's health checks and feeds,
+    # unlike a real pool): a floor under the placement latency above, from the same client.
+    direct = []
+    for i in range(min(args.placements, 200)):
+        t0 = time.perf_counter()
+        await client.fetch(f"http://127.0.0.1:{ports[i % len(ports)]}/health", raise_error=False)
+        direct.append(time.perf_counter() - t0)
+    out["fake_p50_ms"] = 1000 * pct(direct, 0.5)
+    out["fake_p99_ms"] = 1000 * pct(direct, 0.99)
+    meter.take()
     t0 = time.perf_counter()
     response = await client.fetch(f"{scheduler.url}/workers", raise_error=False)
     out["workers_view_ms"] = 1000 * (time.perf_counter() - t0)
@@ -344,7 +386,8 @@ async def bench(args) -> None:
 
     print(f"outbound client: {configure_http_client()}; python {sys.version.split()[0]}; {os.cpu_count()} cores")
     proc = subprocess.Popen([sys.executable, __file__, "--serve-fakes", str(args.workers), "--listing",
-                             str(args.listing)], stdout=subprocess.PIPE, text=True)
+                             str(args.listing)] + (["--no-stream"] if args.no_stream else []),
+                            stdout=subprocess.PIPE, text=True)
     try:
         ports = json.loads(proc.stdout.readline())
         big, ports = ports[-1], ports[:-1]
@@ -372,7 +415,9 @@ async def bench(args) -> None:
     print(f"placement at {full['workers']} workers: p50 {full['place_p50_ms']:.1f} ms, "
           f"p99 {full['place_p99_ms']:.1f} ms ({args.placements} sequential POST /generate, client in-process);"
           f" x{full['place_p99_ms'] / max(base['place_p99_ms'], 1e-9):.1f} the p99 at {base['workers']}; "
-          f"CPU per placement {full['place_cpu_ms']:.1f} ms (client included) vs {base['place_cpu_ms']:.1f} ms")
+          f"CPU per placement {full['place_cpu_ms']:.1f} ms (client included) vs {base['place_cpu_ms']:.1f} ms; "
+          f"a fake worker's own GET /health from the same client: p50 {full['fake_p50_ms']:.1f} ms, "
+          f"p99 {full['fake_p99_ms']:.1f} ms (vs {base['fake_p50_ms']:.1f}, {base['fake_p99_ms']:.1f} at {base['workers']})")
     print(f"start-up {full['start_s']:.2f} s (all feeds up {full['all_feeds_up_s']:.2f} s), "
           f"SIGTERM-like stop {full['stop_s']:.2f} s, GET /workers {full['workers_view_ms']:.0f} ms "
           f"({full['workers_view_kb']:.0f} KB)")
@@ -388,6 +433,7 @@ async def bench(args) -> None:
               f"took {full['compaction_ms']:.0f} ms and freed {full['compaction_freed']}")
     else:
         print()
+    print(f"feeds: {'long-polls (--no-stream)' if args.no_stream else 'streamed (GET /jobs?stream=1)'}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           "(wall-clock numbers include waiting for a CPU)")
 
@@ -403,10 +449,12 @@ def main() -> None:
     parser.add_argument("--gc", choices=["policy", "freeze", "off"], default="policy",
                         help="policy: t2i.gcpolicy as the servers run it; freeze: one gc.freeze() after start-up "
                              "(before the policy); off: CPython's defaults")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="fake workers answer GET /jobs?stream=1 with a plain page (a worker that does not stream)")
     parser.add_argument("--serve-fakes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fakes is not None:
-        asyncio.run(serve_fakes(args.serve_fakes, args.listing))
+        asyncio.run(serve_fakes(args.serve_fakes, args.listing, not args.no_stream))
     else:
         asyncio.run(bench(args))
 

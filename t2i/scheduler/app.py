@@ -27,6 +27,7 @@ from t2i.cli import (build_parser, install_shutdown_handlers, load_or_exit, port
 from t2i.config import SchedulerConfig, load_scheduler_config, load_workers_file
 from t2i.gcpolicy import GCPolicy
 from t2i.httpclient import MAX_CLIENTS, configure_http_client
+from t2i.resolver import LiteralFirstResolver
 from t2i.scheduler.clients import Clients
 from t2i.scheduler.fastpath import StatusFastPath
 from t2i.scheduler.forward import JobRouter
@@ -98,7 +99,9 @@ class Scheduler:
         # where curl's connection cache, cycled through a thousand workers, cost more than it saved
         # (bench/scheduler_scale_bench.py). Placing and forwarding keep curl's kept-alive connections.
         self.client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CLIENTS)
-        self.pool_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=POOL_CONNECTIONS)
+        # Workers listed by address (the usual) are resolved in place, not on getaddrinfo's thread pool.
+        self.pool_client = SimpleAsyncHTTPClient(force_instance=True, max_clients=POOL_CONNECTIONS,
+                                                 resolver=LiteralFirstResolver())
         self.registry.client = self.mirror.client = self.pool_client
         self.router.client = self.client
         checked = self.registry.start()

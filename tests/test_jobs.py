@@ -71,6 +71,21 @@ def test_finished_jobs_are_listed_in_finish_order_for_pruning():
     assert list(store.finished_before(2000)) == ["job-2", "job-0"]
 
 
+def test_unfinished_jobs_follow_every_change_in_the_order_they_were_added():
+    store, jobs = make_store(4)
+    assert [job.prompt_id for job in store.unfinished()] == ["job-0", "job-1", "job-2", "job-3"]
+    running = store.update(jobs[1], phase=STARTED)
+    assert store.unfinished()[1] is running  # the current copy, in its place
+    store.update(jobs[2], phase=COMPLETED)
+    store.remove(["job-3"])
+    assert [job.prompt_id for job in store.unfinished()] == ["job-0", "job-1"]
+    store.put(store.get("job-2").evolve(phase=SUBMITTING))  # finished, then unfinished again: its old place
+    assert [job.prompt_id for job in store.unfinished()] == ["job-0", "job-1", "job-2"]
+    store.add(Job("job-4", created_at=store.clock()))
+    assert [job.prompt_id for job in store.unfinished()] == ["job-0", "job-1", "job-2", "job-4"]
+    assert store.unfinished() == [job for job in store.all() if not job.finished]
+
+
 def test_status_json_hides_the_image_once_expired():
     store, (job,) = make_store(1)
     job = store.update(job, phase=COMPLETED, images=("job-0_0.png",))

@@ -165,6 +165,9 @@ class JobStore:
         self.seq = int(clock() * 1000)
         self.on_remove = on_remove  # the journal forgets removed jobs (and keeps their tombstones)
         self._jobs: dict[str, Job] = {}
+        # The unfinished ones, in _jobs' order: the runner asks for them several times per job, and a
+        # scan of every job held (task_ttl keeps thousands) each time was worker CPU growing with the day.
+        self._unfinished: dict[str, Job] = {}
         # prompt_id -> version, oldest change first: the feed walks it from the end.
         self._changes: OrderedDict[str, int] = OrderedDict()
         # Finished jobs by finish order, for pruning without a scan.
@@ -193,7 +196,7 @@ class JobStore:
         return list(self._jobs.values())
 
     def unfinished(self) -> list[Job]:
-        return [job for job in self._jobs.values() if job.phase not in FINISHED]
+        return list(self._unfinished.values())
 
     def removed_seq(self, prompt_id: str) -> int:
         return self._tombstones.get(prompt_id, 0)
@@ -281,6 +284,12 @@ class JobStore:
             if job.finished_at is None:
                 job.finished_at = self.clock()
             self._finished.setdefault(job.prompt_id, job.finished_at)
+            self._unfinished.pop(job.prompt_id, None)
+        elif job.prompt_id in self._unfinished or job.prompt_id not in self._jobs:
+            self._unfinished[job.prompt_id] = job
+        else:  # a finished job unfinished again: rebuilt, so the order stays _jobs' order
+            self._jobs[job.prompt_id] = job
+            self._unfinished = {pid: held for pid, held in self._jobs.items() if held.phase not in FINISHED}
         self._jobs[job.prompt_id] = job
         self._touch(job)
         return job
@@ -298,6 +307,7 @@ class JobStore:
             job = self._jobs.pop(prompt_id, None)
             if job is None:
                 continue
+            self._unfinished.pop(prompt_id, None)
             removed_ids.append(prompt_id)
             self._changes.pop(prompt_id, None)
             self._finished.pop(prompt_id, None)

@@ -187,6 +187,18 @@ def test_build_workflow_puts_each_value_in_its_input(tmp_path):
     assert workflow["5"]["inputs"]["batch_size"] == 3
 
 
+def test_each_job_gets_its_own_workflow_and_the_template_stays_as_read(tmp_path):
+    config = load_worker_config(write(tmp_path / "w.yaml", ""))
+    template = config.workflows["txt2img"].template
+    pristine = json.loads(json.dumps(template))
+    first = build_workflow(config, validate_generate({"prompt": "a fox", "seed": 1}, catalogue_of(config)), "job-1")
+    second = build_workflow(config, validate_generate({"prompt": "an owl", "seed": 2}, catalogue_of(config)), "job-2")
+    assert first["6"]["inputs"]["text"] == "a fox" and second["6"]["inputs"]["text"] == "an owl"
+    assert first["3"]["inputs"]["seed"] == 1 and second["3"]["inputs"]["seed"] == 2
+    assert first["3"]["inputs"] is not second["3"]["inputs"]
+    assert template == pristine  # filled-in values never leak back into the template (or the next job)
+
+
 # --- choices from ComfyUI's object_info ----------------------------------------------------
 
 @pytest.mark.gen_test(timeout=30)

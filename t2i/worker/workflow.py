@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from t2i.config import WorkerConfig
@@ -26,12 +27,27 @@ def build_workflow(config: WorkerConfig, request: GenerateRequest, prompt_id: st
         workflow = copy.deepcopy(request.raw_workflow)
     else:
         spec = config.workflows[request.workflow or config.default_workflow]
-        workflow = copy.deepcopy(spec.template)
+        workflow = fresh_copy(spec.template)
         for name, value in request.params.items():
             param = spec.params[name]
             workflow[param.node]["inputs"][param.input] = value
     set_output_prefix(workflow, output_prefix(prompt_id))
     return workflow
+
+
+# id(template) -> (template, its JSON): templates are read from JSON files (t2i.config) and never changed,
+# and decoding their JSON is ~4x cheaper than copy.deepcopy (30 us a job here).
+_ENCODED: dict[int, tuple[dict[str, Any], str]] = {}
+
+
+def fresh_copy(template: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a workflow template (JSON values only), to fill in for one job."""
+    cached = _ENCODED.get(id(template))
+    if cached is None or cached[0] is not template:
+        if len(_ENCODED) >= 256:  # configs loaded again and again (tests): keep it bounded
+            _ENCODED.clear()
+        cached = _ENCODED[id(template)] = (template, json.dumps(template))
+    return json.loads(cached[1])
 
 
 def set_output_prefix(workflow: dict[str, Any], prefix: str) -> int:

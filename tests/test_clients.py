@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -21,8 +22,9 @@ import yaml
 
 from support.cluster import SchedulerCluster, WorkerCluster, call, wait_status
 from support.net import free_port
-from support.timing import until
+from support.timing import FakeClock, until
 from t2i.config import ConfigError, load_scheduler_config
+from t2i.scheduler.mirror import SHARE_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,14 +221,21 @@ async def _code(awaitable) -> int:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_jobs_on_a_worker_that_is_down_do_not_lock_their_client_out(tmp_path):
+async def test_jobs_on_a_worker_that_stays_down_stop_counting_after_a_grace(tmp_path):
     async with SchedulerCluster(tmp_path, n=2, step_time=0.5, clients={"keys": KEYS, "max_jobs": 1}) as c:
         base = c.scheduler.url
+        clock = FakeClock(now=time.time())
+        c.scheduler.mirror.clock = clock   # the mirror's wall clock: when a feed went down
         placed = await generate(base, ALICE)
         assert placed.code == 200 and (await generate(base, ALICE)).code == 429
         holder = c.worker_named(placed.json["worker"])
         await holder.stop()
         await until(lambda: not c.scheduler.mirror.feed_up(holder.config.name), what="its feed down")
+        # A feed that just went down (as when a health check times out on a busy box) still counts
+        # the job as alice's: a blip must not let her past her cap ...
+        assert (await generate(base, ALICE)).code == 429
+        # ... while a worker that stays down does not lock her out.
+        clock.advance(SHARE_GRACE + 1)
         again = await generate(base, ALICE)
         assert again.code == 200 and again.json["worker"] != holder.config.name, again
 

@@ -151,8 +151,9 @@ class ClientIndex:
         return dict(self._unfinished.get(client, ()))
 
     def held(self, client: str, live: Callable[[str], bool] = lambda worker: True) -> int:
-        """Unfinished jobs ``client`` holds: in the mirror on workers whose feed is ``live`` (a worker that
-        is down does not lock its clients out), placed here lately, and being placed now."""
+        """Unfinished jobs ``client`` holds: in the mirror on workers ``live`` says still hold them (see
+        Mirror.holds_jobs: a worker that stays down does not lock its clients out), placed here lately,
+        and being placed now."""
         mirrored = sum(1 for worker in self._unfinished.get(client, {}).values() if live(worker))
         return mirrored + len(self.recent(client)) + self._placing.get(client, 0)
 

@@ -129,7 +129,7 @@ class JobRouter:
             return
         if not known:
             try:
-                self.clients.check_room(client, self.mirror.feed_up)
+                self.clients.check_room(client, self.mirror.holds_jobs)
             except APIError:
                 CLIENT_THROTTLED.labels(metric_label(client)).inc()
                 log.info("client %s is at its max_jobs (%d); 429", client, self.clients.max_jobs)

@@ -41,6 +41,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
 RECENT_LOAD_TTL = 30.0      # ... counted as load on their worker for at most this long
 OUTCOMES_LIMIT = 10000      # job endings seen live, until placement reads them
+SHARE_GRACE = 60.0          # a feed down this briefly (a health check timed out) still counts its jobs as held
 GONE_LIMIT = 100_000        # ids workers removed (pruned, refused), remembered to ask their worker (410)
 
 
@@ -166,6 +167,7 @@ class Feed:
         self.more = False               # the last page of changes said there are more: ask at once
         self.last_error: str | None = None
         self.last_ok: float | None = None
+        self.down_at: float | None = None  # when it last went from up to down
         self.task: asyncio.Task | None = None
         self.wake = asyncio.Event()
         self.tried = asyncio.Event()    # set once the first listing was tried (start-up waits on it)
@@ -281,6 +283,16 @@ class Mirror:
     def feed_up(self, worker: str) -> bool:
         feed = self._feeds.get(worker)
         return feed is not None and feed.up
+
+    def holds_jobs(self, worker: str) -> bool:
+        """Whether the mirrored unfinished jobs of ``worker`` still count against their clients' fair
+        share: while its feed is up, and for SHARE_GRACE after it went down — a blip (a health check
+        timed out on a busy box) must not let a client past its cap, while a worker that stays down
+        does not lock its clients out (its jobs come back with it: the worker keeps them)."""
+        feed = self._feeds.get(worker)
+        if feed is None:
+            return False
+        return feed.up or feed.down_at is not None and self.clock() - feed.down_at < SHARE_GRACE
 
     def jobs_of(self, worker: str) -> int:
         return len(self._ids.get(worker, ()))
@@ -465,7 +477,7 @@ class Mirror:
         until the feed answers again."""
         feed = self._feeds.get(worker)
         if feed is not None and feed.up:
-            feed.up = False
+            feed.up, feed.down_at = False, self.clock()
             feed.last_error = error
             self.wake_all(worker)
 
@@ -549,7 +561,7 @@ class Mirror:
             # The next pages ask with since=0: a full listing whatever the worker's seq is now.
             listing = feed.listing = Listing(0, epoch, page["seq"])
             if feed.up:  # listed again: its jobs are not known to be complete until the last page
-                feed.up = False
+                feed.up, feed.down_at = False, self.clock()
                 self.wake_all(feed.name)
         jobs = self._apply_jobs(feed.name, page)
         if listing is not None:
@@ -642,6 +654,8 @@ class Mirror:
     def _feed_down(self, feed: Feed, error: str) -> None:
         if feed.up or feed.last_error is None:
             log.warning("job feed of worker %s is down: %s", feed.name, error)
+        if feed.up:
+            feed.down_at = self.clock()
         feed.up = False
         feed.listing = None  # a listing cut short is read again from its start
         feed.last_error = error

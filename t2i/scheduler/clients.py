@@ -305,7 +305,7 @@ def list_jobs(mirror: Any, client: str, limit: int = LIST_LIMIT, statuses: froze
         if before is not None and key >= before:
             continue
         entry = mirror.get(key[1])
-        if entry is None or statuses is not None and entry.status.get("status") not in statuses:
+        if entry is None or statuses is not None and entry.state not in statuses:
             continue
         if len(page) == limit:
             return page, encode_cursor(*last)

@@ -323,8 +323,8 @@ class JobRouter:
         except APIError:
             entry = self.mirror.get(prompt_id)
             if entry is not None and entry.final:
-                return Reply(409, {"error": f"Job {prompt_id} has already ended ({entry.status['status']}).",
-                                   "status": entry.status["status"]})
+                return Reply(409, {"error": f"Job {prompt_id} has already ended ({entry.state}).",
+                                   "status": entry.state})
             raise
 
     async def client_of(self, prompt_id: str) -> str | None:

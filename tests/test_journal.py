@@ -156,6 +156,7 @@ async def test_queued_saves_share_one_commit(tmp_path, journals):
 @pytest.mark.gen_test(timeout=10)
 async def test_saves_during_a_commit_go_into_the_next_one(tmp_path, journals):
     journal = journals(tmp_path)
+    journal.coalesce = 0  # the first commit begins at once (no wait for more rows)
     await journal.open()
     journal.save(make_job(0, SUBMITTING, T0))
     first = asyncio.ensure_future(journal.flush())
@@ -170,6 +171,27 @@ async def test_saves_during_a_commit_go_into_the_next_one(tmp_path, journals):
 
 
 # --- forget and tombstones -----------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=10)
+async def test_rows_nobody_waits_for_share_a_commit_until_a_flush(tmp_path, journals):
+    journal = journals(tmp_path)
+    journal.coalesce = 600  # longer than the test may run: only the flush can end the wait
+    await journal.open()
+    for n in range(5):  # transitions in separate turns of the loop, as a job's messages come
+        journal.save(make_job(n, SUBMITTING, T0 + n))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert journal.commits == 0
+    journal.save(make_job(0, QUEUED, T0))
+    await journal.flush()  # cuts the wait short
+    assert journal.commits == 1 and journal.writes == 5
+    journal.save(make_job(5, SUBMITTING, T0 + 5))
+    await journal.close()  # commits what is queued, without waiting out the window
+    assert journal.commits == 2
+    restored, _ = await reopen(journals, tmp_path)
+    assert [(job.prompt_id, job.phase) for job in restored] == [
+        ("job-0", QUEUED), *((f"job-{n}", SUBMITTING) for n in range(1, 6))]
+
 
 @pytest.mark.gen_test(timeout=10)
 async def test_forget_deletes_rows_and_keeps_tombstones(tmp_path, journals):

@@ -154,11 +154,19 @@ class JSONHandler(web.RequestHandler):
             app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
 
 
-def allowed_methods(handler: web.RequestHandler) -> list[str]:
+# handler class -> the methods it implements: asked on every request (prepare), the same for its class.
+_ALLOWED: dict[type, tuple[str, ...]] = {}
+
+
+def allowed_methods(handler: web.RequestHandler) -> tuple[str, ...]:
     """The methods ``handler``'s class implements (for 405 and its ``Allow`` header)."""
     cls = type(handler)
-    return [method for method in handler.SUPPORTED_METHODS
-            if getattr(cls, method.lower()) is not getattr(web.RequestHandler, method.lower())]
+    methods = _ALLOWED.get(cls)
+    if methods is None:
+        methods = _ALLOWED[cls] = tuple(
+            method for method in handler.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(web.RequestHandler, method.lower()))
+    return methods
 
 
 def json_depth(value: Any) -> int:

@@ -61,12 +61,14 @@ async def test_health_reports_the_steps_left_and_the_measured_speed(tmp_path):
     async with WorkerCluster(tmp_path, comfyui={"ahead": 1}, backlog=5) as c:
         # capacity: the jobs it holds at most, one in ComfyUI and 5 in its own queue
         assert (await call("GET", f"{c.url}/health")).json["load"] == {"steps": 0, "seconds_per_step": None,
-                                                                       "capacity": 6}
+                                                                       "seconds_per_job": None, "capacity": 6}
         for n in range(3):  # the speed is reported once a few jobs have been seen
             done = await c.submit({"prompt": f"measure {n}", "steps": 4})
             assert (await c.wait(done))["status"] == "completed"
-            seen = (await call("GET", f"{c.url}/health")).json["load"]["seconds_per_step"]
-            assert (seen is None) == (n < 2)
+            seen = (await call("GET", f"{c.url}/health")).json["load"]
+            assert (seen["seconds_per_step"] is None) == (seen["seconds_per_job"] is None) == (n < 2)
+        # Jobs of one size tell no fixed part from the per-step one (t2i/worker/speed.py): all per-step.
+        assert seen["seconds_per_job"] == 0.0 and seen["seconds_per_step"] > 0
         c.sim.stall = True
         running = await c.submit({"prompt": "a", "steps": 6})
         await c.wait(running, "running")

@@ -19,8 +19,8 @@ A worker gets a job when it is listed, enabled, reachable with its ComfyUI, and
 - it has room: fewer unfinished jobs (placements on their way included) than its
   :meth:`~Placement.capacity`, what it says it holds (``/health`` ``load.capacity``:
   ComfyUI's ``ahead`` + its own ``backlog``), capped by workers.yaml ``max_queue`` when
-  set. Of those, the job goes where it is expected to end first (the sampler steps
-  ahead of it at the worker's measured speed), near-ties in turn.
+  set. Of those, the job goes where it is expected to end first (the jobs and sampler
+  steps ahead of it at the worker's measured seconds per job and per step), near-ties in turn.
 
 When every worker that could take the job is full, the ``503``'s ``Retry-After`` is
 when the first place is expected to free up (:meth:`Placement.first_free`).
@@ -104,11 +104,24 @@ def _speed(load: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
+def _per_job(load: dict[str, Any]) -> float | None:
+    """Seconds per job beyond its steps a worker measured (``load.seconds_per_job``), None when it has not
+    (or is older and folds them into its seconds per step)."""
+    value = load.get("seconds_per_job")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _median(speeds: list[float]) -> float:
     """The pool's median seconds per step: a worker not measured yet is taken to run at it (1.0 while
     none is measured: then only the steps ahead count)."""
     known = sorted(speeds)
     return known[len(known) // 2] if known else 1.0
+
+
+def expected_finish(jobs_ahead: int, steps_ahead: int, steps: int, per_step: float, per_job: float) -> float:
+    """Seconds until a new job of ``steps`` would end on a worker: each job ahead and its own cost their
+    fixed part, each step its per-step part (a 1-step job is not 1/20 of a 20-step one)."""
+    return (jobs_ahead + 1) * per_job + (steps_ahead + steps) * per_step
 
 
 def _capacity(load: dict[str, Any], max_queue: int | None) -> int:
@@ -179,10 +192,10 @@ class Placement:
         return self.load_and_steps(state)[1]
 
     @staticmethod
-    def first_free(ahead: int, load: int, speed: float) -> float:
+    def first_free(ahead: int, load: int, speed: float, per_job: float = 0.0) -> float:
         """Seconds until a full worker is expected to have a place again: its running job ends, taken as
         one of its queued jobs on average (the steps ahead over the jobs ahead) at its speed."""
-        return ahead / max(load, 1) * speed
+        return expected_finish(0, 0, ahead / max(load, 1), speed, per_job)
 
     def steps_of(self, body: dict[str, Any]) -> int:
         """A job's sampler steps: as asked, else its workflow's default, else a typical job's."""
@@ -287,7 +300,8 @@ class Placement:
     def choose(self, workflow: Any = None, exclude: Iterable[str] = (), steps: int | None = None) -> WorkerState:
         """The worker for a job of ``workflow`` (a name, a raw workflow object, or None for each
         worker's default): ready, breaker not open, room in its queue, and where a job of
-        ``steps`` is expected to end first (steps ahead at each worker's measured speed)."""
+        ``steps`` is expected to end first (jobs and steps ahead at each worker's measured seconds
+        per job and per step)."""
         self.absorb()
         exclude = set(exclude)
         listed = [s for s in self.registry.workers.values() if s.listed and s.name not in exclude]
@@ -308,14 +322,19 @@ class Placement:
         # One pass, each worker's health read once, the pool's median speed sorted only when a worker
         # needs it: this runs for every job over every worker (1,000 in bench/scheduler_scale_bench.py).
         why: list[tuple[str, str, str]] = []
-        room: list[tuple[WorkerState, int, float | None]] = []        # (state, steps ahead, speed)
-        full: list[tuple[int, int, float | None]] = []                # (load, steps ahead, speed)
+        room: list[tuple[WorkerState, int, int, float | None, float]] = []  # (state, load, steps ahead, speeds)
+        full: list[tuple[int, int, float | None, float]] = []              # (load, steps ahead, speeds)
         known: list[float] = []                                       # every listed worker's measured speed
+        known_per_job: list[float] = []                               # ... and seconds per job, where given
+        unmeasured = False                                            # a worker that may take it has no speed yet
         for state in listed:
             health = _health_load(state)
             speed = _speed(health)
+            per_job = _per_job(health) if speed is not None else None
             if speed is not None:
                 known.append(speed)
+                if per_job is not None:
+                    known_per_job.append(per_job)
             if not state.entry.enabled:
                 why.append((state.name, "disabled", "disabled in workers.yaml"))
                 continue
@@ -334,23 +353,35 @@ class Placement:
                     continue
             load, ahead = self.load_and_steps(state)
             capacity = _capacity(health, state.entry.max_queue)
+            unmeasured = unmeasured or speed is None
             if load >= capacity:
                 why.append((state.name, "full", f"its queue is full ({load} of {capacity})"))
-                full.append((load, ahead, speed))
+                full.append((load, ahead, speed, per_job or 0.0))
                 continue
-            room.append((state, ahead, speed))
-        # A worker not measured yet (speed None) runs at the median of those measured.
-        fallback = _median(known) if any(speed is None for *_, speed in full + room) else 1.0
-        frees = min((self.first_free(ahead, load, speed or fallback) for load, ahead, speed in full), default=None)
+            room.append((state, load, ahead, speed, per_job or 0.0))
+        # A worker not measured yet (speed None) runs at the median of those measured, per step and per job.
+        # One measured without a per-job part (an older worker) has it folded into its seconds per step.
+        fallback = _median(known) if unmeasured else 1.0
+        fallback_per_job = _median(known_per_job) if unmeasured and known_per_job else 0.0
+
+        def cost(speed: float | None, per_job: float) -> tuple[float, float]:
+            return (speed, per_job) if speed is not None else (fallback, fallback_per_job)
+
+        frees = min((self.first_free(ahead, load, *cost(speed, per_job)) for load, ahead, speed, per_job in full),
+                    default=None)
         if not room:
             return [], why, frees
-        finishes = [((ahead + steps) * (speed or fallback), state, speed or fallback) for state, ahead, speed in room]
+        finishes = []
+        for state, load, ahead, speed, per_job in room:
+            per_step, fixed = cost(speed, per_job)
+            finishes.append((expected_finish(load, ahead, steps, per_step, fixed), state,
+                             expected_finish(0, 0, steps, per_step, fixed)))
         # Within FINISH_TIE of the job's own run time (on the fastest of them) of the earliest finish
         # is a tie (round robin among them): two equal GPUs measure a little apart, and an idle pool
         # should still share the work. Not a share of the whole queue: behind a burst that would let
         # a slow GPU take jobs that end seconds later than elsewhere.
         earliest = min(finish for finish, _, _ in finishes)
-        slack = FINISH_TIE * steps * min(speed for _, _, speed in finishes)
+        slack = FINISH_TIE * min(own for _, _, own in finishes)
         return [state for finish, state, _ in finishes if finish <= earliest + slack + 1e-9], why, frees
 
     def _breaker_reason(self, workflow: Any, breaker: str, left: float | None) -> str:

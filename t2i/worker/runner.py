@@ -38,6 +38,7 @@ from t2i.worker.inputs import upload_inputs
 from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, PHASE_STATUS, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
 from t2i.worker.readiness import WorkflowReadiness
+from t2i.worker.speed import Speed
 from t2i.worker.webhooks import Webhooks, new_state
 from t2i.worker.workflow import build_workflow
 
@@ -49,31 +50,6 @@ SERVED_LIMIT = 10000  # clients remembered for taking turns in the worker's own 
 
 
 DEFAULT_STEPS = 20  # a raw workflow's steps are unknown: count it as a typical job
-
-
-class Speed:
-    """Seconds per sampler step on this GPU, from completed jobs (moving average). None until a
-    few jobs have been seen: one job's fixed costs (model load, VAE) say little about the GPU."""
-
-    weight = 0.2   # the newest job's share: follows a model change within a few jobs
-    trusted = 3    # jobs seen before the average is reported
-
-    def __init__(self) -> None:
-        self.average: float | None = None
-        self.samples = 0
-
-    @property
-    def seconds_per_step(self) -> float | None:
-        return self.average if self.samples >= self.trusted else None
-
-    def observe(self, job: Job) -> None:
-        steps = (job.params or {}).get("steps") or job.progress_max
-        if not steps or job.started_at is None or job.finished_at is None:
-            return
-        sample = max(job.finished_at - job.started_at, 0.0) / int(steps)
-        old = self.average
-        self.average = round(sample if old is None else old + self.weight * (sample - old), 6)
-        self.samples += 1
 
 
 class JobFinished(Exception):
@@ -169,9 +145,15 @@ class Runner:
         job = self.store.get(prompt_id)
         if job is None:
             return None
-        changes, effects = lc.changes_of(job, event, self.now(), self.limits)  # what lc.advance would apply
+        now = self.now()
+        changes, effects = lc.changes_of(job, event, now, self.limits)  # what lc.advance would apply
         new = job
-        left_comfyui = job.phase in IN_COMFYUI and changes.get("phase", job.phase) not in IN_COMFYUI
+        phase = changes.get("phase", job.phase)
+        left_comfyui = job.phase in IN_COMFYUI and phase not in IN_COMFYUI
+        if phase == STARTED and job.phase in (lc.SUBMITTING, lc.QUEUED):
+            self.speed.run_started(prompt_id, now.mono)
+        elif job.phase == STARTED and phase in (lc.FINISHING, lc.COLLECTING):
+            self.speed.run_ended(prompt_id, now.mono)   # the run's span: ComfyUI's, not the image copy after it
         if changes and job.differs(changes):
             if _shown_the_same(job, changes):
                 # E.g. each node's `executing` only restarts the stall watchdog: a new version would
@@ -215,6 +197,7 @@ class Runner:
         elif kind == "drop":
             self.store.remove([job.prompt_id])
             self.previews.pop(job.prompt_id, None)
+            self.speed.finished(job.prompt_id, None, False)
             self._forget_early_views(job.prompt_id)
         elif kind == "discard":
             self._spawn(discard_images(self.images, list(effect.refs)))
@@ -225,9 +208,9 @@ class Runner:
         """Log, metrics, memory freed: once per job, when it reaches a final phase."""
         metrics.JOBS_FINISHED.labels(self.name, job.status).inc()
         metrics.observe_job(self.name, job)
+        self.speed.finished(job.prompt_id, (job.params or {}).get("steps") or job.progress_max, job.status == COMPLETED)
         if job.status == COMPLETED:
             metrics.JOB_DURATION.labels(self.name).observe(max(0.0, (job.finished_at or self.clock()) - job.created_at))
-            self.speed.observe(job)
             log.info("job %s: completed, %d image(s)", job.prompt_id, len(job.images))
         elif job.status == CANCELLED:
             log.info("job %s: cancelled", job.prompt_id)
@@ -687,6 +670,7 @@ class Runner:
             total = (job.params or {}).get("steps") or job.progress_max or DEFAULT_STEPS
             steps += max(int(total) - (job.progress_value or 0), 0) if job.phase == lc.STARTED else int(total)
         return {"steps": steps, "seconds_per_step": self.speed.seconds_per_step,
+                "seconds_per_job": self.speed.seconds_per_job,
                 "capacity": self.config.comfyui.ahead + self.config.backlog}
 
     async def health(self) -> dict[str, Any]:

@@ -1,13 +1,30 @@
-"""``python -m t2i.scheduler`` / ``t2i-scheduler``."""
+"""``python -m t2i.scheduler`` / ``t2i-scheduler``.
+
+``T2I_SCHEDULER_PROFILE=/path/scheduler.prof`` runs the event loop under cProfile timed by the thread's
+CPU time and writes its stats there at exit (bench-only, as the worker's ``T2I_PROFILE``; its own name
+so a bench can profile one process of several started with one environment). Nothing is profiled without it.
+"""
 
 import asyncio
+import os
 import sys
 
 from t2i.scheduler.app import main as async_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(asyncio.run(async_main(argv)))
+    profile_path = os.environ.get("T2I_SCHEDULER_PROFILE")
+    if not profile_path:
+        sys.exit(asyncio.run(async_main(argv)))
+    import cProfile  # only when asked: profiling slows every call
+    import time
+
+    profiler = cProfile.Profile(time.thread_time)
+    try:
+        code = profiler.runcall(asyncio.run, async_main(argv))
+    finally:
+        profiler.dump_stats(profile_path)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

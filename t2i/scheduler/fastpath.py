@@ -1,4 +1,4 @@
-"""``GET /status/{id}`` answered from the mirror before Tornado's Application sees it.
+"""``GET /status/{id}`` and ``GET /result/{id}`` answered from the mirror before Tornado's Application sees them.
 
 Browsers poll ``/status`` more than anything else. Through the Application each poll builds an
 ``HTTPServerRequest``, finds its route, makes a ``StatusHandler`` with its header tables, runs its
@@ -6,6 +6,11 @@ coroutine and logs; a parked long-poll keeps all that, a task and a timeout for 
 poll the mirror can answer (``mirror.fresh``) is answered from the job's JSON bytes as the feed brought
 them, with the headers ``StatusHandler`` sends (``tests/test_status_fastpath.py`` compares the two), and
 a long-poll (``?wait=S&since=V``) waits as one small object with a callback and a timer.
+
+``GET /result/{id}[?wait=S]`` (one request to the result: every API job asks it once) is answered the
+same way as ``ResultHandler`` answers it (``tests/test_result_fastpath.py`` compares the two): the
+result of a finished job, else the job's status (202) when the wait is over; a parked one is woken by
+each change of its job and parks again until the job ends. ``?redirect=`` goes to the handler.
 
 Everything else goes to the Application as it came, untouched: other routes and methods, an id or a
 query this does not read plainly (escapes, other arguments, bad numbers: the handler's 400s), a
@@ -28,21 +33,27 @@ import tornado
 from tornado import httputil
 
 from t2i.jobstate import MAX_WAIT
+from t2i.jobstate import result_of
 from t2i.metrics import POLL_REQUESTS, REJECTIONS, REQUEST_DURATION
 from t2i.scheduler.mirror import Entry, Mirror
+from t2i.web import short_uri
 
 log = logging.getLogger("t2i.access")   # the access log's lines, as t2i.web.log_request writes them
 
 PREFIX = "/status/"
 ROUTE = "/status/{prompt_id}"
+RESULT_PREFIX = "/result/"
+RESULT_ROUTE = "/result/{prompt_id}"
 SHUTTING_DOWN = "The scheduler is shutting down; ask again."   # StatusHandler's 503 too
 SHUTDOWN_BODY = json.dumps({"error": SHUTTING_DOWN}).encode()     # as t2i.web.JSONHandler.write_error writes it
 _POLLS = POLL_REQUESTS.labels(server="scheduler")
-_ANSWERED = {code: REQUEST_DURATION.labels("scheduler", ROUTE, "GET", f"{code // 100}xx") for code in (200, 503)}
+# Metric children resolved once (labels() per answer costs a lock and a dict lookup): route -> code -> child.
+_ANSWERED = {route: {code: REQUEST_DURATION.labels("scheduler", route, "GET", f"{code // 100}xx")
+                     for code in (200, 202, 503)} for route in (ROUTE, RESULT_ROUTE)}
 _SHUTDOWN = REJECTIONS.labels("scheduler", ROUTE, "503", "unavailable")
 # What StatusHandler's answers carry (tornado.web.RequestHandler.clear, JSONHandler.set_default_headers).
 _SERVER = "TornadoServer/" + tornado.version
-_REASONS = {200: "OK", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 202: "Accepted", 503: "Service Unavailable"}
 
 
 class StatusFastPath(httputil.HTTPServerConnectionDelegate):
@@ -69,12 +80,18 @@ class StatusFastPath(httputil.HTTPServerConnectionDelegate):
 
     def take(self, request: "_Request", start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> bool:
         """Answer (or park) ``request`` when it is a plain poll of a job the mirror can answer."""
-        path = start_line.path
-        if (start_line.method != "GET" or not path.startswith(PREFIX) or "If-None-Match" in headers
+        uri = start_line.path
+        if (start_line.method != "GET" or "If-None-Match" in headers
                 or "Content-Length" in headers or "Transfer-Encoding" in headers):
             return False
-        path, _, query = path.partition("?")
-        prompt_id = path[len(PREFIX):]
+        if uri.startswith(PREFIX):
+            prefix = PREFIX
+        elif uri.startswith(RESULT_PREFIX):
+            prefix = RESULT_PREFIX
+        else:
+            return False
+        path, _, query = uri.partition("?")
+        prompt_id = path[len(prefix):]
         if not prompt_id or "/" in prompt_id or "%" in prompt_id:
             return False
         args = _wait_args(query)
@@ -83,9 +100,18 @@ class StatusFastPath(httputil.HTTPServerConnectionDelegate):
         entry = self.mirror.fresh(prompt_id)
         if entry is None:
             return False
-        _POLLS.inc()
         wait, since = args
         request.prompt_id = prompt_id
+        if prefix is RESULT_PREFIX:
+            if since is not None:
+                return False   # not one of /result's arguments: the handler's way with it
+            request.uri = uri
+            if wait > 0 and not entry.final:
+                request.park_result(wait, headers.get("Host", ""))
+            else:
+                request.ready = entry
+            return True
+        _POLLS.inc()
         if wait > 0 and since is not None and entry.version <= since:
             request.park(since, wait, headers.get("Host", ""))
         else:
@@ -117,7 +143,8 @@ def _wait_args(query: str) -> tuple[float, int | None] | None:
 class _Request(httputil.HTTPMessageDelegate):
     """One request: answered here, parked here, or passed to the Application (``delegate``)."""
 
-    __slots__ = ("front", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer")
+    __slots__ = ("front", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer",
+                 "uri")
 
     def __init__(self, front: StatusFastPath, server_conn: object, request_conn: httputil.HTTPConnection):
         self.front = front
@@ -127,6 +154,7 @@ class _Request(httputil.HTTPMessageDelegate):
         self.prompt_id: str | None = None
         self.ready: Entry | None = None      # to answer with
         self.timer: asyncio.TimerHandle | None = None
+        self.uri: str | None = None          # a /result request's (None: a /status poll)
 
     # --- tornado's HTTPMessageDelegate ----------------------------------------------------------
 
@@ -159,8 +187,21 @@ class _Request(httputil.HTTPMessageDelegate):
         return self.delegate.headers_received(start_line, headers)
 
     def answer(self, entry: Entry) -> None:
+        if self.uri is not None:
+            self.answer_result(entry)
+            return
         body = entry.encoded()
         self._write(200, body, ("Etag", '"%s"' % hashlib.sha1(body).hexdigest()))
+
+    def answer_result(self, entry: Entry) -> None:
+        """ResultHandler's answer (t2i.web.JSONHandler.write_result): 200 with the result of a finished
+        job (and Tornado's Etag), else 202 with its status, encoded as write_json encodes."""
+        code, result = result_of(entry.status)
+        body = json.dumps(result, separators=(",", ":")).encode()
+        if code == 200:
+            self._write(code, body, ("Etag", '"%s"' % hashlib.sha1(body).hexdigest()))
+        else:
+            self._write(code, body)
 
     def _write(self, code: int, body: bytes, *extra: tuple[str, str]) -> None:
         """The answer, with StatusHandler's headers in its order (tornado.web.RequestHandler.clear,
@@ -173,12 +214,13 @@ class _Request(httputil.HTTPMessageDelegate):
         self.conn.write_headers(httputil.ResponseStartLine("", code, _REASONS[code]), headers, body)
         self.conn.finish()
         elapsed = time.monotonic() - self.started
-        _ANSWERED[code].observe(elapsed)
-        level = logging.DEBUG if code == 200 else logging.INFO   # t2i.web.log_request's levels
+        _ANSWERED[ROUTE if self.uri is None else RESULT_ROUTE][code].observe(elapsed)
+        # t2i.web.log_request's levels: /status polls are quiet, /result answers are not.
+        level = logging.DEBUG if code == 200 and self.uri is None else logging.INFO
         if log.isEnabledFor(level):
             context = getattr(self.conn, "context", None)
-            log.log(level, "%d GET %s%s (%s) %.1fms", code, PREFIX, self.prompt_id or "",
-                    getattr(context, "remote_ip", "-"), elapsed * 1000)
+            uri = short_uri(self.uri) if self.uri is not None else f"{PREFIX}{self.prompt_id or ''}"
+            log.log(level, "%d GET %s (%s) %.1fms", code, uri, getattr(context, "remote_ip", "-"), elapsed * 1000)
 
     # --- parked long-polls ----------------------------------------------------------------------
 
@@ -188,6 +230,47 @@ class _Request(httputil.HTTPMessageDelegate):
         self.front.mirror.park(self.prompt_id, self.wake)
         self.timer = asyncio.get_running_loop().call_later(wait, self.wake)
         self.conn.set_close_callback(self._unpark)   # the browser went away: stop waiting
+
+    def park_result(self, wait: float, host: str) -> None:
+        """Wait for the job's end (ResultHandler's loop of ``mirror.wait``), at most ``wait`` seconds."""
+        self.host = host
+        self.front.mirror.park(self.prompt_id, self.wake_result)
+        self.timer = asyncio.get_running_loop().call_later(wait, self._result_timeout)
+        self.conn.set_close_callback(self._unpark_result)
+
+    def _unpark_result(self) -> None:
+        self.conn.set_close_callback(None)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.front.mirror.unpark(self.prompt_id, self.wake_result)
+
+    def wake_result(self) -> None:
+        """The job changed, left the mirror or went stale: answer when it ended, else wait on."""
+        if self.timer is None:
+            return
+        entry = self.front.mirror.fresh(self.prompt_id)
+        if entry is not None and not entry.final:
+            self.front.mirror.park(self.prompt_id, self.wake_result)   # a wake is once: wait for the next change
+            return
+        self._end_result(entry)
+
+    def _result_timeout(self) -> None:
+        if self.timer is not None:
+            self.timer = None   # it fired: nothing to cancel
+            self.front.mirror.unpark(self.prompt_id, self.wake_result)
+            self.conn.set_close_callback(None)
+            self._end_result(self.front.mirror.fresh(self.prompt_id))
+
+    def _end_result(self, entry: Entry | None) -> None:
+        self._unpark_result()
+        if entry is not None:
+            self.answer_result(entry)
+            return
+        # The copy went stale or left the mirror: the handler asks the job's worker (no wait left).
+        line = httputil.RequestStartLine("GET", f"{RESULT_PREFIX}{self.prompt_id}", "HTTP/1.1")
+        self._pass_on(line, httputil.HTTPHeaders({"Host": self.host}))
+        self.delegate.finish()
 
     def _unpark(self) -> None:
         self.conn.set_close_callback(None)

@@ -47,6 +47,27 @@ CANCEL_CONCURRENCY = 16     # POST /cancel (all of a client's jobs): cancels in 
 # A worker's answers to POST /generate that are the client's own (a mistake, or a key in use): passed on.
 CLIENT_MISTAKES = frozenset({400, 409, 413, 422})
 
+# Metric children per worker and per client label, resolved once each (labels() per job takes a lock and
+# builds a tuple; the label sets are bounded: the pool's workers, the configured clients and "anonymous").
+_ROUTED: dict[str, Any] = {}
+_ACCEPTED: dict[str, Any] = {}
+
+
+def _routed(worker: str) -> Any:
+    child = _ROUTED.get(worker)
+    if child is None:
+        child = _ROUTED[worker] = SCHEDULER_ROUTED.labels(worker=worker)
+    return child
+
+
+def _accepted(client: str) -> Any:
+    label = metric_label(client)
+    child = _ACCEPTED.get(label)
+    if child is None:
+        child = _ACCEPTED[label] = CLIENT_ACCEPTED.labels(label)
+    return child
+
+
 # What a worker may answer per route; anything else means the worker misbehaved (502).
 PASS_THROUGH = {
     "status": {200, 404, 410},
@@ -264,10 +285,10 @@ class JobRouter:
 
     def _placed(self, state: WorkerState, answer: dict[str, Any], steps: int, client: str = "") -> Reply:
         self.mirror.note_submitted(answer["prompt_id"], state.name, steps)
-        SCHEDULER_ROUTED.labels(worker=state.name).inc()
+        _routed(state.name).inc()
         if client and not answer.get("duplicate"):
             self.mirror.clients.placed(answer["prompt_id"], client)
-            CLIENT_ACCEPTED.labels(metric_label(client)).inc()
+            _accepted(client).inc()
         log.info("placed job %s on worker %s for client %s", answer["prompt_id"], state.name, client or "-")
         return Reply(200, {**answer, "worker": state.name, "worker_url": state.entry.public_url})
 

@@ -358,20 +358,23 @@ class Mirror:
             if not listing or old is not None or prompt_id in self._recent:
                 self._outcomes.append((worker, status.get("workflow"), state))
         self._jobs[prompt_id] = entry
-        if self._gone:
-            self._gone.pop(prompt_id, None)
-        self._ids.setdefault(worker, {})[prompt_id] = None
-        unfinished = self._unfinished.setdefault(worker, {})
-        if state in UNFINISHED:
-            unfinished[prompt_id] = state
-        else:
-            unfinished.pop(prompt_id, None)
-        if self._recent:
-            self._unrecent(prompt_id)
         client = status.get("client")
-        if type(client) is str:
-            status["client"] = sys.intern(client)  # one copy of each client's name, not one per job
-        self.clients.put(prompt_id, worker, status)
+        # Most changes are progress within one state: the indexes by worker and by client only change
+        # with the state (or a job new here, or one whose client changed), so they are left alone then.
+        if old is None or old.state != state or client != self.clients.client_of(prompt_id):
+            if self._gone:
+                self._gone.pop(prompt_id, None)
+            self._ids.setdefault(worker, {})[prompt_id] = None
+            unfinished = self._unfinished.setdefault(worker, {})
+            if state in UNFINISHED:
+                unfinished[prompt_id] = state
+            else:
+                unfinished.pop(prompt_id, None)
+            if self._recent:
+                self._unrecent(prompt_id)
+            if type(client) is str:
+                status["client"] = sys.intern(client)  # one copy of each client's name, not one per job
+            self.clients.put(prompt_id, worker, status)
         self._wake(prompt_id)
 
     def _remove(self, worker: str, prompt_ids: Iterable[str], gone: bool = True) -> None:

@@ -8,8 +8,9 @@ with step times 0.02, 0.02, 0.01, 0.04 s (x ``--scale``: relative speeds 1, 1, 2
 front of each (its defaults: ``comfyui.ahead`` 2, ``backlog`` as configured by default, or ``--backlog``;
 journal on), one scheduler over them (its defaults; workers.yaml entries without ``max_queue``, so each
 worker takes as many jobs as its /health capacity says, unless ``--max-queue``). Before the burst each
-worker runs ``--warm-up`` (8) 10-step jobs sent to it directly, at least until its /health reports its
-seconds per step (after 3).
+worker runs ``--warm-up`` (8) jobs of 2 and 18 steps in turn sent to it directly, at least until its
+/health reports its seconds per step (after 3): two sizes, so a worker that fits seconds per job and per
+step (t2i/worker/speed.py) knows both before the burst, as one in service would.
 Then ``--jobs`` jobs of
 1-20 steps (seeded random, 64x64) are submitted at once through the scheduler, by ``--clients`` API
 clients (a key each in scheduler.yaml, jobs dealt round-robin, so the per-client cap of 8 unfinished
@@ -190,17 +191,20 @@ class Burst:
         job.status = "stuck"
 
 
+WARM_UP_STEPS = (2, 18)   # 10 on average, as before; two sizes tell a job's fixed seconds from its steps
+
+
 async def warm_up(http: Http, fleet: Fleet, jobs: int, most: int = 20) -> list[dict]:
-    """``jobs`` 10-step jobs straight to each worker, more until its /health reports its seconds per
-    step (a worker trusts its measure after a few jobs), so placement knows each GPU's speed as after a
-    while in service (the measure is a moving average: one job slowed by the box weighs less)."""
+    """``jobs`` jobs of 2 and 18 steps in turn straight to each worker, more until its /health reports its
+    seconds per step (a worker trusts its measure after a few jobs), so placement knows each GPU's speed
+    as after a while in service (the measure is a moving average: one job slowed by the box weighs less)."""
     async def measured(url: str) -> None:
         for n in range(most):
             load = (await http.request("GET", url + "/health")).json().get("load") or {}
             if n >= jobs and load.get("seconds_per_step"):
                 return
-            reply = await http.request("POST", url + "/generate", {"prompt": f"warm-up {n}", "steps": 10,
-                                                                   "width": 64, "height": 64})
+            body = {"prompt": f"warm-up {n}", "steps": WARM_UP_STEPS[n % 2], "width": 64, "height": 64}
+            reply = await http.request("POST", url + "/generate", body)
             if reply.status != 200:
                 raise SystemExit(f"warm-up on {url}: {reply.status} {reply.body[:200]!r}")
             prompt_id = reply.json()["prompt_id"]
@@ -290,9 +294,11 @@ async def one_run(args: argparse.Namespace, mode: str, run_no: int, directory: P
         share = busy / makespan if makespan == makespan and makespan > 0 else float("nan")
         shares.append(share)
         first = min((start for start, _ in gpu.values()), default=float("nan"))
+        last = max((end for _, end in gpu.values()), default=float("nan"))  # GPUs ending apart: misjudged work
         print(f"  {name} (step {step_times[i] * 1000:.0f} ms): {by_worker[name]:3d} jobs, {steps_by_worker[name]:5d} "
               f"steps, busy {busy:6.2f} s = {share * 100:5.1f} % of the makespan, idle {idle[-1]:5.2f} s while work "
-              f"waited, first start +{first - started:5.2f} s, the double's own time per job ~{extra * 1000:.0f} ms")
+              f"waited, first start +{first - started:5.2f} s, last end +{last - started:5.2f} s, "
+              f"the double's own time per job ~{extra * 1000:.0f} ms")
     idle_share = sum(idle) / (window * len(runs)) if window > 0 else 0.0
     # The same bound at the speeds the doubles ran at in this run (busy seconds per step placed there,
     # their own per-job time included): what is left of the ratio is placement and idling, not the box.
@@ -329,7 +335,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per burst before jobs count as stuck")
     parser.add_argument("--log-level", default="info", help="the workers' and scheduler's (default: info)")
     parser.add_argument("--warm-up", type=int, default=8,
-                        help="10-step jobs each worker runs before the burst (at least until it reports its speed)")
+                        help="jobs of 2 and 18 steps in turn each worker runs before the burst (at least until it reports its speed)")
     parser.add_argument("--backlog", type=int, help="the workers' backlog (default: the worker's default)")
     parser.add_argument("--max-queue", type=int, help="workers.yaml max_queue of each (default: none set)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")

@@ -38,6 +38,9 @@ async def test_a_finished_jobs_result_is_answered_as_the_handler_answers_it(tmp_
             before = len(handled)
             assert (await call("GET", f"{c.scheduler.url}/result/{prompt_id}{query}")).code == code, query
             assert len(handled) == before + 1, query
+        before = len(handled)
+        reply = await call("GET", f"{c.scheduler.url}/result/{prompt_id}", headers={"Accept": "image/*"})
+        assert reply.code == 200 and len(handled) == before + 1   # the handler says what it does with it
         assert (await call("GET", f"{c.scheduler.url}/result/no-such-job")).code == 404
 
 

@@ -103,8 +103,10 @@ class StatusFastPath(httputil.HTTPServerConnectionDelegate):
         wait, since = args
         request.prompt_id = prompt_id
         if prefix is RESULT_PREFIX:
-            if since is not None:
-                return False   # not one of /result's arguments: the handler's way with it
+            if since is not None or "image/" in headers.get("Accept", ""):
+                # `since` is not one of /result's arguments; an image asked for by `Accept` is the
+                # worker's answer (openapi.yaml): both the handler's way, whatever it does with them.
+                return False
             request.uri = uri
             if wait > 0 and not entry.final:
                 request.park_result(wait, headers.get("Host", ""))

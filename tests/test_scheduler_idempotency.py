@@ -181,6 +181,44 @@ async def test_a_worker_answering_after_the_schedulers_timeout_runs_the_job_once
 
 
 @pytest.mark.gen_test(timeout=40)
+async def test_a_worker_still_accepting_when_the_post_times_out_is_waited_for_not_skipped(tmp_path, monkeypatch):
+    """The POST timed out while the worker was still accepting the job (waiting for its ComfyUI's
+    websocket, before the job is stored): /status there says 409, not 404, so the scheduler keeps
+    asking instead of sending the job to the next worker, and it runs once, where it was sent."""
+    from t2i.scheduler import forward
+    from t2i.worker import handlers as worker_handlers
+
+    monkeypatch.setattr(forward, "GENERATE_TIMEOUT", 0.5)
+    monkeypatch.setattr(forward, "ACCEPTING_POLL", 0.05)
+    async with SchedulerCluster(tmp_path) as c:
+        asked = CountingRoute(monkeypatch, worker_handlers.StatusHandler, "get")
+        opened, held = asyncio.Event(), []
+        for worker in c.workers:
+            comfy = worker.runner.comfy
+
+            async def slow(timeout, original=comfy.wait_connected, worker=worker):
+                if not held:          # the first POST, wherever it went, is held mid-accept
+                    held.append(worker)
+                    await opened.wait()
+                return await original(timeout)
+            monkeypatch.setattr(comfy, "wait_connected", slow)
+        placing = asyncio.ensure_future(generate(c.scheduler, key=KEY))
+        pid = prompt_id_for(SCOPED)
+        await until(lambda: asked.at(held[0]) >= 3 if held else False, what="the scheduler asking again")
+        direct = await fetch_json(f"{held[0].url}/status/{pid}", connect_timeout=2, request_timeout=5)
+        assert direct.status == 409 and direct.body["prompt_id"] == pid, direct.body
+        again = await fetch_json(f"{held[0].url}/generate", "POST", BODY, headers={"Idempotency-Key": SCOPED},
+                                 connect_timeout=2, request_timeout=5)
+        assert again.status == 409 and again.body["prompt_id"] == pid, again.body  # never accepted twice
+        assert not placing.done()     # neither answered nor sent to the other worker
+        opened.set()
+        placed = await placing
+        assert placed.status == 200 and placed.body["worker"] == held[0].config.name, placed.body
+        assert (await wait_status(c.scheduler.url, pid))["status"] == "completed"
+        assert runs(c, pid) == 1
+
+
+@pytest.mark.gen_test(timeout=40)
 async def test_a_worker_that_never_got_the_job_is_skipped_after_it_says_so(tmp_path, monkeypatch):
     from t2i.scheduler import forward
     from t2i.worker import handlers as worker_handlers

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 2.0
 GENERATE_TIMEOUT = 15.0     # the worker answers within ~12 s: 2 s for its websocket + 10 s for POST /prompt
 JOB_TIMEOUT = 5.0           # status / result / cancel, plus the long-poll wait
+ACCEPTING_POLL = 0.25       # a worker still accepting a job whose POST timed out is asked again this often ...
+ACCEPTING_WAIT = 15.0       # ... for this long before the client is told to ask again (never a second run)
 FORWARDED_WAIT_MAX = 5.0    # seconds a long-poll forwarded to a worker may wait there
 RETRY_AFTER_BUSY = "2"      # no worker available: the page may try again soon
 RETRY_AFTER_UNREADY = "10"  # no worker ready for the workflow: that takes ops a while
@@ -70,8 +72,8 @@ def _accepted(client: str) -> Any:
 
 # What a worker may answer per route; anything else means the worker misbehaved (502).
 PASS_THROUGH = {
-    "status": {200, 404, 410},
-    "result": {200, 202, 404, 410},
+    "status": {200, 404, 409, 410},       # 409: the worker is still accepting that job (POST under way)
+    "result": {200, 202, 404, 409, 410},
     "cancel": {200, 404, 409, 410},
 }
 
@@ -268,7 +270,14 @@ class JobRouter:
         """A POST /generate sent to ``state`` got no answer: does it hold the job?"""
         log.warning("POST /generate of job %s to worker %s got no answer (%s); asking it for the job",
                     prompt_id, state.name, error)
-        outcome = await self._ask(state, "status", f"/status/{quote(prompt_id, safe='')}", "GET", 0)
+        path = f"/status/{quote(prompt_id, safe='')}"
+        outcome = await self._ask(state, "status", path, "GET", 0)
+        # 409: the POST is still under way there (its ComfyUI slow to connect, an input image uploading):
+        # the job may yet be created, so it is neither placed elsewhere nor given up on at once.
+        deadline = asyncio.get_running_loop().time() + ACCEPTING_WAIT
+        while isinstance(outcome, Reply) and outcome.status == 409 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(ACCEPTING_POLL)
+            outcome = await self._ask(state, "status", path, "GET", 0)
         if isinstance(outcome, Reply) and outcome.status == 200:
             log.info("worker %s holds job %s after all", state.name, prompt_id)
             return self._placed(state, {"prompt_id": prompt_id, "worker": state.name,
@@ -278,7 +287,7 @@ class JobRouter:
             state.mark_down(f"POST /generate got no answer: {error}")
             return Refusal(f"{state.name} did not answer ({error})")
         state.mark_down(f"POST /generate got no answer: {error}")
-        raise APIError(503, f"Worker {state.name} did not answer in time and cannot be asked now whether it took "
+        raise APIError(503, f"Worker {state.name} did not answer in time and cannot say yet whether it took "
                        f"job {prompt_id}; it is not sent to another worker, so it cannot run twice. Ask again "
                        f"shortly (with the same {IDEMPOTENCY_HEADER}, the same job is answered).",
                        headers={"Retry-After": RETRY_AFTER_OWNER}, prompt_id=prompt_id)

@@ -43,6 +43,11 @@ class WorkerHandler(JSONHandler):
         job = self.store.get(prompt_id)
         if job is not None:
             return job
+        if prompt_id in self.runner.accepting:
+            # POST /generate of this id is under way (a scheduler whose POST timed out asks): not "no
+            # such job" while it may still be created.
+            raise APIError(409, f"Job {prompt_id} is still being submitted on this worker; ask again in a moment.",
+                           prompt_id=prompt_id, headers={"Retry-After": "1"})
         if self.store.was_removed(prompt_id):
             raise APIError(410, f"Job {prompt_id} is gone: this worker removed it after it ended "
                                 "(task_ttl) or when ComfyUI refused it.", prompt_id=prompt_id)
@@ -87,7 +92,7 @@ class GenerateHandler(WorkerBodyHandler):
             raise APIError(400, str(exc), field=exc.field) from None
         except KeyConflict as exc:
             headers = {"Retry-After": "1"} if exc.status == 409 else {}
-            raise APIError(exc.status, str(exc), prompt_id=exc.job.prompt_id, headers=headers) from None
+            raise APIError(exc.status, str(exc), prompt_id=exc.prompt_id, headers=headers) from None
         except WorkflowNotReady as exc:
             raise APIError(503, str(exc), workflow_not_ready=True, workflow=exc.workflow,
                            headers={"Retry-After": RETRY_AFTER}) from None

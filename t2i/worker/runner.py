@@ -79,10 +79,10 @@ class WorkflowNotReady(ComfyUIUnavailable):
 class KeyConflict(Exception):
     """An Idempotency-Key seen before: ``status`` 422 (another request) or 409 (the first is in flight)."""
 
-    def __init__(self, status: int, message: str, job: Job):
+    def __init__(self, status: int, message: str, prompt_id: str):
         super().__init__(message)
         self.status = status
-        self.job = job
+        self.prompt_id = prompt_id
 
 
 class Runner:
@@ -118,6 +118,7 @@ class Runner:
         self._early_views: dict[str, dict[Any, asyncio.Future]] = {}
         self.stalled: dict[str, Any] | None = None  # the watchdog fired: {prompt_id, error} until ComfyUI moves
         self.ready = asyncio.Event()  # journaled jobs reconciled: /generate may go ahead
+        self.accepting: set[str] = set()  # ids of POST /generate requests between arrival and stored or refused
         self._running_id: str | None = None  # whom legacy previews (no prompt_id) belong to
         self._queue_refresh: asyncio.TimerHandle | None = None
         self._queue_refreshing = False
@@ -303,11 +304,24 @@ class Runner:
         if known is not None:
             if known.request_hash != request_hash:
                 raise KeyConflict(422, f"The {IDEMPOTENCY_HEADER} was used for another request (job {prompt_id}).",
-                                  known)
+                                  prompt_id)
             if known.phase == lc.SUBMITTING and not known.accepted:
                 raise KeyConflict(409, f"A request with this {IDEMPOTENCY_HEADER} is still being submitted "
-                                       f"(job {prompt_id}); ask again in a moment.", known)
+                                       f"(job {prompt_id}); ask again in a moment.", prompt_id)
             return known, True
+        if prompt_id in self.accepting:  # the same key, its first request not through our checks yet
+            raise KeyConflict(409, f"A request with this {IDEMPOTENCY_HEADER} is still being submitted "
+                                   f"(job {prompt_id}); ask again in a moment.", prompt_id)
+        # Known as being accepted from here until the job is stored or refused: a scheduler whose POST
+        # timed out asks /status, which must not say "no such job" while it may still be created.
+        self.accepting.add(prompt_id)
+        try:
+            return await self._accept(prompt_id, request, key, request_hash, client)
+        finally:
+            self.accepting.discard(prompt_id)
+
+    async def _accept(self, prompt_id: str, request: GenerateRequest, key: str | None, request_hash: str | None,
+                      client: str | None) -> tuple[Job, bool]:
         if request.raw_workflow is None:
             ready, reason = self.readiness.of(request.workflow or self.config.default_workflow)
             if ready is False:

@@ -207,6 +207,8 @@ async def test_a_worker_still_accepting_when_the_post_times_out_is_waited_for_no
         await until(lambda: asked.at(held[0]) >= 3 if held else False, what="the scheduler asking again")
         direct = await fetch_json(f"{held[0].url}/status/{pid}", connect_timeout=2, request_timeout=5)
         assert direct.status == 409 and direct.body["prompt_id"] == pid, direct.body
+        result = await fetch_json(f"{held[0].url}/result/{pid}", connect_timeout=2, request_timeout=5)
+        assert result.status == 409 and result.headers["Retry-After"], result.body
         again = await fetch_json(f"{held[0].url}/generate", "POST", BODY, headers={"Idempotency-Key": SCOPED},
                                  connect_timeout=2, request_timeout=5)
         assert again.status == 409 and again.body["prompt_id"] == pid, again.body  # never accepted twice

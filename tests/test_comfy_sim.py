@@ -501,3 +501,33 @@ def test_standalone_command_serves_until_sigterm(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "t2i.comfy_sim", "--help"], env=env, capture_output=True,
                                text=True, timeout=30).stdout
     assert "--step-time" in help_text and "--port" in help_text
+
+
+def test_a_run_of_steps_lasts_what_step_time_says_when_timers_fire_late(monkeypatch):
+    """Each sleep ends 2 ms late (a busy loop): the lateness is taken off the next step, so ten
+    20 ms steps take 200 ms (+ the last step's lateness), not 220 ms: the double runs at the speed
+    it is given, as a GPU does, and a bench's lower bound means what it says."""
+    from types import SimpleNamespace
+
+    from t2i.comfy_sim import engine
+
+    clock = SimpleNamespace(now=0.0)
+    fake_loop = SimpleNamespace(time=lambda: clock.now)
+
+    async def late_sleep(seconds):
+        clock.now += seconds + (0.002 if seconds > 0 else 0.0)
+
+    async def unstalled():
+        return None
+
+    monkeypatch.setattr(engine, "asyncio", SimpleNamespace(sleep=late_sleep, get_running_loop=lambda: fake_loop))
+    ctx = object.__new__(engine.NodeContext)
+    ctx.executor = SimpleNamespace(wait_unstalled=unstalled)
+    ctx._late = 0.0
+
+    async def ten_steps():
+        for _ in range(10):
+            await ctx.step(0.02)
+
+    asyncio.run(ten_steps())
+    assert clock.now == pytest.approx(0.202)

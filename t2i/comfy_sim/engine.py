@@ -91,14 +91,22 @@ class NodeContext:
         self.alive = executor.is_alive
         self.failure = executor.take_failure(class_type)
         self.steps_done = 0
+        self._late = 0.0   # how much later than asked the last sleep ended
 
     async def step(self, seconds: float) -> None:
-        """One unit of work: freeze while the sim is stalled, then sleep."""
+        """One unit of work: freeze while the sim is stalled, then sleep ``seconds``. A timer firing
+        late (a busy loop, a loaded box) is taken off the next step's sleep, so a run of steps lasts
+        what ``step_time`` says, as on a GPU, instead of ~5 % more; the work between steps
+        (progress messages, previews) still adds its own time."""
         await self.executor.wait_unstalled()
-        if seconds > 0:
-            await asyncio.sleep(seconds)
-        else:
+        if seconds <= 0:
             await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        asked = max(0.0, seconds - self._late)
+        started = loop.time()
+        await asyncio.sleep(asked)
+        self._late = min(seconds, max(0.0, loop.time() - started - asked))
 
     async def blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -5,26 +5,14 @@ CPU time and writes its stats there at exit (bench-only, as the worker's ``T2I_P
 so a bench can profile one process of several started with one environment). Nothing is profiled without it.
 """
 
-import asyncio
-import os
 import sys
 
+from t2i.cli import run_main
 from t2i.scheduler.app import main as async_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    profile_path = os.environ.get("T2I_SCHEDULER_PROFILE")
-    if not profile_path:
-        sys.exit(asyncio.run(async_main(argv)))
-    import cProfile  # only when asked: profiling slows every call
-    import time
-
-    profiler = cProfile.Profile(time.thread_time)
-    try:
-        code = profiler.runcall(asyncio.run, async_main(argv))
-    finally:
-        profiler.dump_stats(profile_path)
-    sys.exit(code)
+    run_main(async_main(argv), "T2I_SCHEDULER_PROFILE")
 
 
 if __name__ == "__main__":

@@ -8,26 +8,14 @@ writer thread is not in it. Nothing is profiled without it.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 
+from t2i.cli import run_main
 from t2i.worker.app import main as async_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    profile_path = os.environ.get("T2I_PROFILE")
-    if not profile_path:
-        sys.exit(asyncio.run(async_main(argv)))
-    import cProfile  # only when asked: profiling slows every call
-    import time
-
-    profiler = cProfile.Profile(time.thread_time)
-    try:
-        code = profiler.runcall(asyncio.run, async_main(argv))
-    finally:
-        profiler.dump_stats(profile_path)
-    sys.exit(code)
+    run_main(async_main(argv), "T2I_PROFILE")
 
 
 if __name__ == "__main__":

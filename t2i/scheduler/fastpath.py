@@ -146,7 +146,7 @@ class _Request(httputil.HTTPMessageDelegate):
     """One request: answered here, parked here, or passed to the Application (``delegate``)."""
 
     __slots__ = ("front", "conn", "server_conn", "delegate", "started", "prompt_id", "ready", "since", "host", "timer",
-                 "uri")
+                 "uri", "waker")
 
     def __init__(self, front: StatusFastPath, server_conn: object, request_conn: httputil.HTTPConnection):
         self.front = front
@@ -228,24 +228,17 @@ class _Request(httputil.HTTPMessageDelegate):
 
     def park(self, since: int, wait: float, host: str) -> None:
         """Wait for the job's next change (StatusHandler's ``mirror.wait``), at most ``wait`` seconds."""
-        self.since, self.host = since, host
+        self.since, self.host, self.waker = since, host, self.wake   # waker: what the mirror calls
         self.front.mirror.park(self.prompt_id, self.wake)
         self.timer = asyncio.get_running_loop().call_later(wait, self.wake)
         self.conn.set_close_callback(self._unpark)   # the browser went away: stop waiting
 
     def park_result(self, wait: float, host: str) -> None:
         """Wait for the job's end (ResultHandler's loop of ``mirror.wait``), at most ``wait`` seconds."""
-        self.host = host
+        self.host, self.waker = host, self.wake_result
         self.front.mirror.park(self.prompt_id, self.wake_result)
         self.timer = asyncio.get_running_loop().call_later(wait, self._result_timeout)
-        self.conn.set_close_callback(self._unpark_result)
-
-    def _unpark_result(self) -> None:
-        self.conn.set_close_callback(None)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-            self.front.mirror.unpark(self.prompt_id, self.wake_result)
+        self.conn.set_close_callback(self._unpark)
 
     def wake_result(self) -> None:
         """The job changed, left the mirror or went stale: answer when it ended, else wait on."""
@@ -259,27 +252,28 @@ class _Request(httputil.HTTPMessageDelegate):
 
     def _result_timeout(self) -> None:
         if self.timer is not None:
-            self.timer = None   # it fired: nothing to cancel
-            self.front.mirror.unpark(self.prompt_id, self.wake_result)
-            self.conn.set_close_callback(None)
             self._end_result(self.front.mirror.fresh(self.prompt_id))
 
     def _end_result(self, entry: Entry | None) -> None:
-        self._unpark_result()
+        self._unpark()
         if entry is not None:
             self.answer_result(entry)
             return
         # The copy went stale or left the mirror: the handler asks the job's worker (no wait left).
-        line = httputil.RequestStartLine("GET", f"{RESULT_PREFIX}{self.prompt_id}", "HTTP/1.1")
-        self._pass_on(line, httputil.HTTPHeaders({"Host": self.host}))
-        self.delegate.finish()
+        self._handler_asks(f"{RESULT_PREFIX}{self.prompt_id}")
 
     def _unpark(self) -> None:
+        """Stop waiting: the timer (when it has not fired), the mirror's wake-up, the close callback."""
         self.conn.set_close_callback(None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-            self.front.mirror.unpark(self.prompt_id, self.wake)
+            self.front.mirror.unpark(self.prompt_id, self.waker)
+
+    def _handler_asks(self, uri: str) -> None:
+        """Pass a parked request on as a plain GET of ``uri``: the handler asks the job's worker now."""
+        self._pass_on(httputil.RequestStartLine("GET", uri, "HTTP/1.1"), httputil.HTTPHeaders({"Host": self.host}))
+        self.delegate.finish()
 
     def wake(self) -> None:
         """The job changed, left the mirror or went stale, or the wait is over: answer as StatusHandler does."""
@@ -295,6 +289,4 @@ class _Request(httputil.HTTPMessageDelegate):
             self.answer(entry)
             return
         # The copy went stale while waiting: the handler asks the worker for the state now (no wait left).
-        line = httputil.RequestStartLine("GET", f"{PREFIX}{self.prompt_id}?since={self.since}", "HTTP/1.1")
-        self._pass_on(line, httputil.HTTPHeaders({"Host": self.host}))
-        self.delegate.finish()
+        self._handler_asks(f"{PREFIX}{self.prompt_id}?since={self.since}")

@@ -332,9 +332,13 @@ class Mirror:
         listing = bool(page.get("full"))
         for job in jobs:
             self._put(worker, job, listing)
-        removed = page.get("removed") or ()
-        self._remove(worker, [pid for pid in removed if isinstance(pid, str)])
+        self._remove_named(worker, page.get("removed"))
         return jobs
+
+    def _remove_named(self, worker: str, removed: Any) -> None:
+        """The ids a feed answer says the worker removed (pruned, refused): gone from the mirror."""
+        if removed:
+            self._remove(worker, [pid for pid in removed if isinstance(pid, str)])
 
     def keep_only(self, worker: str, keep: set[str]) -> None:
         """A full listing ended: the worker's jobs it did not name are gone."""
@@ -480,7 +484,7 @@ class Mirror:
         until the feed answers again."""
         feed = self._feeds.get(worker)
         if feed is not None and feed.up:
-            feed.up, feed.down_at = False, self.clock()
+            self._went_down(feed)
             feed.last_error = error
             self.wake_all(worker)
 
@@ -564,7 +568,7 @@ class Mirror:
             # The next pages ask with since=0: a full listing whatever the worker's seq is now.
             listing = feed.listing = Listing(0, epoch, page["seq"])
             if feed.up:  # listed again: its jobs are not known to be complete until the last page
-                feed.up, feed.down_at = False, self.clock()
+                self._went_down(feed)
                 self.wake_all(feed.name)
         jobs = self._apply_jobs(feed.name, page)
         if listing is not None:
@@ -578,9 +582,7 @@ class Mirror:
         else:
             feed.more = bool(page.get("more")) and isinstance(cursor, int) and cursor > feed.seq
             feed.seq = cursor if feed.more else page["seq"]
-        if not feed.up:
-            log.info("following the jobs of worker %s (%d jobs)", feed.name, self.jobs_of(feed.name))
-        feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
+        self._came_up(feed)
         return None
 
     async def _stream_once(self, feed: Feed) -> str | None:
@@ -645,21 +647,27 @@ class Mirror:
         for status, encoded in reader.batch:
             self._put(feed.name, status, False, encoded)
         reader.batch.clear()
-        removed = item.get("removed")
-        if removed:
-            self._remove(feed.name, [pid for pid in removed if isinstance(pid, str)])
+        self._remove_named(feed.name, item.get("removed"))
         feed.seq = seq
         reader.streamed = True
+        self._came_up(feed)
+
+    def _came_up(self, feed: Feed) -> None:
+        """A feed answer was applied: the worker's entries are fresh (again)."""
         if not feed.up:
-            log.info("following the jobs of worker %s again (%d jobs)", feed.name, self.jobs_of(feed.name))
+            log.info("following the jobs of worker %s%s (%d jobs)", feed.name,
+                     " again" if feed.last_ok is not None else "", self.jobs_of(feed.name))
         feed.up, feed.last_error, feed.last_ok = True, None, self.clock()
+
+    def _went_down(self, feed: Feed) -> None:
+        """Its entries are not fresh until the feed answers again; when that began (holds_jobs)."""
+        if feed.up:
+            feed.up, feed.down_at = False, self.clock()
 
     def _feed_down(self, feed: Feed, error: str) -> None:
         if feed.up or feed.last_error is None:
             log.warning("job feed of worker %s is down: %s", feed.name, error)
-        if feed.up:
-            feed.down_at = self.clock()
-        feed.up = False
+        self._went_down(feed)
         feed.listing = None  # a listing cut short is read again from its start
         feed.last_error = error
         self.wake_all(feed.name)

@@ -171,7 +171,7 @@ async def serve_fakes(count: int, big: int, streams: bool) -> None:
     for i in range(count + 1):
         sockets = bind_sockets(0, "127.0.0.1", backlog=1024)
         port = sockets[0].getsockname()[1]
-        by_port[port] = FakeWorker(f"big" if i == count else f"fake-{i:04d}", jobs=big if i == count else 0)
+        by_port[port] = FakeWorker("big" if i == count else f"fake-{i:04d}", jobs=big if i == count else 0)
         server.add_sockets(sockets)
         ports.append(port)
     print(json.dumps(ports), flush=True)

@@ -51,11 +51,13 @@ def detached(awaitable) -> asyncio.Future:
     (a shutdown with health checks or long-polls in flight). The request ends by itself instead.
     """
     task = asyncio.ensure_future(awaitable)
-    task.add_done_callback(_drop_outcome)
+    task.add_done_callback(drop_outcome)
     return asyncio.shield(task)
 
 
-def _drop_outcome(future: asyncio.Future) -> None:
+def drop_outcome(future: asyncio.Future) -> None:
+    """A done-callback for a future nobody may await: its exception is taken, so asyncio logs no
+    "exception was never retrieved" (the outcome was dealt with elsewhere, or does not matter)."""
     if not future.cancelled():
         future.exception()
 

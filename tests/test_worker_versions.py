@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from support.cluster import WorkerCluster, call, wait_status
-from t2i.worker.jobs import FINISHING, PHASE_STATUS, STARTED, Job
-from t2i.worker.runner import SHOWN_FIELDS
+from t2i.worker.jobs import FINISHING, PHASE_STATUS, SHOWN_FIELDS, STARTED, Job
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -54,7 +53,7 @@ async def test_a_phase_change_within_running_keeps_the_version_and_a_new_status_
 
 
 def test_what_is_written_in_place_is_nothing_status_shows():
-    """Every field outside runner.SHOWN_FIELDS (and the phase within one status, attempt 0 -> 1) leaves a
+    """Every field outside jobs.SHOWN_FIELDS (and the phase within one status, attempt 0 -> 1) leaves a
     job's /status the same: a field added to Job.to_json must be added there too."""
     job = Job("p-1", 1_795_805_000.0, workflow="txt2img", seed=7, phase=STARTED, params={"steps": 3},
               progress_value=1, progress_max=3, started_at=1_795_805_001.0, webhook={"state": "pending", "attempts": 0,

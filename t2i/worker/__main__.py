@@ -8,8 +8,6 @@ writer thread is not in it. Nothing is profiled without it.
 
 from __future__ import annotations
 
-import sys
-
 from t2i.cli import run_main
 from t2i.worker.app import main as async_main
 

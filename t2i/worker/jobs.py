@@ -141,6 +141,28 @@ class Job:
             state["webhook"] = {key: self.webhook[key] for key in ("state", "attempts", "last_error")}
         return state
 
+    def shows_the_same(self, changes: dict[str, Any]) -> bool:
+        """Would this job with ``changes`` show in ``/status`` (:meth:`to_json`) exactly as it does now, its
+        version aside? Then the changes (timers, outputs, a phase within one status, attempt 0 -> 1) can
+        be written onto the held record without a new version waking every long-poll and feed follower."""
+        for name, value in changes.items():
+            if name == "phase":
+                if PHASE_STATUS[value] != self.status:
+                    return False
+            elif name == "attempt":
+                if max(value, 1) != max(self.attempt, 1):
+                    return False
+            elif name in SHOWN_FIELDS and getattr(self, name) != value:
+                return False
+        return True
+
+
+# The fields :meth:`Job.to_json` reads, besides its status (the phase) and attempt: what a job's ``/status``
+# (and so the feed, and every long-poll) shows. tests/test_worker_versions.py checks every other field.
+SHOWN_FIELDS = frozenset(("prompt_id", "progress_value", "progress_max", "queue_position", "images", "preview_version",
+                          "error", "params", "workflow", "seed", "created_at", "started_at", "finished_at", "client",
+                          "image_expired", "webhook"))
+
 
 class FeedPage(NamedTuple):
     """One answer of the change feed (``GET /jobs``)."""

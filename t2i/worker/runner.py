@@ -26,6 +26,7 @@ from t2i import metrics
 from t2i.comfyui import (ComfyUIClient, ComfyUIError, ComfyUIIncompatible, ComfyUITimeout, ComfyUIUnavailable,
                          PromptRejected, describe_rejection, outcome_of)
 from t2i.config import WorkerConfig
+from t2i.httpclient import drop_outcome
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.passes import SerialPass
 from t2i.idempotency import prompt_id_for
@@ -35,7 +36,7 @@ from t2i.worker.collect import CollectError, collect_images, discard_images
 from t2i.worker.health import ComfyUIProbe
 from t2i.worker.images import ImageStore
 from t2i.worker.inputs import upload_inputs
-from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, PHASE_STATUS, RUNNING, STARTED, Job, JobStore
+from t2i.worker.jobs import CANCELLED, COMPLETED, PENDING, RUNNING, STARTED, Job, JobStore
 from t2i.worker.journal import Journal
 from t2i.worker.readiness import WorkflowReadiness
 from t2i.worker.speed import Speed
@@ -156,7 +157,7 @@ class Runner:
         elif job.phase == STARTED and phase in (lc.FINISHING, lc.COLLECTING):
             self.speed.run_ended(prompt_id, now.mono)   # the run's span: ComfyUI's, not the image copy after it
         if changes and job.differs(changes):
-            if _shown_the_same(job, changes):
+            if job.shows_the_same(changes):
                 # E.g. each node's `executing` only restarts the stall watchdog: a new version would
                 # wake every long-poll and feed follower of the job for nothing they can see.
                 for name, value in changes.items():
@@ -661,7 +662,7 @@ class Runner:
         for ref in refs:
             if ref not in early:
                 task = asyncio.ensure_future(self.comfy.view(ref))
-                task.add_done_callback(_outcome_collected)
+                task.add_done_callback(drop_outcome)  # nobody may await it (the job failed, or it was fetched again)
                 early[ref] = task
 
     def _forget_early_views(self, prompt_id: str) -> None:
@@ -794,33 +795,6 @@ class Runner:
             else:
                 self.apply(job.prompt_id, lc.Absent())
         return True
-
-
-# What a job's ``/status`` (and so the feed, and every long-poll) shows, besides its status and attempt.
-SHOWN_FIELDS = frozenset(("prompt_id", "progress_value", "progress_max", "queue_position", "images", "preview_version",
-                          "error", "params", "workflow", "seed", "created_at", "started_at", "finished_at", "client",
-                          "image_expired", "webhook"))
-
-
-def _shown_the_same(job: Job, changes: dict[str, Any]) -> bool:
-    """Would ``job`` with ``changes`` show in ``/status`` exactly as it does now (its version aside)? Then the
-    changes (timers, outputs, a phase within one status, attempt 0 -> 1) are written onto the held record."""
-    for name, value in changes.items():
-        if name == "phase":
-            if PHASE_STATUS[value] != job.status:
-                return False
-        elif name == "attempt":
-            if max(value, 1) != max(job.attempt, 1):
-                return False
-        elif name in SHOWN_FIELDS and getattr(job, name) != value:
-            return False
-    return True
-
-
-def _outcome_collected(task: asyncio.Future) -> None:
-    """An early /view nobody awaits in the end (the job failed, or it was fetched again): no warning."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _node_error_summary(node_errors: dict[str, Any]) -> str:

@@ -122,16 +122,8 @@ class ImageStore:
             with open(DURABLE_GATE, "rb"):  # a FIFO: blocks this thread until the test opens it too
                 pass
         for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the renames: a file whose name is lost is not kept either
-        finally:
-            os.close(fd)
+            _fsync(path)
+        _fsync(self.directory)  # the renames: a file whose name is lost is not kept either
 
     async def read(self, name: str) -> bytes | None:
         """An image's bytes: a fresh one from memory, else the file (off the loop); None when gone."""
@@ -198,3 +190,12 @@ class ImageHandler(FileHandler):
         if not IMAGE_NAME.match(url_path):
             raise APIError(404, "No such image.")
         return url_path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -444,7 +444,13 @@ function jobFrom(state, entry) {
  * browser's cache (`entry`). Nothing for a job whose row ended or left here.
  */
 function follow(id, state, entry) {
-  if (!id || settled.has(id) || findRow(id)) return;
+  if (!id || settled.has(id)) return;
+  const known = findRow(id);
+  if (known) {
+    // Listed by the server a moment before the tab that sent it wrote its words to the cache.
+    if (!known.job.prompt && entry && entry.job && entry.job.prompt) known.showJob({ ...jobFrom(state, entry), submittedAt: known.job.submittedAt });
+    return;
+  }
   const job = jobFrom(state, entry);
   // When it was sent (a 404 soon after is the scheduler not having heard of it yet); the server
   // listed it: not just sent.

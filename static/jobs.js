@@ -27,7 +27,6 @@ export class JobRow {
    */
   constructor(template, job, handlers) {
     this.job = job;
-    this.label = job.prompt || WORDS.jobElsewhere;
     this.handlers = handlers;
     this.id = null;
     this.worker = null;
@@ -63,15 +62,23 @@ export class JobRow {
     el.setAttribute("aria-describedby", p.state.id);
     p.bar.setAttribute("aria-labelledby", p.state.id);
     for (const button of [p.cancel, p.retry, p.dismiss]) button.setAttribute("aria-describedby", p.prompt.id);
-    p.prompt.textContent = this.label;
-    p.prompt.title = this.label;
-    p.prompt.classList.toggle("unknown", !job.prompt);
-    this.renderMeta();
+    this.showJob(job);
 
     p.cancel.addEventListener("click", () => this.handlers.onCancel(this));
     p.retry.addEventListener("click", () => this.handlers.onRetry(this));
     p.dismiss.addEventListener("click", () => this.handlers.onDismiss(this));
     this.showSubmitting();
+  }
+
+  /** What was asked: at creation, or later when this browser's cache learns a job first listed by the server. */
+  showJob(job) {
+    this.job = job;
+    this.label = job.prompt || WORDS.jobElsewhere;
+    const prompt = this.parts.prompt;
+    prompt.textContent = this.label;
+    prompt.title = this.label;
+    prompt.classList.toggle("unknown", !job.prompt);
+    this.renderMeta();
   }
 
   renderMeta() {

@@ -23,7 +23,7 @@ from support.page import RECORDER, expect_state, picture, row, submit, wait_done
 STEP_TIME = 0.05  # 4 steps: a fraction of a second; 150 steps: 7.5 s
 POLL_MS = 300
 REFRESH_MS = 600  # how often the page reads GET /jobs again (about 30 s by default)
-KEYS = {name: f"{name}-key-{'x' * 16}" for name in ("alice", "bob", "carol", "dave")}
+KEYS = {name: f"{name}-key-{'x' * 16}" for name in ("alice", "bob", "carol", "dave", "erin")}
 MAX_JOBS = 2
 
 
@@ -256,5 +256,40 @@ def test_a_client_at_its_limit_waits_for_one_of_its_jobs_to_end(cluster, browser
         expect(page.locator("#announcer")).to_have_text("Cancelled 2 jobs.")
         expect(page.locator("li.job[data-state=cancelled]")).to_have_count(3)
         assert not page.errors, page.errors
+    finally:
+        context.close()
+
+
+def test_a_job_listed_before_its_tab_cached_it_gets_its_words(cluster, browser):
+    """The server's list can name a job before the tab that sent it has written its words to
+    this browser's cache (the worker's feed beats the answer to POST /generate): the row first
+    says "A job from another browser", then shows the prompt once the cache has it."""
+    context = new_browser(browser, KEYS["erin"])
+    try:
+        listing, sending = tab(context, cluster.url), tab(context, cluster.url)
+        auth = {"Authorization": f"Bearer {KEYS['erin']}"}
+        answer = listing.request.post(f"{cluster.url}/generate", headers=auth,
+                                      data={"prompt": "a lighthouse told late", "steps": 150})
+        assert answer.status == 200, answer.text()
+        placed = answer.json()
+        job = by_id(listing, placed["prompt_id"])
+        expect_state(job, "running", timeout=REFRESH_MS * 2 + 5000)
+        expect(job.locator(".prompt")).to_have_text("A job from another browser")
+
+        # What the sending tab writes once POST /generate has answered, a moment late.
+        entry = {"id": placed["prompt_id"], "worker": placed.get("worker"),
+                 "job": {"prompt": "a lighthouse told late", "body": {"prompt": "a lighthouse told late", "steps": 150},
+                         "params": {"steps": 150}}}
+        sending.evaluate("""entry => {
+          const items = JSON.parse(localStorage.getItem('t2i.jobs.v1') || '[]');
+          localStorage.setItem('t2i.jobs.v1', JSON.stringify([...items, { ...entry, at: Date.now() }]));
+        }""", entry)
+        expect(job.locator(".prompt")).to_have_text("a lighthouse told late")
+        expect(job.locator(".prompt")).not_to_have_class(re.compile(r"\bunknown\b"))
+        expect(job.locator(".meta")).to_contain_text("150")
+        cancelled = listing.request.post(f"{cluster.url}/cancel/{placed['prompt_id']}", headers=auth, data={})
+        assert cancelled.status == 200, cancelled.text()
+        expect_state(job, "cancelled", timeout=5000)
+        assert not listing.errors and not sending.errors, (listing.errors, sending.errors)
     finally:
         context.close()

@@ -59,15 +59,55 @@ async def test_a_worker_streams_each_change_then_a_mark(tmp_path):
         await w.wait(prompt_id)
         await until(lambda: any(line.get("status") == "completed" for line in stream.lines), what="completed")
         jobs = [line for line in stream.lines if line.get("prompt_id") == prompt_id]
-        # Every change came, in order, each line the job's /status object, each batch closed by a mark.
+        # The new job at once and its ending, in order, each line the job's /status object, each batch closed
+        # by a mark (what came between may have been held and superseded: test_progress_is_held_...).
         versions = [job["version"] for job in jobs]
-        assert versions == sorted(versions) and len(jobs) >= 3 and jobs[-1]["status"] == "completed"
-        assert {"pending", "running", "completed"} <= {job["status"] for job in jobs}
+        assert versions == sorted(versions) and jobs[0]["status"] == "pending" and jobs[-1]["status"] == "completed"
         last_line = stream.raw[max(i for i, line in enumerate(stream.lines) if line.get("prompt_id") == prompt_id)]
         assert last_line == (await call("GET", f"{w.url}/status/{prompt_id}")).body
         assert "prompt_id" not in stream.lines[-1] and stream.lines[-1]["seq"] == w.worker.store.seq
         response = await done  # ends by itself after wait
         assert response.code == 200
+
+
+def batches(stream: Stream, prompt_id: str) -> list[list[str]]:
+    """The job's statuses in each batch of the stream (the lines between two marks), batches without it left out."""
+    found, batch = [], []
+    for line in stream.lines:
+        if "prompt_id" not in line:
+            found += [batch] if batch else []
+            batch = []
+        elif line["prompt_id"] == prompt_id:
+            batch.append(line["status"])
+    return found
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_progress_is_held_back_and_a_new_job_and_its_ending_go_at_once(tmp_path):
+    async with WorkerCluster(tmp_path, name="gpu-a") as w:
+        w.worker.store.feed_hold = 600  # longer than the test: only something urgent ends a hold
+        stream = Stream(f"{w.url}/jobs?since={w.worker.store.seq}&wait=30&stream=1")
+        stream.start()
+        await until(lambda: stream.marks(), what="the first mark")
+        prompt_id = await w.submit({"prompt": "a held fox", "steps": 3})
+        await until(lambda: batches(stream, prompt_id), what="the new job, sent at once")
+        await w.wait(prompt_id)
+        await until(lambda: any(line.get("status") == "completed" for line in stream.lines), what="the ending, at once")
+        # Its start and three steps were held, then superseded by the ending: one line for each urgent change.
+        assert batches(stream, prompt_id) == [["pending"], ["completed"]]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_held_change_still_comes_within_the_hold(tmp_path):
+    async with WorkerCluster(tmp_path, sim={"step_time": 0.05}, name="gpu-a") as w:
+        w.worker.store.feed_hold = 0.05
+        stream = Stream(f"{w.url}/jobs?since={w.worker.store.seq}&wait=30&stream=1")
+        stream.start()
+        prompt_id = await w.submit({"prompt": "a slow held fox", "steps": 150})
+        await until(lambda: any(line.get("prompt_id") == prompt_id and (line.get("progress") or {}).get("value")
+                                for line in stream.lines), what="its progress, with nothing urgent after it")
+        assert (await call("POST", f"{w.url}/cancel/{prompt_id}", {})).code == 200
+        await until(lambda: "cancelled" in sum(batches(stream, prompt_id), []), what="the cancel, at once")
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -217,7 +217,9 @@ class JobsHandler(WorkerHandler):
 
         A follower pays a decode and a mirror update per change, not a request and an answer on both
         sides (a job changes five or more times); changes made within one turn of the event loop come
-        as one batch, and a job's progress superseded before it is sent is never sent."""
+        as one batch, and a job's progress superseded before it is sent is never sent: a known job's
+        queue position, start and progress are held up to ``JobStore.feed_hold`` for what comes next; a new
+        job, an ending and a removal go at once."""
         self.set_header("Content-Type", STREAM_TYPE)
         deadline = time.monotonic() + wait
         relist = epoch is not None and epoch != self.store.epoch
@@ -241,9 +243,13 @@ class JobsHandler(WorkerHandler):
                 break
             if not await self.wait_unless_gone(self.store.wait_feed(since, left)):
                 return
-            if self.store.seq != since:
-                continue
-            break  # the wait passed
+            if self.store.seq == since:
+                break  # the wait passed
+            # Only a known job's progress so far: held a moment (JobStore.feed_hold), unless something
+            # urgent comes meanwhile, so that what follows it crosses in the same batch.
+            hold = min(self.store.feed_hold, deadline - time.monotonic())
+            if not await self.wait_unless_gone(self.store.wait_urgent(since, hold)):
+                return
         self.finish(feed_mark(self.store.epoch, self.store.seq if relist else since, relist, []))
 
 

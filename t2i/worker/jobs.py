@@ -17,6 +17,12 @@ from t2i.jobstate import CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RUNNIN
 from t2i.waiters import Waiters
 
 FEED = object()  # the key feed followers wait on
+URGENT = object()  # the key a feed holding back a known job's progress waits on (see JobStore.urgent_seq)
+# How long a streamed feed may hold back changes followers can take late: a known, unfinished job's
+# queue position, start and progress. A job's several changes then cross as one line (fewer writes on the
+# worker, fewer lines to read on the scheduler, fewer long-poll wake-ups behind it). A new job, an ending
+# and a removal are sent at once.
+FEED_HOLD = 0.1
 
 # A job's phase: where it is in its lifecycle (t2i.worker.lifecycle moves it). Its public
 # ``status`` is a function of the phase, so the two can never disagree.
@@ -198,7 +204,11 @@ class JobStore:
         self._tombstones: OrderedDict[str, int] = OrderedDict()
         self._tombstone_limit = tombstone_limit
         self._forgotten_before = 0
-        self._waiters = Waiters()  # keyed by prompt_id; the feed waits on FEED
+        self._waiters = Waiters()  # keyed by prompt_id; the feed waits on FEED (and URGENT)
+        # The seq of the last change a streamed feed sends at once (a new job, an ending, a removal): a
+        # follower past it may hold later changes up to ``feed_hold`` seconds.
+        self.urgent_seq = self.seq
+        self.feed_hold = FEED_HOLD
 
     # --- reading ------------------------------------------------------------
 
@@ -302,6 +312,8 @@ class JobStore:
 
     def put(self, job: Job) -> Job:
         """Hold ``job`` as the current state of its id: a new version, waiters woken."""
+        held = self._jobs.get(job.prompt_id)
+        urgent = held is None or job.phase in FINISHED or held.phase in FINISHED
         if job.phase in FINISHED:
             if job.finished_at is None:
                 job.finished_at = self.clock()
@@ -314,6 +326,8 @@ class JobStore:
             self._unfinished = {pid: held for pid, held in self._jobs.items() if held.phase not in FINISHED}
         self._jobs[job.prompt_id] = job
         self._touch(job)
+        if urgent:
+            self._urgent()
         return job
 
     def update(self, job: Job | str, **changes: Any) -> Job | None:
@@ -342,6 +356,7 @@ class JobStore:
             self._forgotten_before = seq + 1
         if removed_ids:
             self._waiters.wake(FEED)
+            self._urgent()
             if self.on_remove is not None:
                 self.on_remove(removed_ids)
         return len(removed_ids)
@@ -355,6 +370,10 @@ class JobStore:
         self._changes.move_to_end(job.prompt_id)
         self._waiters.wake(job.prompt_id)
         self._waiters.wake(FEED)
+
+    def _urgent(self) -> None:
+        self.urgent_seq = self.seq
+        self._waiters.wake(URGENT)
 
     # --- waiting ------------------------------------------------------------
 
@@ -370,3 +389,9 @@ class JobStore:
         if self.seq != since or timeout <= 0:
             return
         await self._waiters.wait(FEED, timeout)
+
+    async def wait_urgent(self, since: int, timeout: float) -> None:
+        """Return when a change a feed sends at once comes after ``since`` (see ``urgent_seq``), or after ``timeout``."""
+        if self.urgent_seq > since or timeout <= 0:
+            return
+        await self._waiters.wait(URGENT, timeout)

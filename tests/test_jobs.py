@@ -112,6 +112,25 @@ async def test_wait_job_returns_on_change_and_times_out_otherwise():
 
 
 @pytest.mark.gen_test(timeout=5)
+async def test_wait_ending_wakes_on_the_end_or_removal_not_on_progress():
+    store, (job, other) = make_store(2)
+    ending = asyncio.ensure_future(store.wait_ending("job-0", 5))
+    removal = asyncio.ensure_future(store.wait_ending("job-1", 5))
+    await asyncio.sleep(0)  # both waiting
+    running = store.update(job, phase=STARTED)
+    store.update(running, progress_value=1, progress_max=3)
+    for _ in range(5):  # a woken waiter would be done after a few turns
+        await asyncio.sleep(0)
+    assert not ending.done() and not removal.done()
+    store.update(store.get("job-0"), phase=COMPLETED)
+    store.remove(["job-1"])
+    await asyncio.wait_for(asyncio.gather(ending, removal), 1)
+    # Already ended, or unknown: at once.
+    await asyncio.wait_for(store.wait_ending("job-0", 5), 0.1)
+    await asyncio.wait_for(store.wait_ending("job-1", 5), 0.1)
+
+
+@pytest.mark.gen_test(timeout=5)
 async def test_wait_feed_wakes_on_any_change():
     store, (job,) = make_store(1)
     waiter = asyncio.ensure_future(store.wait_feed(store.seq, 5))

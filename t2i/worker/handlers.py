@@ -137,7 +137,7 @@ class ResultHandler(WorkerHandler):
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
         while not job.finished and (left := deadline - time.monotonic()) > 0:
-            if not await self.wait_unless_gone(self.store.wait_job(prompt_id, job.version, left)):
+            if not await self.wait_unless_gone(self.store.wait_ending(prompt_id, left)):
                 return
             job = self.job_or_404(prompt_id)
         self.set_header("Vary", "Accept")

@@ -205,6 +205,7 @@ class JobStore:
         self._tombstone_limit = tombstone_limit
         self._forgotten_before = 0
         self._waiters = Waiters()  # keyed by prompt_id; the feed waits on FEED (and URGENT)
+        self._endings = Waiters()  # keyed by prompt_id: woken only when the job ends or goes (GET /result?wait)
         # The seq of the last change a streamed feed sends at once (a new job, an ending, a removal): a
         # follower past it may hold later changes up to ``feed_hold`` seconds.
         self.urgent_seq = self.seq
@@ -328,6 +329,8 @@ class JobStore:
         self._touch(job)
         if urgent:
             self._urgent()
+        if job.phase in FINISHED:
+            self._endings.wake(job.prompt_id)
         return job
 
     def update(self, job: Job | str, **changes: Any) -> Job | None:
@@ -351,6 +354,7 @@ class JobStore:
             self._tombstones[prompt_id] = self.seq
             self._tombstones.move_to_end(prompt_id)
             self._waiters.wake(prompt_id)
+            self._endings.wake(prompt_id)
         while len(self._tombstones) > self._tombstone_limit:
             _, seq = self._tombstones.popitem(last=False)
             self._forgotten_before = seq + 1
@@ -383,6 +387,13 @@ class JobStore:
         if job is None or job.version > since_version or timeout <= 0:
             return
         await self._waiters.wait(prompt_id, timeout)
+
+    async def wait_ending(self, prompt_id: str, timeout: float) -> None:
+        """Return when the job ends or is removed (not at each of its changes), or after ``timeout``."""
+        job = self._jobs.get(prompt_id)
+        if job is None or job.phase in FINISHED or timeout <= 0:
+            return
+        await self._endings.wait(prompt_id, timeout)
 
     async def wait_feed(self, since: int, timeout: float) -> None:
         """Return when the store's seq passes ``since``, or after ``timeout``."""

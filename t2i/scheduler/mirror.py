@@ -20,11 +20,10 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
-from tornado.httpclient import HTTPClientError, HTTPRequest
-
-from t2i.httpclient import UpstreamUnavailable, fetch, fetch_json
+from t2i.httpclient import UpstreamUnavailable, fetch_json
 from t2i.jobstate import COMPLETED, FAILED, FINISHED, UNFINISHED
 from t2i.scheduler.clients import ClientIndex
+from t2i.scheduler.feedreader import read_feed
 from t2i.waiters import Waiters
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class StreamEnd(Exception):
 
 
 class FeedStream:
-    """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by Tornado as it arrives."""
+    """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by t2i.scheduler.feedreader as it arrives."""
 
     __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "streamed", "stopped", "ended")
 
@@ -108,12 +107,9 @@ class FeedStream:
         self.stopped = False       # the follower is done with it: what still comes is ignored
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()   # StreamEnd's error
 
-    def header(self, line: str) -> None:
-        if self.code is None:
-            parts = line.split(" ", 2)
-            self.code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        elif line[:13].lower() == "content-type:":
-            self.ndjson = self.code == 200 and line[13:].strip().lower().startswith(STREAM_TYPE)
+    def head(self, code: int, content_type: str) -> None:
+        self.code = code
+        self.ndjson = code == 200 and content_type.lower().startswith(STREAM_TYPE)
 
     def data(self, chunk: bytes) -> None:
         if self.stopped:
@@ -130,15 +126,6 @@ class FeedStream:
         except StreamEnd as end:
             self.stopped = True
             self.ended.set_result(end.error)
-
-
-async def _outcome(awaitable: Any) -> Any:
-    """The result of ``awaitable``, or the exception it raised (a fetch left to end by itself after its
-    follower is done with it must not be logged as an exception never retrieved)."""
-    try:
-        return await awaitable
-    except Exception as exc:
-        return exc
 
 
 class Listing:
@@ -596,32 +583,23 @@ class Mirror:
         if self.auth_token:
             headers["Authorization"] = f"Bearer {self.auth_token}"
         reader = FeedStream(self, feed)
-        request = HTTPRequest(f"{feed.url()}/jobs?{urlencode(query)}", headers=headers,
-                              connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
-                              header_callback=reader.header, streaming_callback=reader.data)
-        # Tornado's clients cannot abort a request (an exception in the callback is logged as a bug): a
-        # stream the mirror is done with is left to end by itself (at its wait), its lines ignored.
-        fetching = asyncio.ensure_future(_outcome(fetch(request, self.client)))
         try:
-            await asyncio.wait((fetching, reader.ended), return_when=asyncio.FIRST_COMPLETED)
+            error = await read_feed(f"{feed.url()}/jobs?{urlencode(query)}", headers, reader,
+                                    connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
+                                    until=reader.ended)
         finally:
-            reader.stopped = True
+            reader.stopped = True   # read_feed closed the connection (also when cancelled: unfollow, stop)
         if reader.ended.done():
             return reader.ended.result()
-        response = fetching.result()
-        if isinstance(response, (HTTPClientError, OSError)):
-            return str(response) or type(response).__name__
-        if isinstance(response, BaseException):
-            raise response
-        if response.code == 599:
-            return str(response.error or "connection failed")
+        if error is not None:
+            return error
         if reader.streamed:
             return None  # ended after a mark, as the worker does when wait has passed
         try:
             page = json.loads(b"".join(reader.plain)) if reader.plain else None
         except ValueError:
             page = None
-        return self._take_page(feed, response.code, page)
+        return self._take_page(feed, reader.code, page)
 
     def _take_line(self, feed: Feed, reader: "FeedStream", line: bytes) -> None:
         """One line of a streamed feed: a job's status object (kept until its batch's mark), or the

@@ -174,7 +174,11 @@ async def test_the_chunked_framing_itself_may_arrive_cut_at_any_byte():
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_a_plain_page_and_an_error_page_are_read_whole():
+async def test_a_plain_page_and_an_error_page_are_read_whole(monkeypatch):
+    def resolving(*args: Any, **kwargs: Any):
+        raise AssertionError("an IP address was resolved (a thread per stream)")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolving)
     async with serving([(r"/(?:(\d+)/)?jobs", Page)]) as url:
         for code in (200, 404, 500):
             sink = Recorder()
@@ -199,12 +203,15 @@ async def test_a_mirror_takes_an_error_page_or_a_plain_page_as_it_did():
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_a_refused_connection_is_an_error_string():
+async def test_a_refused_or_timed_out_connection_is_an_error_string():
     port = free_port()
     error = await read_feed(f"http://127.0.0.1:{port}/jobs", {}, Recorder(), **TIMEOUTS)
     assert error.startswith(f"cannot connect to 127.0.0.1:{port}:") and "111" in error, error
     mirror, feed = following(f"http://127.0.0.1:{port}")
     assert (await mirror._stream_once(feed)).startswith("cannot connect")
+    async with serving([(r"/jobs", Page)]) as url:  # one that listens, given no time to connect
+        error = await read_feed(f"{url}/jobs", {}, Recorder(), connect_timeout=0, request_timeout=10)
+        assert error == f"Timeout while connecting to {url.removeprefix('http://')}"
 
 
 @pytest.mark.gen_test(timeout=20)

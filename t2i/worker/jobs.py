@@ -326,11 +326,7 @@ class JobStore:
             self._jobs[job.prompt_id] = job
             self._unfinished = {pid: held for pid, held in self._jobs.items() if held.phase not in FINISHED}
         self._jobs[job.prompt_id] = job
-        self._touch(job)
-        if urgent:
-            self._urgent()
-        if job.phase in FINISHED:
-            self._endings.wake(job.prompt_id)
+        self._touch(job, urgent)
         return job
 
     def update(self, job: Job | str, **changes: Any) -> Job | None:
@@ -365,15 +361,21 @@ class JobStore:
                 self.on_remove(removed_ids)
         return len(removed_ids)
 
-    def _touch(self, job: Job) -> None:
+    def _touch(self, job: Job, urgent: bool) -> None:
         # The feed walks _changes and finds the current job in _jobs; the version is set on
         # the new copy only, which no reader has seen yet.
         self.seq += 1
         job.version = self.seq
         self._changes[job.prompt_id] = self.seq
         self._changes.move_to_end(job.prompt_id)
+        # Woken in this order, they run in this order: the job's own clients are answered before the
+        # feed's followers are written to (a client waiting for the image does not wait for the feed).
         self._waiters.wake(job.prompt_id)
+        if job.phase in FINISHED:
+            self._endings.wake(job.prompt_id)
         self._waiters.wake(FEED)
+        if urgent:
+            self._urgent()
 
     def _urgent(self) -> None:
         self.urgent_seq = self.seq

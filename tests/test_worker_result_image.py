@@ -23,6 +23,11 @@ async def test_accept_image_answers_with_the_bytes_once_the_job_completes(tmp_pa
         assert reply.headers["Content-Location"] == state["image_url"]
         assert reply.body == (await call("GET", state["image_url"])).body
         assert reply.body.startswith(b"\x89PNG")
+        # Its ETag is the image's unique name (not a hash of its bytes), and a client holding it gets a 304.
+        name = state["image_url"].rsplit("/", 1)[1]
+        assert reply.headers["Etag"] == f'"{name}"'
+        again = await call("GET", f"{c.url}/result/{prompt_id}", headers={**IMAGE, "If-None-Match": f'"{name}"'})
+        assert again.code == 304 and not again.body
 
 
 @pytest.mark.gen_test(timeout=30)

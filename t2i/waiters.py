@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Hashable, Iterator
+from typing import Any, Awaitable, Callable, Hashable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +62,17 @@ class Waiters:
                     waiter()
                 except Exception:  # one broken waiter must not keep the others asleep
                     log.exception("waking a waiter of %r failed", key)
+
+
+async def done_within(awaitable: Awaitable[Any], timeout: float) -> asyncio.Future:
+    """Await ``awaitable`` for at most ``timeout`` seconds; its future: done, or not done after the timeout
+    (then being cancelled, as when the caller is cancelled). Unlike ``asyncio.wait_for`` on Python 3.11, a cancel of the
+    caller is never swallowed: ``wait_for`` returns the result when the cancel comes just as the awaited
+    thing finishes, and a follower told to stop (``Mirror.stop``) would then run on."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait({future}, timeout=timeout)
+    finally:
+        if not future.done():
+            future.cancel()
+    return future

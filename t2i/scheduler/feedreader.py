@@ -16,6 +16,8 @@ import ssl
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from t2i.waiters import done_within
+
 MAX_HEAD = 65536            # bytes of status line and headers
 MAX_SIZE_LINE = 1024        # bytes of a chunk's size line (with extensions)
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
@@ -63,14 +65,19 @@ async def read_feed(url: str, headers: dict[str, str], sink: Sink, *, connect_ti
     reader = FeedProtocol(sink, request, loop.create_future())
     try:
         # An IP literal is used as it is (asyncio's fast path): no resolver thread per stream.
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: reader, parts.hostname, port,
-                                   ssl=(tls or default_tls()) if https else None),
-            min(connect_timeout, request_timeout))
-    except asyncio.TimeoutError:
+        connecting = await done_within(loop.create_connection(lambda: reader, parts.hostname, port,
+                                                              ssl=(tls or default_tls()) if https else None),
+                                       min(connect_timeout, request_timeout))
+    except asyncio.CancelledError:
+        if reader.transport is not None:  # connected just as the follower was told to stop
+            reader.transport.abort()
+        raise
+    if not connecting.done():
         return f"Timeout while connecting to {parts.hostname}:{port}"
-    except (OSError, ValueError) as exc:  # refused, unreachable, unresolvable, a TLS handshake refused
+    exc = connecting.exception()
+    if isinstance(exc, (OSError, ValueError)):  # refused, unreachable, unresolvable, a TLS handshake refused
         return f"cannot connect to {parts.hostname}:{port}: {exc or type(exc).__name__}"
+    transport, _ = connecting.result()
     try:
         waits = {reader.done} if until is None else {reader.done, until}
         await asyncio.wait(waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)

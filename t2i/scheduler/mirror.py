@@ -24,7 +24,7 @@ from t2i.httpclient import UpstreamUnavailable, fetch_json
 from t2i.jobstate import COMPLETED, FAILED, FINISHED, UNFINISHED
 from t2i.scheduler.clients import ClientIndex
 from t2i.scheduler.feedreader import read_feed
-from t2i.waiters import Waiters
+from t2i.waiters import Waiters, done_within
 
 log = logging.getLogger(__name__)
 
@@ -499,10 +499,7 @@ class Mirror:
                 continue
             self._feed_down(feed, error)
             feed.wake.clear()
-            try:
-                await asyncio.wait_for(feed.wake.wait(), backoff * random.uniform(0.5, 1.0))
-            except asyncio.TimeoutError:
-                pass
+            await done_within(feed.wake.wait(), backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _poll_once(self, feed: Feed) -> str | None:

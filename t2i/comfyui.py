@@ -26,6 +26,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from t2i.backoff import Backoff
 from t2i.httpclient import fetch, json_request
+from t2i.waiters import done_within
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +295,7 @@ class ComfyUIClient:
     async def wait_connected(self, timeout: float) -> bool:
         if self._connected.is_set():
             return True
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return (await done_within(self._connected.wait(), timeout)).done()
 
     async def _run(self) -> None:
         retries = 0      # reconnects in a row without a connection that lasted (drives the backoff)

@@ -31,6 +31,7 @@ from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
 from t2i.passes import SerialPass
 from t2i.idempotency import prompt_id_for
 from t2i.validation import GenerateRequest
+from t2i.waiters import done_within
 from t2i.worker import lifecycle as lc
 from t2i.worker.collect import CollectError, collect_images, discard_images
 from t2i.worker.health import ComfyUIProbe
@@ -329,9 +330,7 @@ class Runner:
                 raise WorkflowNotReady(request.workflow or self.config.default_workflow, reason or "")
         wait = min(self.config.comfyui.connect_timeout, 2.0)
         if not self.ready.is_set():
-            try:
-                await asyncio.wait_for(self.ready.wait(), wait)
-            except asyncio.TimeoutError:
+            if not (await done_within(self.ready.wait(), wait)).done():
                 held = len(self.store.unfinished())
                 raise WorkerStarting(f"The worker is starting: it is checking {held} job(s) from its journal "
                                      "against ComfyUI.") from None

@@ -20,6 +20,7 @@ from tornado.netutil import bind_sockets
 from support.net import free_port
 from support.timing import until
 from t2i.scheduler.feedreader import FeedProtocol, read_feed
+from t2i.scheduler import mirror as mirror_module
 from t2i.scheduler.mirror import Feed, FeedStream, Mirror
 from test_scheduler_feed import FakeFeed, served
 
@@ -200,6 +201,20 @@ async def test_a_mirror_takes_an_error_page_or_a_plain_page_as_it_did():
         # A plain page of another epoch (this one names none): listed again, as a long-poll's page would be.
         mirror, feed = following(url)
         assert await mirror._stream_once(feed) is None and feed.epoch is None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_an_answer_piling_up_past_the_bound_is_an_error_and_closed(monkeypatch):
+    monkeypatch.setattr(mirror_module, "MAX_UNREAD_BYTES", 20)
+    class CutAt21(Pieces):
+        def get_argument(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+            return "21" if name == "at" else default
+
+    async with serving([(r"/(?:(\d+)/)?jobs", Page), (r"/lines/jobs", CutAt21)]) as url:
+        mirror, feed = following(url)  # a plain page of 26 bytes
+        assert await mirror._stream_once(feed) == "GET /jobs answered more than 0 MB"
+        mirror, feed = following(f"{url}/lines")  # 21 bytes of its first line, then the rest
+        assert await mirror._stream_once(feed) == "GET /jobs streamed a line of more than 0 MB"
 
 
 @pytest.mark.gen_test(timeout=20)

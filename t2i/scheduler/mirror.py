@@ -35,6 +35,9 @@ FEED_WAIT = 25.0            # seconds a feed request waits for changes on the wo
 FEED_CONNECT_TIMEOUT = 2.0
 FEED_SLACK = 10.0           # request_timeout = wait + slack
 STREAM_TYPE = "application/x-ndjson"   # a streamed feed (GET /jobs?stream=1)
+# The most a feed answer may hold unread: a plain page, or one streamed line (a job is about 1 KB). Tornado's
+# client refused bodies over 100 MB; the feed reader keeps the same bound on what piles up.
+MAX_UNREAD_BYTES = 100 * 1024 * 1024
 FEED_PAGE = 500             # jobs per feed answer: a worker holding 20,000 is listed in 40 small pages
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECENT_LIMIT = 10000        # jobs this scheduler submitted that the mirror has not seen yet
@@ -93,7 +96,8 @@ class StreamEnd(Exception):
 class FeedStream:
     """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by t2i.scheduler.feedreader as it arrives."""
 
-    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "streamed", "stopped", "ended")
+    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "unread", "streamed", "stopped",
+                 "ended")
 
     def __init__(self, mirror: "Mirror", feed: "Feed"):
         self.mirror = mirror
@@ -103,6 +107,7 @@ class FeedStream:
         self.rest = b""            # a line cut between two chunks
         self.batch: list[tuple[dict[str, Any], bytes]] = []   # job lines until their mark
         self.plain: list[bytes] = []
+        self.unread = 0            # bytes in plain
         self.streamed = False      # a mark was applied
         self.stopped = False       # the follower is done with it: what still comes is ignored
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()   # StreamEnd's error
@@ -116,6 +121,9 @@ class FeedStream:
             return
         if not self.ndjson:
             self.plain.append(chunk)
+            self.unread += len(chunk)
+            if self.unread > MAX_UNREAD_BYTES:
+                self._stop(f"GET /jobs answered more than {MAX_UNREAD_BYTES // 2 ** 20} MB")
             return
         lines = (self.rest + chunk if self.rest else chunk).split(b"\n")
         self.rest = lines.pop()
@@ -124,8 +132,15 @@ class FeedStream:
                 if line:
                     self.mirror._take_line(self.feed, self, line)
         except StreamEnd as end:
-            self.stopped = True
-            self.ended.set_result(end.error)
+            self._stop(end.error)
+            return
+        if len(self.rest) > MAX_UNREAD_BYTES:
+            self._stop(f"GET /jobs streamed a line of more than {MAX_UNREAD_BYTES // 2 ** 20} MB")
+
+    def _stop(self, error: str | None) -> None:
+        """Read no more of it: ``error`` is the follower's (None: list the worker's jobs again)."""
+        self.stopped = True
+        self.ended.set_result(error)
 
 
 class Listing:

@@ -65,10 +65,11 @@ class Waiters:
 
 
 async def done_within(awaitable: Awaitable[Any], timeout: float) -> asyncio.Future:
-    """Await ``awaitable`` for at most ``timeout`` seconds; its future: done, or not done after the timeout
-    (then being cancelled, as when the caller is cancelled). Unlike ``asyncio.wait_for`` on Python 3.11, a cancel of the
-    caller is never swallowed: ``wait_for`` returns the result when the cancel comes just as the awaited
-    thing finishes, and a follower told to stop (``Mirror.stop``) would then run on."""
+    """Await ``awaitable`` for at most ``timeout`` seconds; its future: done, or not done after the
+    timeout (then being cancelled, as when the caller is cancelled). Unlike ``asyncio.wait_for`` on
+    Python 3.11, a cancel of the caller is never swallowed: ``wait_for`` returns the result when the
+    cancel comes just as the awaited thing finishes, and a follower told to stop (``Mirror.stop``)
+    would then run on."""
     future = asyncio.ensure_future(awaitable)
     try:
         await asyncio.wait({future}, timeout=timeout)

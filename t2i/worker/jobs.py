@@ -313,8 +313,8 @@ class JobStore:
 
     def put(self, job: Job) -> Job:
         """Hold ``job`` as the current state of its id: a new version, waiters woken."""
-        held = self._jobs.get(job.prompt_id)
-        urgent = held is None or job.phase in FINISHED or held.phase in FINISHED
+        before = self._jobs.get(job.prompt_id)
+        urgent = before is None or job.phase in FINISHED or before.phase in FINISHED
         if job.phase in FINISHED:
             if job.finished_at is None:
                 job.finished_at = self.clock()

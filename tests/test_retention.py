@@ -18,6 +18,7 @@ from t2i.config import RetentionConfig
 from t2i.worker import retention
 from t2i.worker.images import ImageStore
 from t2i.worker.jobs import COLLECTING, COMPLETED, FAILED, PENDING, RUNNING, STARTED, Job, JobStore
+from t2i.worker.journal import Journal, JournalError
 from t2i.worker.retention import Pruner
 
 
@@ -89,6 +90,54 @@ async def test_unfinished_jobs_are_never_pruned(tmp_path):
     assert store.get(pending.prompt_id).status == PENDING
     assert store.get(running.prompt_id).status == RUNNING
     assert store.get(failed.prompt_id) is None
+
+
+@pytest.mark.gen_test
+async def test_a_task_state_is_removed_from_the_journal_before_anyone_sees_it_gone(tmp_path):
+    """A pruned job answers 410 only once its removal is on disk: a worker killed right after the
+    410 restarts without the job (it came back completed, now and then, when the journal's delete
+    waited for company)."""
+    clock = FakeClock()
+    journal = Journal(tmp_path / "state")
+    await journal.open()
+    store = JobStore(clock=clock, on_remove=journal.forget)
+    images = ImageStore(tmp_path / "images", clock=clock)
+    pruner = Pruner(store, images, RetentionConfig(task_ttl=0), None, f"test-retention-{next(_worker_names)}",
+                    clock=clock, record_removal=journal.forget_now)
+    job = await finished_job(store)
+    journal.save(job)
+    await journal.flush()
+    seen: list[tuple[bool, list[str]]] = []
+
+    async def recording(prompt_ids):
+        seen.append((store.get(job.prompt_id) is not None, prompt_ids))
+        await journal.forget_now(prompt_ids)
+
+    pruner.record_removal = recording
+    clock.advance(1)
+    assert (await pruner.prune_once())["tasks_removed"] == 1
+    assert seen == [(True, [job.prompt_id])] and store.get(job.prompt_id) is None
+    await journal.close()
+    again = Journal(tmp_path / "state")
+    jobs, tombstones = await again.open()  # what a restarted worker reads
+    assert jobs == [] and tombstones == [job.prompt_id]
+    await again.close()
+
+
+@pytest.mark.gen_test
+async def test_a_task_state_whose_removal_cannot_be_journaled_stays(tmp_path):
+    clock = FakeClock()
+    store, images, pruner = make(tmp_path, clock, task_ttl=0)
+    job = await finished_job(store)
+
+    async def failing(prompt_ids):
+        raise JournalError("the job journal cannot be written: disk full")
+
+    pruner.record_removal = failing
+    clock.advance(1)
+    report = await pruner.prune_once()
+    assert report["tasks_removed"] == 0 and "disk full" in report["errors"][0]
+    assert store.get(job.prompt_id) is not None  # still answers: nothing was promised gone
 
 
 @pytest.mark.gen_test

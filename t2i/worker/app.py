@@ -120,7 +120,8 @@ async def _start_pruner(worker: Worker) -> Any:
         log.info("retention module not available: images and finished jobs are not pruned")
         return None
     pruner = Pruner(worker.store, worker.images, worker.config.retention, worker.config.comfyui.output_dir,
-                    worker.config.name, comfy_input_dir=worker.config.comfyui.input_dir)
+                    worker.config.name, comfy_input_dir=worker.config.comfyui.input_dir,
+                    record_removal=worker.journal.forget_now)
     await _maybe_await(pruner.start())
     return pruner
 

@@ -234,6 +234,11 @@ class Journal:
         for prompt_id in prompt_ids:
             self._queue(prompt_id, None)
 
+    async def forget_now(self, prompt_ids: list[str]) -> None:
+        """:meth:`forget`, then wait until it is on disk (JournalError if it cannot be)."""
+        self.forget(prompt_ids)
+        await self.flush()
+
     def hold(self, prompt_id: str) -> None:
         """Keep the job's rows back until :meth:`release`: it is about to say ``completed`` while its
         images are not yet on disk for good. A worker killed meanwhile finds its older row (collecting)

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from tornado.ioloop import PeriodicCallback
 
@@ -117,8 +117,12 @@ class Pruner:
                  comfy_output_dir: Path | str | None, worker_name: str,
                  clock: Callable[[], float] = time.time, *, comfy_grace: float = COMFY_GRACE,
                  slice_seconds: float = SLICE_SECONDS, unlink_batch: int = UNLINK_BATCH,
-                 comfy_input_dir: Path | str | None = None):
+                 comfy_input_dir: Path | str | None = None,
+                 record_removal: Callable[[list[str]], Awaitable[None]] | None = None):
         self.store = store
+        # Awaited before task states are removed (the journal's Journal.forget_now): a pruned job answers
+        # 410 only once its removal is on disk, so a worker killed right after does not bring it back.
+        self.record_removal = record_removal
         self.images = images
         self.config = config
         self.comfy_output_dir = Path(comfy_output_dir) if comfy_output_dir else None
@@ -194,7 +198,10 @@ class Pruner:
         due = [prompt_id for prompt_id in self.store.finished_before(cutoff)
                if not _webhook_owed(self.store.get(prompt_id))]
         for start in range(0, len(due), TASK_BATCH):
-            report["tasks_removed"] += self.store.remove(due[start:start + TASK_BATCH])
+            batch = due[start:start + TASK_BATCH]
+            if self.record_removal is not None:
+                await self.record_removal(batch)
+            report["tasks_removed"] += self.store.remove(batch)
             await slicer.tick()
 
     async def _prune_images(self, report: dict[str, Any], slicer: _Slicer) -> None:

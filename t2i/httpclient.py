@@ -68,14 +68,16 @@ async def fetch(request: HTTPRequest, client: AsyncHTTPClient | None = None) -> 
 
 
 def json_request(url: str, method: str = "GET", body: Any = None, *, headers: dict[str, str] | None = None,
-                 connect_timeout: float, request_timeout: float) -> HTTPRequest:
-    """A request with ``body`` as JSON (a POST without one sends ``{}``: t2i's servers take JSON only)."""
+                 connect_timeout: float, request_timeout: float, body_bytes: bytes | None = None) -> HTTPRequest:
+    """A request with ``body`` as JSON (a POST without one sends ``{}``: t2i's servers take JSON only);
+    ``body_bytes``: ``body`` as it was received, sent as it is (a body of input images is not encoded again)."""
     headers = dict(headers or {})
-    data: str | bytes | None = None
+    data: str | bytes | None = body_bytes
     if body is None and method == "POST":
         body = {}
     if body is not None:
-        data = json.dumps(body)
+        if data is None:
+            data = json.dumps(body)
         headers["Content-Type"] = "application/json"
     return HTTPRequest(url, method=method, body=data, headers=headers,
                        connect_timeout=connect_timeout, request_timeout=request_timeout)
@@ -109,13 +111,15 @@ def _unsent(error: BaseException | None) -> bool:
 
 async def fetch_json(url: str, method: str = "GET", body: Any = None, *, token: str | None = None,
                      connect_timeout: float = 3.0, request_timeout: float = 10.0,
-                     client: AsyncHTTPClient | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    """Call a JSON API; any HTTP status is returned, transport failures raise UpstreamUnavailable."""
+                     client: AsyncHTTPClient | None = None, headers: dict[str, str] | None = None,
+                     body_bytes: bytes | None = None) -> JSONResponse:
+    """Call a JSON API; any HTTP status is returned, transport failures raise UpstreamUnavailable.
+    ``body_bytes``: ``body``'s JSON as received, forwarded as it is (see :func:`json_request`)."""
     headers = {"Accept": "application/json", **(headers or {})}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = json_request(url, method, body, headers=headers, connect_timeout=connect_timeout,
-                           request_timeout=request_timeout)
+                           request_timeout=request_timeout, body_bytes=body_bytes)
     try:
         response = await fetch(request, client)
     except HTTPClientError as exc:  # raised for 599 by some clients even with raise_error=False

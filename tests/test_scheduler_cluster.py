@@ -159,6 +159,30 @@ async def test_the_schedulers_token_reaches_the_workers(tmp_path):
         assert refused.status == 409, refused.body  # reached the worker, which says it already ended
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_the_worker_gets_the_body_as_the_client_sent_it(tmp_path, monkeypatch):
+    """The scheduler reads the body to check and place the job, and forwards the client's bytes, not a
+    new encoding of them (json.dumps of a body of input images holds the loop as long as its parse)."""
+    from support.cluster import call as raw_call
+    from t2i.worker import handlers as worker_handlers
+
+    received: list[bytes] = []
+    original = worker_handlers.GenerateHandler.get_json_body
+
+    def recording(self):
+        value = original(self)
+        received.append(self.request.body)
+        return value
+
+    monkeypatch.setattr(worker_handlers.GenerateHandler, "get_json_body", recording)
+    sent = b'{ "steps" : 2,\n  "prompt": "caf\\u00e9 au lait"  }'
+    async with Cluster(tmp_path, n=1) as c:
+        reply = await raw_call("POST", f"{c.scheduler.url}/generate", raw=sent)
+        assert reply.code == 200, reply
+        assert received == [sent]
+        assert c.workers[0].store.get(reply.json["prompt_id"]).params["prompt"] == "café au lait"
+
+
 def _mirrored_status(scheduler, pid: str, status: str) -> bool:
     entry = scheduler.mirror.fresh(pid)
     return entry is not None and entry.status["status"] == status

@@ -111,11 +111,12 @@ class JobRouter:
 
     # --- POST /generate -----------------------------------------------------
 
-    async def generate(self, body: Any, key: str | None = None, client: str = "") -> Reply:
+    async def generate(self, body: Any, key: str | None = None, client: str = "", body_bytes: bytes | None = None) -> Reply:
         """Place a job for ``client``. With an Idempotency-Key, the key's job if there is one (same body),
         else a new one whose id is derived from the key (scoped to the client); without, a new one under a
         key of our own. Either way the worker gets a key, so the job's id is known before it answers (see
-        :meth:`_submit`). A client holding ``max_jobs`` unfinished jobs gets 429 (its key's job excepted)."""
+        :meth:`_submit`). A client holding ``max_jobs`` unfinished jobs gets 429 (its key's job excepted).
+        ``body_bytes``: ``body`` as the client sent it, which is what the worker gets."""
         if key is not None:
             try:
                 check_key(key)
@@ -127,7 +128,7 @@ class JobRouter:
             raise APIError(400, str(exc), field=exc.field) from None
         if key is None:
             with self._room(client):
-                return await self._place(body, f"t2i-{uuid.uuid4().hex}", client=client)
+                return await self._place(body, f"t2i-{uuid.uuid4().hex}", client=client, body_bytes=body_bytes)
         scoped = worker_key(client, key)
         digest = fingerprint(body)
         placing = self._placing.get(scoped)
@@ -139,7 +140,7 @@ class JobRouter:
             prompt_id = prompt_id_for(scoped)
             held = self.mirror.get(prompt_id) is not None or self.mirror.clients.client_of(prompt_id) == client
             with self._room(client, known=held):
-                return await self._place(body, scoped, known=True, client=client)
+                return await self._place(body, scoped, known=True, client=client, body_bytes=body_bytes)
         finally:
             del self._placing[scoped]
 
@@ -168,7 +169,8 @@ class JobRouter:
         return APIError(409, f"A request with this {IDEMPOTENCY_HEADER} is still being placed (job {prompt_id}); "
                         "ask again in a moment.", prompt_id=prompt_id, headers={"Retry-After": RETRY_AFTER_KEY})
 
-    async def _place(self, body: Any, key: str, known: bool = False, client: str = "") -> Reply:
+    async def _place(self, body: Any, key: str, known: bool = False, client: str = "",
+                     body_bytes: bytes | None = None) -> Reply:
         """Try the workers in placement's order until one takes the job. ``known``: the key may have a
         job already (a client's key): its holder answers for it, wherever it is."""
         prompt_id = prompt_id_for(key)
@@ -187,7 +189,7 @@ class JobRouter:
                 except NoWorkerAvailable as exc:
                     raise self._none_took_it(exc, refusals) from None
             tried.append(state.name)
-            outcome = await self._submit(state, body, key, prompt_id, steps, holds=holds, client=client)
+            outcome = await self._submit(state, body, key, prompt_id, steps, holds=holds, client=client, body_bytes=body_bytes)
             if isinstance(outcome, Reply):
                 return outcome
             refusals.append(outcome)
@@ -233,7 +235,7 @@ class JobRouter:
         return APIError(503, message, headers={"Retry-After": retry})
 
     async def _submit(self, state: WorkerState, body: Any, key: str, prompt_id: str, steps: int,
-                      holds: bool = False, client: str = "") -> Reply | Refusal:
+                      holds: bool = False, client: str = "", body_bytes: bytes | None = None) -> Reply | Refusal:
         """The worker's answer to pass on, or why it refused (it is then marked).
 
         A POST that may have arrived but got no answer (a timeout, a reset) is not simply tried
@@ -247,7 +249,7 @@ class JobRouter:
         headers = {IDEMPOTENCY_HEADER: key, **({CLIENT_HEADER: client} if client else {})}
         try:
             response = await fetch_json(state.url + "/generate", "POST", body, token=self.auth_token,
-                                        client=self.client, headers=headers,
+                                        client=self.client, headers=headers, body_bytes=body_bytes,
                                         connect_timeout=CONNECT_TIMEOUT, request_timeout=GENERATE_TIMEOUT)
         except UpstreamUnavailable as exc:
             if holds:

@@ -57,7 +57,10 @@ class GenerateHandler(SchedulerBodyHandler):
         (Idempotency-Key honoured; 429 when the client holds max_jobs unfinished jobs)."""
         client = self.client()
         body = self.get_json_body()
-        self.write_reply(await self.router.generate(body, self.request.headers.get(IDEMPOTENCY_HEADER), client))
+        # The worker gets the bytes the client sent (json.dumps of a body of input images would hold the
+        # loop again for as long as its json.loads did).
+        self.write_reply(await self.router.generate(body, self.request.headers.get(IDEMPOTENCY_HEADER), client,
+                                                    body_bytes=self.request.body))
 
 
 class StatusHandler(SchedulerHandler):

@@ -12,7 +12,7 @@ import pytest
 from support.cluster import CountingRoute, SchedulerCluster, call
 from support.timing import until
 from t2i.scheduler import handlers as scheduler_handlers
-from test_status_fastpath import HANDLER, ended_job, frozen_job, headers_of, state_of
+from test_status_fastpath import HANDLER, ended_job, frozen_job, headers_of, parked_then_stale, state_of
 
 
 @pytest.mark.gen_test(timeout=40)
@@ -75,16 +75,7 @@ async def test_a_parked_result_sleeps_through_changes_until_the_job_ends(tmp_pat
 @pytest.mark.gen_test(timeout=60)
 async def test_a_parked_result_whose_copy_goes_stale_asks_the_worker(tmp_path, monkeypatch):
     async with SchedulerCluster(tmp_path, n=1) as c:
-        prompt_id, version = await frozen_job(c)
-        handled = CountingRoute(monkeypatch, scheduler_handlers.ResultHandler, "get")
-        parked = asyncio.ensure_future(call("GET", f"{c.scheduler.url}/result/{prompt_id}?wait=60", timeout=40))
-        await until(lambda: len(c.scheduler.mirror._waiters) == 1, what="parked")
-        assert len(handled) == 0
-        c.scheduler.mirror.suspect("gpu-0", "the test says so")  # the copy is stale now
-        reply = await parked  # not after 60 s: at once, from the worker
-        assert reply.code == 202 and reply.json["status"] == "running" and reply.json["version"] == version
-        assert len(handled) == 1 and "wait" not in handled.uris[0]
-        assert len(c.scheduler.mirror._waiters) == 0
-        for sim in c.sims:
-            sim.stall = False
+        reply, prompt_id = await parked_then_stale(c, monkeypatch, scheduler_handlers.ResultHandler,
+                                                   lambda prompt_id, version: f"/result/{prompt_id}?wait=60")
+        assert reply.code == 202
         await until(lambda: state_of(c, prompt_id) is not None, what="the feed back")

@@ -5,6 +5,7 @@ stale; everything it does not read plainly still reaches the handler."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -95,19 +96,28 @@ async def test_parked_long_polls_are_answered_on_a_change_and_at_shutdown(tmp_pa
         assert reply.headers["Retry-After"] == "1" and reply.headers["Cache-Control"] == "no-store"
 
 
+async def parked_then_stale(c: SchedulerCluster, monkeypatch, handler: type, path_of) -> tuple[Any, str]:
+    """Park the request ``path_of(prompt_id, version)`` names (a wait on a frozen job) in the fast path, then
+    make the mirror's copy stale: it is passed on to ``handler`` at once, with no wait left, which asks the
+    worker (the job still running, at its version). The answer and the job's id; the double runs again."""
+    prompt_id, version = await frozen_job(c)
+    handled = CountingRoute(monkeypatch, handler, "get")
+    parked = asyncio.ensure_future(call("GET", c.scheduler.url + path_of(prompt_id, version), timeout=40))
+    await until(lambda: len(c.scheduler.mirror._waiters) == 1, what="parked")
+    assert len(handled) == 0
+    c.scheduler.mirror.suspect("gpu-0", "the test says so")  # the copy is stale now
+    reply = await parked  # not after 60 s: at once, from the worker
+    assert reply.json["status"] == "running" and reply.json["version"] == version
+    assert len(handled) == 1 and "wait" not in handled.uris[0]
+    assert len(c.scheduler.mirror._waiters) == 0
+    for sim in c.sims:
+        sim.stall = False
+    return reply, prompt_id
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_parked_long_poll_whose_copy_goes_stale_asks_the_worker(tmp_path, monkeypatch):
     async with SchedulerCluster(tmp_path, n=1) as c:
-        prompt_id, version = await frozen_job(c)
-        handled = CountingRoute(monkeypatch, scheduler_handlers.StatusHandler, "get")
-        parked = asyncio.ensure_future(call("GET", f"{c.scheduler.url}/status/{prompt_id}?wait=60&since={version}",
-                                            timeout=40))
-        await until(lambda: len(c.scheduler.mirror._waiters) == 1, what="parked")
-        assert len(handled) == 0
-        c.scheduler.mirror.suspect("gpu-0", "the test says so")  # the copy is stale now
-        reply = await parked  # not after 60 s: at once, from the worker
-        assert reply.code == 200 and reply.json["status"] == "running" and reply.json["version"] == version
-        assert len(handled) == 1 and "wait" not in handled.uris[0]
-        assert len(c.scheduler.mirror._waiters) == 0
-        for sim in c.sims:
-            sim.stall = False
+        reply, _ = await parked_then_stale(c, monkeypatch, scheduler_handlers.StatusHandler,
+                                           lambda prompt_id, version: f"/status/{prompt_id}?wait=60&since={version}")
+        assert reply.code == 200

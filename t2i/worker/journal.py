@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i.comfyui import ImageRef
+from t2i.waiters import done_within
 from t2i.worker.jobs import FINISHED, Job
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,6 @@ def _encode(row: tuple) -> tuple:
         if values[key] is not None:
             values[key] = json.dumps(values[key], separators=(",", ":"))
     return tuple(values[name] for name in COLUMNS)
-
-
-def _done(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _job_of(row: sqlite3.Row) -> Job:
@@ -298,11 +294,9 @@ class Journal:
     async def _coalesce(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let more rows queue up for the next commit: ``coalesce`` seconds, or until a flush."""
         self._hurry = loop.create_future()
-        timer = loop.call_later(self.coalesce, _done, self._hurry)
         try:
-            await self._hurry
+            await done_within(self._hurry, self.coalesce)
         finally:
-            timer.cancel()
             self._hurry = None
 
     def _commit(self, batch: dict[str, tuple | None]) -> None:

@@ -96,8 +96,7 @@ class StreamEnd(Exception):
 class FeedStream:
     """What one streamed ``GET /jobs?stream=1`` answer delivers, fed by t2i.scheduler.feedreader as it arrives."""
 
-    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "unread", "streamed", "stopped",
-                 "ended")
+    __slots__ = ("mirror", "feed", "code", "ndjson", "rest", "batch", "plain", "unread", "streamed", "ended")
 
     def __init__(self, mirror: "Mirror", feed: "Feed"):
         self.mirror = mirror
@@ -109,15 +108,15 @@ class FeedStream:
         self.plain: list[bytes] = []
         self.unread = 0            # bytes in plain
         self.streamed = False      # a mark was applied
-        self.stopped = False       # the follower is done with it: what still comes is ignored
-        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()   # StreamEnd's error
+        # Done (with StreamEnd's error) when the follower is done with it: what still comes is ignored.
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def head(self, code: int, content_type: str) -> None:
         self.code = code
         self.ndjson = code == 200 and content_type.lower().startswith(STREAM_TYPE)
 
     def data(self, chunk: bytes) -> None:
-        if self.stopped:
+        if self.ended.done():
             return
         if not self.ndjson:
             self.plain.append(chunk)
@@ -139,7 +138,6 @@ class FeedStream:
 
     def _stop(self, error: str | None) -> None:
         """Read no more of it: ``error`` is the follower's (None: list the worker's jobs again)."""
-        self.stopped = True
         self.ended.set_result(error)
 
 
@@ -595,12 +593,10 @@ class Mirror:
         if self.auth_token:
             headers["Authorization"] = f"Bearer {self.auth_token}"
         reader = FeedStream(self, feed)
-        try:
-            error = await read_feed(f"{feed.url()}/jobs?{urlencode(query)}", headers, reader,
-                                    connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
-                                    until=reader.ended)
-        finally:
-            reader.stopped = True   # read_feed closed the connection (also when cancelled: unfollow, stop)
+        # read_feed closes the connection however it ends (cancelled too: unfollow, stop): nothing more arrives.
+        error = await read_feed(f"{feed.url()}/jobs?{urlencode(query)}", headers, reader,
+                                connect_timeout=FEED_CONNECT_TIMEOUT, request_timeout=wait + FEED_SLACK,
+                                until=reader.ended)
         if reader.ended.done():
             return reader.ended.result()
         if error is not None:

@@ -1,7 +1,12 @@
 """One request from submit to the picture: ``GET /result/{id}?wait=S`` with ``Accept: image/*`` answers
-with the image's bytes themselves once the job has completed (the worker's own route)."""
+with the image's bytes themselves once the job's run has succeeded and its image is fetched from ComfyUI,
+without waiting for the worker's own disk write (the worker's own route)."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,7 +23,7 @@ async def test_accept_image_answers_with_the_bytes_once_the_job_completes(tmp_pa
         assert reply.code == 200, reply
         assert reply.headers["Content-Type"] == "image/png"
         assert reply.headers["Vary"] == "Accept"
-        state = (await call("GET", f"{c.url}/status/{prompt_id}")).json
+        state = (await call("GET", f"{c.url}/result/{prompt_id}?wait=30")).json  # the end, as JSON
         assert state["status"] == "completed"
         assert reply.headers["Content-Location"] == state["image_url"]
         assert reply.body == (await call("GET", state["image_url"])).body
@@ -84,3 +89,58 @@ async def test_the_image_comes_from_disk_after_a_restart_and_json_once_the_file_
     finally:
         await worker.stop()
         await sim.stop()
+
+
+@contextmanager
+def disk_writes_held(images, fail: bool = False):
+    """The worker's image writes (on its executor thread) wait until the block ends, then go on or fail."""
+    gate = threading.Event()
+    write = images._write
+
+    def held(name, data):
+        gate.wait(30)
+        if fail:
+            raise OSError(28, "No space left on device")
+        write(name, data)
+
+    images._write = held
+    try:
+        yield
+    finally:
+        gate.set()
+        images._write = write
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_image_comes_while_the_worker_still_writes_it(tmp_path):
+    async with WorkerCluster(tmp_path) as c:
+        images = c.worker.runner.images
+        with disk_writes_held(images):
+            prompt_id = await c.submit({"prompt": "a quick heron", "steps": 2})
+            as_json = asyncio.ensure_future(call("GET", f"{c.url}/result/{prompt_id}?wait=30"))
+            reply = await call("GET", f"{c.url}/result/{prompt_id}?wait=30", headers=IMAGE)
+            assert reply.code == 200 and reply.body.startswith(b"\x89PNG"), reply
+            name = reply.headers["Content-Location"].rsplit("/", 1)[1]
+            assert reply.headers["Etag"] == f'"{name}"'
+            # Not completed yet: its file is not written, and the JSON waiter waits on for the end.
+            assert not (images.directory / name).exists()
+            assert (await call("GET", f"{c.url}/status/{prompt_id}")).json["status"] == "running"
+            assert not as_json.done()
+        done = await as_json
+        assert done.code == 200 and done.json["status"] == "completed", done
+        assert (await call("GET", done.json["image_url"])).body == reply.body
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_image_whose_write_fails_is_forgotten_and_the_job_fails(tmp_path):
+    async with WorkerCluster(tmp_path) as c:
+        images = c.worker.runner.images
+        with disk_writes_held(images, fail=True):
+            prompt_id = await c.submit({"prompt": "a full disk", "steps": 2})
+            reply = await call("GET", f"{c.url}/result/{prompt_id}?wait=30", headers=IMAGE)
+            assert reply.code == 200 and reply.body.startswith(b"\x89PNG"), reply
+            name = reply.headers["Content-Location"].rsplit("/", 1)[1]
+        state = (await call("GET", f"{c.url}/result/{prompt_id}?wait=30", headers=IMAGE)).json
+        assert state["status"] == "failed" and "No space left" in state["error"], state
+        assert images.fresh(name) is None and c.worker.runner.image_in_hand(prompt_id) is None
+        assert (await call("GET", f"{c.url}/images/{name}")).code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Callable
 
 from t2i.comfyui import ComfyUIClient, ComfyUIError, ComfyUIUnavailable, ImageRef
 from t2i.dataurl import sniff
@@ -25,13 +26,16 @@ class CollectError(Exception):
 
 
 async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: str, refs: list[ImageRef],
-                         prefetched: dict[ImageRef, asyncio.Future] | None = None) -> list[str]:
+                         prefetched: dict[ImageRef, asyncio.Future] | None = None,
+                         in_hand: Callable[[str], None] | None = None) -> list[str]:
     """Fetch each output with ``/view`` and store it atomically, not yet fsynced
     (:meth:`ImageStore.make_durable` does that); all or nothing.
 
     ``prefetched``: ``/view`` fetches started when `executed` named the file; one that failed is
-    fetched again here. Returns the stored names. On failure the files already stored are removed
-    and :class:`CollectError` is raised.
+    fetched again here. ``in_hand(name)``: called when the first image's bytes are fetched and
+    checked, before they are written; :meth:`ImageStore.read` has them from then on (a client waiting
+    for the image need not wait for the disk). Returns the stored names. On failure the files already
+    stored are removed (and the bytes in hand forgotten), and :class:`CollectError` is raised.
     """
     saved: list[str] = []
     for number, ref in enumerate(refs):
@@ -49,9 +53,13 @@ async def collect_images(comfy: ComfyUIClient, images: ImageStore, prompt_id: st
             log.error("job %s: ComfyUI's /view of %s: %s", prompt_id, ref.filename, exc)
             raise CollectError(f"ComfyUI sent something other than an image for {ref.filename}: {exc}.") from None
         name = ImageStore.filename_for(prompt_id, number, kind)
+        if number == 0 and in_hand is not None:
+            images.keep_fresh(name, data)
+            in_hand(name)
         try:
             await images.save(name, data, durable=False)
         except OSError as exc:  # disk full, read-only folder: the job fails, the worker goes on
+            images.forget([name])
             await discard_images(images, saved)
             log.error("job %s: could not save image %s: %s", prompt_id, name, exc)
             raise CollectError(f"Could not save the image: {exc}") from None

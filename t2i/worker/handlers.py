@@ -136,29 +136,39 @@ class ResultHandler(WorkerHandler):
         job = self.job_or_404(prompt_id)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
+        image_wanted = wants_image(self.request) and self.get_query_argument("redirect", None) is None
         while not job.finished and (left := deadline - time.monotonic()) > 0:
+            if image_wanted and (name := self.runner.image_in_hand(prompt_id)) is not None:
+                # Its run succeeded and the image is here: the client need not wait for the disk write.
+                image = self.runner.images.fresh(name)
+                if image is not None:
+                    self.write_image(name, image)
+                    return
             if not await self.wait_unless_gone(self.store.wait_ending(prompt_id, left)):
                 return
             job = self.job_or_404(prompt_id)
         self.set_header("Vary", "Accept")
-        if job.status == COMPLETED and job.images and not job.image_expired and wants_image(self.request) \
-                and self.get_query_argument("redirect", None) is None:
+        if job.status == COMPLETED and job.images and not job.image_expired and image_wanted:
             image = await self.runner.images.read(job.images[0])
             if image is not None:
-                # The client's second request saved: the bytes it would fetch from image_url next.
-                self.set_header("Content-Type", ImageStore.content_type(job.images[0]))
-                self.set_header("Content-Location", f"{self.config.public_url}/images/{job.images[0]}")
-                self.set_header("Cache-Control", "no-store")
-                # Its name is unique and the file immutable: the ETag Tornado would make is a SHA-1 over the
-                # whole image, on the event loop, on the path to the client (about 1 ms per MB).
-                self.set_header("Etag", f'"{job.images[0]}"')
-                if self.check_etag_header():  # Tornado checks only the ETags it makes itself
-                    self.set_status(304)
-                    self.finish()
-                    return
-                self.finish(image)
+                self.write_image(job.images[0], image)
                 return
         self.write_result(self.job_json(job))
+
+    def write_image(self, name: str, image: bytes) -> None:
+        """The image itself: the client's second request saved (the bytes it would fetch from image_url next)."""
+        self.set_header("Vary", "Accept")
+        self.set_header("Content-Type", ImageStore.content_type(name))
+        self.set_header("Content-Location", f"{self.config.public_url}/images/{name}")
+        self.set_header("Cache-Control", "no-store")
+        # Its name is unique and the file immutable: the ETag Tornado would make is a SHA-1 over the
+        # whole image, on the event loop, on the path to the client (about 1 ms per MB).
+        self.set_header("Etag", f'"{name}"')
+        if self.check_etag_header():  # Tornado checks only the ETags it makes itself
+            self.set_status(304)
+            self.finish()
+            return
+        self.finish(image)
 
 
 def wants_image(request: Any) -> bool:

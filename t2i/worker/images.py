@@ -36,7 +36,7 @@ class ImageStore:
         self.clock = clock
         # name -> (size in bytes, mtime); insertion order is roughly age order.
         self.index: dict[str, tuple[int, float]] = {}
-        self._fresh: OrderedDict[str, bytes] = OrderedDict()  # see _keep_fresh
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()  # see keep_fresh
         self._fresh_bytes = 0
 
     @staticmethod
@@ -94,7 +94,7 @@ class ImageStore:
         if durable:
             await self.make_durable([name])
         self.index[name] = (len(data), self.clock())
-        self._keep_fresh(name, data)
+        self.keep_fresh(name, data)
         return name
 
     def _write(self, name: str, data: bytes) -> None:
@@ -125,6 +125,10 @@ class ImageStore:
             _fsync(path)
         _fsync(self.directory)  # the renames: a file whose name is lost is not kept either
 
+    def fresh(self, name: str) -> bytes | None:
+        """An image's bytes if they are in memory (see :meth:`keep_fresh`); never the disk."""
+        return self._fresh.get(name)
+
     async def read(self, name: str) -> bytes | None:
         """An image's bytes: a fresh one from memory, else the file (off the loop); None when gone."""
         data = self._fresh.get(name)
@@ -137,10 +141,14 @@ class ImageStore:
         except OSError:
             return None
 
-    def _keep_fresh(self, name: str, data: bytes) -> None:
-        """The newest images' bytes: a client waiting on ``/result`` asks for them right after they are saved."""
+    def keep_fresh(self, name: str, data: bytes) -> None:
+        """The newest images' bytes: a client waiting on ``/result`` asks for them right after they are
+        saved (or, see ``collect_images``, while they are)."""
         if len(data) > FRESH_BYTES:
             return
+        old = self._fresh.pop(name, None)
+        if old is not None:
+            self._fresh_bytes -= len(old)
         self._fresh[name] = data
         self._fresh_bytes += len(data)
         while self._fresh_bytes > FRESH_BYTES or len(self._fresh) > FRESH_COUNT:

@@ -391,11 +391,16 @@ class JobStore:
         await self._waiters.wait(prompt_id, timeout)
 
     async def wait_ending(self, prompt_id: str, timeout: float) -> None:
-        """Return when the job ends or is removed (not at each of its changes), or after ``timeout``."""
+        """Return when the job ends or is removed (not at each of its changes), at :meth:`wake_ending`,
+        or after ``timeout``."""
         job = self._jobs.get(prompt_id)
         if job is None or job.phase in FINISHED or timeout <= 0:
             return
         await self._endings.wait(prompt_id, timeout)
+
+    def wake_ending(self, prompt_id: str) -> None:
+        """Wake those waiting for the job's end to look again (its image is in hand before it ends)."""
+        self._endings.wake(prompt_id)
 
     async def wait_feed(self, since: int, timeout: float) -> None:
         """Return when the store's seq passes ``since``, or after ``timeout``."""

@@ -118,6 +118,8 @@ class Runner:
         self.previews: dict[str, tuple[bytes, str]] = {}
         # prompt_id -> {ImageRef: its /view in flight or done}, from `executed` until the images are copied
         self._early_views: dict[str, dict[Any, asyncio.Future]] = {}
+        # prompt_id -> its first image's name, from its bytes being fetched until they are stored (or not)
+        self._in_hand: dict[str, str] = {}
         self.stalled: dict[str, Any] | None = None  # the watchdog fired: {prompt_id, error} until ComfyUI moves
         self.ready = asyncio.Event()  # journaled jobs reconciled: /generate may go ahead
         self.accepting: set[str] = set()  # ids of POST /generate requests between arrival and stored or refused
@@ -630,10 +632,13 @@ class Runner:
         """
         early = self._early_views.pop(prompt_id, None)
         try:
-            saved = tuple(await collect_images(self.comfy, self.images, prompt_id, refs, early))
+            saved = tuple(await collect_images(self.comfy, self.images, prompt_id, refs, early,
+                                               in_hand=lambda name: self._hand_over(prompt_id, name)))
         except CollectError as exc:
             self.apply(prompt_id, lc.CollectFailed(str(exc), retry=exc.retry))
             return
+        finally:
+            self._in_hand.pop(prompt_id, None)
         journal = self.journal
         if journal is not None:
             journal.hold(prompt_id)
@@ -653,6 +658,16 @@ class Runner:
             return
         if journal is not None:
             journal.release(prompt_id)
+
+    def _hand_over(self, prompt_id: str, name: str) -> None:
+        """The run succeeded and its first image's bytes are here: a client waiting for the image itself
+        (``GET /result?wait`` with ``Accept: image/*``) has them now, not after the disk write."""
+        self._in_hand[prompt_id] = name
+        self.store.wake_ending(prompt_id)
+
+    def image_in_hand(self, prompt_id: str) -> str | None:
+        """The name of the job's first image while it is being stored (its bytes: ``images.read``)."""
+        return self._in_hand.get(prompt_id)
 
     def _view_early(self, prompt_id: str, refs: tuple) -> None:
         """`executed` named output files, which are on disk now: fetch them while ComfyUI finishes the run

@@ -16,7 +16,10 @@ ComfyUI, side by side in one run:
   d. scheduler: as b through the t2i scheduler (image_url still served by the worker);
   e. scheduler 1: POST /generate to the scheduler, then c at the worker its answer names (``worker_url``:
                 GET /result/{id}?wait=30 with ``Accept: image/*``), as an API client that wants the
-                picture and no status loop does.
+                picture and no status loop does;
+  f. scheduler 1 via 307: POST /generate to the scheduler, GET /result/{id}?wait=30 with ``Accept: image/*``
+                there too: its 307 sends the request on to the job's worker, which answers with the image
+                (a client that knows only the scheduler's address).
 
 Each job: 1 sampler step, 64x64, a new seed, the same prompt text (so ComfyUI's cache treats every
 path alike). Overhead = wall time from just before the submit to the last image byte, minus ComfyUI's
@@ -54,10 +57,10 @@ from harness import (ROOT, Http, Process, code_version, comfy_process, free_port
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 TEMPLATE = json.loads((ROOT / "t2i" / "workflows" / "txt2img.json").read_text())
-PATHS = ("floor", "worker", "worker 1", "scheduler", "scheduler 1")
+PATHS = ("floor", "worker", "worker 1", "scheduler", "scheduler 1", "scheduler 307")
 LABELS = {"floor": "a. floor (bare ComfyUI client)", "worker": "b. worker, 2 requests",
           "worker 1": "c. worker, 1 request", "scheduler": "d. scheduler + worker, 2 requests",
-          "scheduler 1": "e. scheduler submit, worker 1 req"}
+          "scheduler 1": "e. scheduler submit, worker 1 req", "scheduler 307": "f. scheduler 1 req, 307 to worker"}
 
 
 class ExecutionFailed(Exception):
@@ -170,8 +173,12 @@ async def t2i_job(http: Http, base: str, comfy_url: str, one_request: bool = Fal
     prompt_id = reply.json()["prompt_id"]
     if at_worker:
         base = reply.json()["worker_url"]
+    url = f"{base}/result/{prompt_id}?wait=30"
     while True:
-        result = await http.request("GET", f"{base}/result/{prompt_id}?wait=30", headers=headers)
+        result = await http.request("GET", url, headers=headers)
+        if result.status == 307:  # the scheduler sends an image request on to the job's worker
+            url = result.headers["location"]
+            continue
         if result.status != 202:
             break
     if one_request:
@@ -215,7 +222,8 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
                 "worker": lambda: t2i_job(http, worker_url, comfy_url),
                 "worker 1": lambda: t2i_job(http, worker_url, comfy_url, one_request=True),
                 "scheduler": lambda: t2i_job(http, scheduler_url, comfy_url),
-                "scheduler 1": lambda: t2i_job(http, scheduler_url, comfy_url, one_request=True, at_worker=True)}
+                "scheduler 1": lambda: t2i_job(http, scheduler_url, comfy_url, one_request=True, at_worker=True),
+                "scheduler 307": lambda: t2i_job(http, scheduler_url, comfy_url, one_request=True)}
         for _ in range(args.warmup):
             for name in PATHS:
                 await jobs[name]()
@@ -252,7 +260,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     for name in PATHS:
         print(f"  {LABELS[name]:34s} p50 {med_range([r[name]['p50'] for r in per_run])} ms   "
               f"p90 {med_range([r[name]['p90'] for r in per_run])} ms")
-    targets = {"worker": 1.5, "worker 1": 1.5, "scheduler": 1.8, "scheduler 1": 1.8}
+    targets = {"worker": 1.5, "worker 1": 1.5, "scheduler": 1.8, "scheduler 1": 1.8, "scheduler 307": 1.8}
     for name, target in targets.items():
         ratios = [r[name]["p50"] / r["floor"]["p50"] for r in per_run]
         print(f"  {LABELS[name]:34s} / floor p50 {med_range(ratios, '{:.2f}')}x   (target <= {target}x)")

@@ -47,6 +47,13 @@ class APIError(web.HTTPError):
         self.details = {name: value for name, value in details.items() if value is not None}
 
 
+def wants_image(accept: str) -> bool:
+    """Does an ``Accept`` header put an image type first (``image/*``, ``image/png``...)? A browser's page
+    load lists ``text/html`` first, and a plain API client sends none or ``*/*``: those get JSON."""
+    first = accept.split(",", 1)[0]
+    return first.split(";", 1)[0].strip().lower().startswith("image/")
+
+
 class JSONHandler(web.RequestHandler):
     """Base of every API handler: JSON in, JSON out, JSON errors, never a trace."""
 

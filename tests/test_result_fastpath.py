@@ -40,7 +40,7 @@ async def test_a_finished_jobs_result_is_answered_as_the_handler_answers_it(tmp_
             assert len(handled) == before + 1, query
         before = len(handled)
         reply = await call("GET", f"{c.scheduler.url}/result/{prompt_id}", headers={"Accept": "image/*"})
-        assert reply.code == 200 and len(handled) == before + 1   # the handler says what it does with it
+        assert reply.code == 307 and len(handled) == before + 1   # the handler's: to the worker, for the image
         assert (await call("GET", f"{c.scheduler.url}/result/no-such-job")).code == 404
 
 

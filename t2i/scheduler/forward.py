@@ -340,6 +340,13 @@ class JobRouter:
         query = {"wait": f"{wait:g}", "since": since} if wait > 0 and since is not None else None
         return await self.ask_owner("status", prompt_id, query=query, wait=wait)
 
+    def owner_url(self, prompt_id: str) -> str | None:
+        """The public URL of the worker holding the job, when this scheduler knows it (clients reach
+        workers directly for images: ``image_url``)."""
+        owner = self.mirror.owner(prompt_id)
+        state = self.registry.workers.get(owner) if owner else None
+        return state.entry.public_url if state is not None else None
+
     async def result(self, prompt_id: str) -> Reply:
         entry = self.mirror.fresh(prompt_id)
         if entry is not None:

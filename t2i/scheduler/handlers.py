@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import quote
 
 from t2i.idempotency import HEADER as IDEMPOTENCY_HEADER
-from t2i.jobstate import MAX_WAIT
+from t2i.jobstate import COMPLETED, MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.scheduler.clients import LIST_LIMIT, LIST_MAX, Clients, decode_cursor, list_jobs, parse_statuses
@@ -16,7 +17,7 @@ from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import Registry
-from t2i.web import PROMPT_ID, APIError, FileHandler, JSONBodyHandler, JSONHandler, NotFoundHandler
+from t2i.web import PROMPT_ID, APIError, FileHandler, JSONBodyHandler, JSONHandler, NotFoundHandler, wants_image
 
 _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
@@ -94,8 +95,14 @@ class StatusHandler(SchedulerHandler):
 class ResultHandler(SchedulerHandler):
     async def get(self, prompt_id: str) -> None:
         """200 with the image URLs (or the error) when finished, 202 while not; ``?wait=S`` holds
-        the request until the job ends, ``?redirect=image`` answers a completed job with a 303."""
+        the request until the job ends, ``?redirect=image`` answers a completed job with a 303.
+        ``Accept: image/*``: a 307 to the same request at the job's worker, which answers with the image
+        itself (the worker has it first; this scheduler holds no images)."""
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
+        if wants_image(self.request.headers.get("Accept", "")) and self.get_query_argument("redirect", None) is None:
+            self.redirect_to_worker(prompt_id)
+            if self._finished:
+                return
         deadline = time.monotonic() + wait
         entry = self.mirror.fresh(prompt_id)
         while entry is not None and not entry.final and (left := deadline - time.monotonic()) > 0:
@@ -110,6 +117,21 @@ class ResultHandler(SchedulerHandler):
             self.write_result(reply.body)  # the owner's answer, redirected when asked
         else:
             self.write_reply(reply)
+
+
+    def redirect_to_worker(self, prompt_id: str) -> None:
+        """307 to the job's worker, unless the job ended without an image or nobody knows where it is
+        (then the JSON answer, as without ``Accept``)."""
+        entry = self.mirror.get(prompt_id)
+        if entry is not None and entry.final and entry.state != COMPLETED:
+            return
+        worker_url = self.router.owner_url(prompt_id)
+        if worker_url is None:
+            return
+        query = self.request.query
+        self.set_header("Vary", "Accept")
+        self.redirect(f"{worker_url}/result/{quote(prompt_id, safe='')}" + (f"?{query}" if query else ""),
+                      status=307)
 
 
 class CancelHandler(SchedulerBodyHandler):

@@ -16,7 +16,7 @@ from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
-from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token
+from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token, wants_image
 from t2i.worker.images import ImageHandler, ImageStore
 from t2i.worker.jobs import COMPLETED, Job, JobStore
 from t2i.worker.journal import JournalError
@@ -136,7 +136,7 @@ class ResultHandler(WorkerHandler):
         job = self.job_or_404(prompt_id)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
-        image_wanted = wants_image(self.request) and self.get_query_argument("redirect", None) is None
+        image_wanted = wants_image(self.request.headers.get("Accept", "")) and self.get_query_argument("redirect", None) is None
         while not job.finished and (left := deadline - time.monotonic()) > 0:
             if image_wanted and (name := self.runner.image_in_hand(prompt_id)) is not None:
                 # Its run succeeded and the image is here: the client need not wait for the disk write.
@@ -169,13 +169,6 @@ class ResultHandler(WorkerHandler):
             self.finish()
             return
         self.finish(image)
-
-
-def wants_image(request: Any) -> bool:
-    """Does ``Accept`` put an image type first (``image/*``, ``image/png``...)? A browser's page load
-    lists ``text/html`` first, and a plain API client sends none or ``*/*``: those get JSON."""
-    first = request.headers.get("Accept", "").split(",", 1)[0]
-    return first.split(";", 1)[0].strip().lower().startswith("image/")
 
 
 class CancelHandler(WorkerBodyHandler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from support.cluster import call, start_scheduler, start_sim, start_worker, wait_status
+from support.timing import until
 
 
 @pytest.mark.gen_test(timeout=40)
@@ -63,6 +64,11 @@ async def test_an_image_asked_of_the_scheduler_is_sent_to_the_worker_that_has_it
         assert reply.code == 200 and reply.json["status"] == "failed", reply
         unknown = await call("GET", f"{scheduler.url}/result/00000000-0000-4000-8000-000000000000", headers=image)
         assert unknown.code == 404 and "error" in unknown.json
+        # Its worker unreachable: not sent to a refused connection, but answered here as without Accept.
+        await worker.stop()
+        await until(lambda: not scheduler.mirror.feed_up(worker.config.name), what="the feed to go down")
+        down = await call("GET", f"{scheduler.url}/result/{prompt_id}", headers=image)
+        assert down.code == 200 and down.json["status"] == "completed", down
     finally:
         await scheduler.stop()
         await worker.stop()

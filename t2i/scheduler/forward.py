@@ -341,11 +341,14 @@ class JobRouter:
         return await self.ask_owner("status", prompt_id, query=query, wait=wait)
 
     def owner_url(self, prompt_id: str) -> str | None:
-        """The public URL of the worker holding the job, when this scheduler knows it (clients reach
-        workers directly for images: ``image_url``)."""
+        """The public URL of the worker holding the job (clients reach workers directly for images:
+        ``image_url``), while its feed is up; None when this scheduler does not know it, or cannot
+        reach it now (then asking it here says so: 503 with Retry-After, not a refused connection)."""
         owner = self.mirror.owner(prompt_id)
         state = self.registry.workers.get(owner) if owner else None
-        return state.entry.public_url if state is not None else None
+        if state is None or not self.mirror.feed_up(state.name):
+            return None
+        return state.entry.public_url
 
     async def result(self, prompt_id: str) -> Reply:
         entry = self.mirror.fresh(prompt_id)

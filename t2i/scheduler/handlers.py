@@ -120,8 +120,8 @@ class ResultHandler(SchedulerHandler):
 
 
     def redirect_to_worker(self, prompt_id: str) -> None:
-        """307 to the job's worker, unless the job ended without an image or nobody knows where it is
-        (then the JSON answer, as without ``Accept``)."""
+        """307 to the job's worker, unless the job ended without an image, or its worker is unknown or
+        unreachable now (then the JSON answer, as without ``Accept``)."""
         entry = self.mirror.get(prompt_id)
         if entry is not None and entry.final and entry.state != COMPLETED:
             return

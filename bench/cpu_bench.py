@@ -5,7 +5,7 @@
 Starts, each as its own process on 127.0.0.1: the ComfyUI test double (``python -m t2i.comfy_sim``),
 one worker (``python -m t2i.worker --config ...``, its defaults: ahead 2, backlog 128, journal on) and
 one scheduler over it (``python -m t2i.scheduler --config ...``, its defaults), all at log level info
-as deployed. Then, per run, three phases of ``--jobs`` jobs of 1 sampler step (64x64), at most
+as deployed. Then, per run, five phases of ``--jobs`` jobs of 1 sampler step (64x64), at most
 ``--concurrency`` in flight, each reading every process's CPU time (user + system, all threads; psutil
 when installed, else /proc/<pid>/stat) before and after:
 
@@ -14,6 +14,9 @@ when installed, else /proc/<pid>/stat) before and after:
   image:   the same in one request after the submit: GET /result/{id}?wait=30 with Accept: image/*
            answers with the image itself;
   result:  the same through the scheduler (one request to the result);
+  redirect: POST /generate to the scheduler, GET /result/{id}?wait=30 with Accept: image/* there too,
+           whose 307 sends it on to the job's worker, which answers with the image (a client that knows
+           only the scheduler's address);
   page:    through the scheduler as the page does it: /status/{id}?wait=20&since=V long-polls until
            the job ends, then GET image_url.
 
@@ -38,7 +41,7 @@ from harness import (CPU_SOURCE, Http, code_version, comfy_process, cpu_resoluti
                      free_port, healthy, machine_line, med_range, run_in_temp_dir, scheduler_process,
                      scheduler_sees, stop_all, wait_until, worker_process)
 
-PHASES = ("direct", "image", "result", "page")
+PHASES = ("direct", "image", "result", "redirect", "page")
 TARGETS = {"worker": 5.0, "scheduler": 1.0}
 FINAL = ("completed", "failed", "cancelled")
 
@@ -65,9 +68,13 @@ async def one_job(http: Http, base: str, phase: str, number: int) -> None:
             since = state["version"]
             if state["status"] in FINAL:
                 break
-    elif phase == "image":
+    elif phase in ("image", "redirect"):
+        url = f"{base}/result/{prompt_id}?wait=30"
         while True:
-            reply = await http.request("GET", f"{base}/result/{prompt_id}?wait=30", headers={"Accept": "image/*"})
+            reply = await http.request("GET", url, headers={"Accept": "image/*"})
+            if reply.status == 307:  # the scheduler: the same request at the job's worker
+                url = reply.headers["location"]
+                continue
             if reply.status != 202:
                 break
         if reply.status != 200 or not reply.headers.get("content-type", "").startswith("image/"):

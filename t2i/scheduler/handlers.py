@@ -118,7 +118,6 @@ class ResultHandler(SchedulerHandler):
         else:
             self.write_reply(reply)
 
-
     def redirect_to_worker(self, prompt_id: str) -> None:
         """307 to the job's worker, unless the job ended without an image, or its worker is unknown or
         unreachable now (then the JSON answer, as without ``Accept``)."""

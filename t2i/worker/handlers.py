@@ -136,7 +136,8 @@ class ResultHandler(WorkerHandler):
         job = self.job_or_404(prompt_id)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
-        image_wanted = wants_image(self.request.headers.get("Accept", "")) and self.get_query_argument("redirect", None) is None
+        image_wanted = (wants_image(self.request.headers.get("Accept", ""))
+                        and self.get_query_argument("redirect", None) is None)
         while not job.finished and (left := deadline - time.monotonic()) > 0:
             if image_wanted and (name := self.runner.image_in_hand(prompt_id)) is not None:
                 # Its run succeeded and the image is here: the client need not wait for the disk write.

@@ -2,7 +2,7 @@
 
 Starts ``python -m t2i.demo`` (scheduler, workers, simulated ComfyUIs) on
 127.0.0.1 in a subprocess, submits N jobs at once the way the page does
-(retrying 503 after Retry-After, long-polling /status, fetching the image),
+(retrying 503 and 429 after Retry-After, long-polling /status, fetching the image),
 and prints outcomes, wall time, jobs/s, and how the scheduler answered.
 Nothing is asserted: it prints numbers.
 
@@ -38,7 +38,7 @@ async def one_job(client: AsyncHTTPClient, base: str, number: int, seen: Counter
         seen[f"POST /generate {response.code}"] += 1
         if response.code == 200:
             break
-        if response.code != 503:
+        if response.code not in (429, 503):  # 429: this one client holds clients.max_jobs; the page waits too
             return f"refused {response.code}", time.monotonic() - started
         await asyncio.sleep(float(response.headers.get("Retry-After", 1)) * 0.2)
     prompt_id = json.loads(response.body)["prompt_id"]

@@ -5,7 +5,7 @@
 Starts, each as its own process on 127.0.0.1: the ComfyUI test double (``python -m t2i.comfy_sim``),
 one worker (``python -m t2i.worker --config ...``, its defaults: ahead 2, backlog 128, journal on) and
 one scheduler over it (``python -m t2i.scheduler --config ...``, its defaults), all at log level info
-as deployed. Then, per run, five phases of ``--jobs`` jobs of 1 sampler step (64x64), at most
+as deployed, the minimal forwarder and the minimal wrapper. Then, per run, eight phases of ``--jobs`` jobs of 1 sampler step (64x64), at most
 ``--concurrency`` in flight, each reading every process's CPU time (user + system, all threads; psutil
 when installed, else /proc/<pid>/stat) before and after:
 
@@ -18,7 +18,16 @@ when installed, else /proc/<pid>/stat) before and after:
            whose 307 sends it on to the job's worker, which answers with the image (a client that knows
            only the scheduler's address);
   page:    through the scheduler as the page does it: /status/{id}?wait=20&since=V long-polls until
-           the job ends, then GET image_url.
+           the job ends, then GET image_url;
+  submit:  POST /generate to the scheduler, then the one image request at the worker its answer names;
+  floor:   the same with a minimal Tornado forwarder (``bench/minimal_forwarder.py``: POST in, the same curl
+           client out to the worker, its answer back, nothing else) in the scheduler's place: the floor
+           under the scheduler's CPU for a job it places. The scheduler's own cost of placing is its
+           submit phase less its image phase (where it only mirrors), printed against the forwarder's;
+  bare:    POST /generate and the one image request to a minimal ComfyUI wrapper on the worker's stack
+           (``bench/minimal_worker.py``: Tornado server, curl client, websocket_connect; no journal, no image
+           on disk, no feed, no queue of its own, no logs) on the same ComfyUI double: the floor under the
+           worker's CPU per job, printed against the worker's image phase.
 
 Before the runs the processes sit idle for ``--idle`` seconds: their idle CPU rate (timers, health
 checks, feed long-polls) is the same-run baseline. Printed per process: ms of CPU per job, raw and net of
@@ -37,16 +46,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (CPU_SOURCE, Http, code_version, comfy_process, cpu_resolution, cpu_seconds,  # noqa: E402
-                     free_port, healthy, machine_line, med_range, run_in_temp_dir, scheduler_process,
+from harness import (CPU_SOURCE, Http, Process, code_version, comfy_process, cpu_resolution,  # noqa: E402
+                     cpu_seconds, free_port, healthy, machine_line, med_range, run_in_temp_dir, scheduler_process,
                      scheduler_sees, stop_all, wait_until, worker_process)
 
-PHASES = ("direct", "image", "result", "redirect", "page")
+PHASES = ("direct", "image", "result", "redirect", "page", "submit", "floor", "bare")
 TARGETS = {"worker": 5.0, "scheduler": 1.0}
 FINAL = ("completed", "failed", "cancelled")
 
 
-async def one_job(http: Http, base: str, phase: str, number: int) -> None:
+async def one_job(http: Http, base: str, phase: str, number: int, worker_url: str) -> None:
     body = {"prompt": f"cpu bench job {number}", "steps": 1, "width": 64, "height": 64,
             "seed": random.randrange(2 ** 48)}
     while True:
@@ -57,6 +66,10 @@ async def one_job(http: Http, base: str, phase: str, number: int) -> None:
             raise SystemExit(f"POST {base}/generate: {reply.status} {reply.body[:300]!r}")
         await asyncio.sleep(float(reply.headers.get("retry-after", 1)))
     prompt_id = reply.json()["prompt_id"]
+    if phase in ("submit", "floor"):  # the placing server's part is done: the picture from the worker
+        base, phase = worker_url, "image"
+    elif phase == "bare":
+        phase = "image"
     if phase == "page":
         since = 0
         while True:
@@ -93,25 +106,38 @@ async def one_job(http: Http, base: str, phase: str, number: int) -> None:
         raise SystemExit(f"GET {state['image_url']}: {image.status}")
 
 
-async def phase_run(http: Http, base: str, phase: str, jobs: int, concurrency: int) -> None:
+async def http_ok(http: Http, url: str) -> bool:
+    """Whether a server answers at ``url`` yet (any status)."""
+    try:
+        await http.request("GET", url)
+    except OSError:
+        return False
+    return True
+
+
+async def phase_run(http: Http, base: str, phase: str, jobs: int, concurrency: int, worker_url: str) -> None:
     numbers = iter(range(jobs))
 
     async def lane() -> None:
         for number in numbers:
-            await one_job(http, base, phase, number)
+            await one_job(http, base, phase, number, worker_url)
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
 
 
 async def run(args: argparse.Namespace, directory: Path) -> int:
-    comfy_port, worker_port, scheduler_port = free_port(), free_port(), free_port()
+    comfy_port, worker_port, scheduler_port, forwarder_port, bare_port = (free_port() for _ in range(5))
     worker_url, scheduler_url = f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{scheduler_port}"
+    bases = {"direct": worker_url, "image": worker_url, "floor": f"http://127.0.0.1:{forwarder_port}",
+             "bare": f"http://127.0.0.1:{bare_port}"}
     processes = {
         "comfy double": comfy_process(directory, "comfy", comfy_port, args.step_time),
         "worker": worker_process(directory, "gpu-a", worker_port, f"http://127.0.0.1:{comfy_port}",
                                  log_level=args.log_level),
         "scheduler": scheduler_process(directory, "scheduler", scheduler_port, [{"name": "gpu-a", "url": worker_url}],
                                        log_level=args.log_level),
+        "forwarder": Process(directory, "forwarder", "bench.minimal_forwarder", str(forwarder_port), worker_url),
+        "bare wrapper": Process(directory, "bare", "bench.minimal_worker", str(bare_port), f"http://127.0.0.1:{comfy_port}"),
     }
     print(f"cpu bench: {args.runs} run(s) x {len(PHASES)} phases x {args.jobs} jobs of 1 step (64x64), "
           f"concurrency {args.concurrency}, double step time {args.step_time}s; CPU from {CPU_SOURCE}"
@@ -125,8 +151,10 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await wait_until(lambda: healthy(http, worker_url), what="the worker", processes=processes.values())
         await wait_until(lambda: scheduler_sees(http, scheduler_url, 1), what="the scheduler",
                          processes=processes.values())
+        for name, base in (("the forwarder", bases["floor"]), ("the bare wrapper", bases["bare"])):
+            await wait_until(lambda: http_ok(http, base + "/generate"), what=name, processes=processes.values())
         for phase in PHASES:  # warm-up: imports, first-use caches, the feed's first changes
-            await phase_run(http, worker_url if phase in ("direct", "image") else scheduler_url, phase, 5, 1)
+            await phase_run(http, bases.get(phase, scheduler_url), phase, 5, 1, worker_url)
         await asyncio.sleep(1)
         pids = {name: process.pid for name, process in processes.items()}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -137,10 +165,9 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         print("  idle: " + ", ".join(f"{name} {rate * 1000:.1f} ms/s" for name, rate in idle_rate.items()))
         for run_no in range(args.runs):
             for phase in PHASES:
-                base = worker_url if phase in ("direct", "image") else scheduler_url
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 started = time.monotonic()
-                await phase_run(http, base, phase, args.jobs, args.concurrency)
+                await phase_run(http, bases.get(phase, scheduler_url), phase, args.jobs, args.concurrency, worker_url)
                 wall = time.monotonic() - started
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 line = []
@@ -163,6 +190,15 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
             target = f" (target <= {TARGETS[name]:g})" if name in TARGETS else ""
             cells.append(f"{name} {med_range(results[phase][name], '{:.2f}')}{target}")
         print(f"  {phase:6s} " + "; ".join(cells))
+    bare = results["bare"]["bare wrapper"]
+    print(f"  the worker's job (image phase) {med_range(results['image']['worker'], '{:.2f}')} ms; a minimal Tornado "
+          f"ComfyUI wrapper's {med_range(bare, '{:.2f}')} ms: "
+          f"{med_range([w / b for w, b in zip(results['image']['worker'], bare) if b > 0], '{:.2f}')}x the floor")
+    placing = [submit - image for submit, image in zip(results["submit"]["scheduler"], results["image"]["scheduler"])]
+    floor = results["floor"]["forwarder"]
+    print(f"  placing a job at the scheduler (submit less image, per run) {med_range(placing, '{:.2f}')} ms; a minimal "
+          f"Tornado forwarder's whole job {med_range(floor, '{:.2f}')} ms: "
+          f"{med_range([p / f for p, f in zip(placing, floor) if f > 0], '{:.2f}')}x the floor")
     return 0
 
 

@@ -47,13 +47,6 @@ class APIError(web.HTTPError):
         self.details = {name: value for name, value in details.items() if value is not None}
 
 
-def wants_image(accept: str) -> bool:
-    """Does an ``Accept`` header put an image type first (``image/*``, ``image/png``...)? A browser's page
-    load lists ``text/html`` first, and a plain API client sends none or ``*/*``: those get JSON."""
-    first = accept.split(",", 1)[0]
-    return first.split(";", 1)[0].strip().lower().startswith("image/")
-
-
 class JSONHandler(web.RequestHandler):
     """Base of every API handler: JSON in, JSON out, JSON errors, never a trace."""
 
@@ -63,6 +56,14 @@ class JSONHandler(web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
+
+    def image_asked(self) -> bool:
+        """Does a ``GET /result`` ask for the image itself: an image type first in ``Accept`` (``image/*``,
+        ``image/png``...) and no ``redirect`` (that is a 303)? A browser's page load lists ``text/html``
+        first, and a plain API client sends none or ``*/*``: those get JSON."""
+        first = self.request.headers.get("Accept", "").split(",", 1)[0]
+        return (first.split(";", 1)[0].strip().lower().startswith("image/")
+                and self.get_query_argument("redirect", None) is None)
 
     def write_result(self, status: dict[str, Any]) -> None:
         """``GET /result``'s answer from a ``/status`` object (``?redirect=image``: 303 to the image)."""

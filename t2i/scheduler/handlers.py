@@ -17,7 +17,7 @@ from t2i.scheduler.forward import JobRouter, Reply
 from t2i.scheduler.mirror import Mirror
 from t2i.scheduler.placement import Placement
 from t2i.scheduler.registry import Registry
-from t2i.web import PROMPT_ID, APIError, FileHandler, JSONBodyHandler, JSONHandler, NotFoundHandler, wants_image
+from t2i.web import PROMPT_ID, APIError, FileHandler, JSONBodyHandler, JSONHandler, NotFoundHandler
 
 _POLLS = POLL_REQUESTS.labels(server="scheduler")  # resolved once: /status is the hot path
 
@@ -99,10 +99,8 @@ class ResultHandler(SchedulerHandler):
         ``Accept: image/*``: a 307 to the same request at the job's worker, which answers with the image
         itself (the worker has it first; this scheduler holds no images)."""
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
-        if wants_image(self.request.headers.get("Accept", "")) and self.get_query_argument("redirect", None) is None:
-            self.redirect_to_worker(prompt_id)
-            if self._finished:
-                return
+        if self.image_asked() and self.redirect_to_worker(prompt_id):
+            return
         deadline = time.monotonic() + wait
         entry = self.mirror.fresh(prompt_id)
         while entry is not None and not entry.final and (left := deadline - time.monotonic()) > 0:
@@ -118,19 +116,20 @@ class ResultHandler(SchedulerHandler):
         else:
             self.write_reply(reply)
 
-    def redirect_to_worker(self, prompt_id: str) -> None:
-        """307 to the job's worker, unless the job ended without an image, or its worker is unknown or
-        unreachable now (then the JSON answer, as without ``Accept``)."""
+    def redirect_to_worker(self, prompt_id: str) -> bool:
+        """307 to the job's worker (True), unless the job ended without an image, or its worker is unknown
+        or unreachable now (False: then the JSON answer, as without ``Accept``)."""
         entry = self.mirror.get(prompt_id)
         if entry is not None and entry.final and entry.state != COMPLETED:
-            return
+            return False
         worker_url = self.router.owner_url(prompt_id)
         if worker_url is None:
-            return
+            return False
         query = self.request.query
         self.set_header("Vary", "Accept")
         self.redirect(f"{worker_url}/result/{quote(prompt_id, safe='')}" + (f"?{query}" if query else ""),
                       status=307)
+        return True
 
 
 class CancelHandler(SchedulerBodyHandler):

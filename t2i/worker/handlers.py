@@ -16,7 +16,7 @@ from t2i.jobstate import MAX_WAIT
 from t2i.metrics import POLL_REQUESTS, MetricsHandler
 from t2i.openapi import OpenAPIHandler
 from t2i.validation import ValidationError, catalogue_of, validate_generate
-from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token, wants_image
+from t2i.web import PROMPT_ID, APIError, JSONBodyHandler, JSONHandler, require_token
 from t2i.worker.images import ImageHandler, ImageStore
 from t2i.worker.jobs import COMPLETED, Job, JobStore
 from t2i.worker.journal import JournalError
@@ -136,8 +136,8 @@ class ResultHandler(WorkerHandler):
         job = self.job_or_404(prompt_id)
         wait = min(self.get_number_argument("wait", float, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait
-        image_wanted = (wants_image(self.request.headers.get("Accept", ""))
-                        and self.get_query_argument("redirect", None) is None)
+        image_wanted = self.image_asked()
+        self.set_header("Vary", "Accept")
         while not job.finished and (left := deadline - time.monotonic()) > 0:
             if image_wanted and (name := self.runner.image_in_hand(prompt_id)) is not None:
                 # Its run succeeded and the image is here: the client need not wait for the disk write.
@@ -148,7 +148,6 @@ class ResultHandler(WorkerHandler):
             if not await self.wait_unless_gone(self.store.wait_ending(prompt_id, left)):
                 return
             job = self.job_or_404(prompt_id)
-        self.set_header("Vary", "Accept")
         if job.status == COMPLETED and job.images and not job.image_expired and image_wanted:
             image = await self.runner.images.read(job.images[0])
             if image is not None:
@@ -158,7 +157,6 @@ class ResultHandler(WorkerHandler):
 
     def write_image(self, name: str, image: bytes) -> None:
         """The image itself: the client's second request saved (the bytes it would fetch from image_url next)."""
-        self.set_header("Vary", "Accept")
         self.set_header("Content-Type", ImageStore.content_type(name))
         self.set_header("Content-Location", f"{self.config.public_url}/images/{name}")
         self.set_header("Cache-Control", "no-store")

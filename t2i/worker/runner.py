@@ -666,7 +666,7 @@ class Runner:
         self.store.wake_ending(prompt_id)
 
     def image_in_hand(self, prompt_id: str) -> str | None:
-        """The name of the job's first image while it is being stored (its bytes: ``images.read``)."""
+        """The name of the job's first image while it is being stored (its bytes: ``images.fresh``)."""
         return self._in_hand.get(prompt_id)
 
     def _view_early(self, prompt_id: str, refs: tuple) -> None:

@@ -20,12 +20,12 @@ when installed, else /proc/<pid>/stat) before and after:
   page:    through the scheduler as the page does it: /status/{id}?wait=20&since=V long-polls until
            the job ends, then GET image_url;
   submit:  POST /generate to the scheduler, then the one image request at the worker its answer names;
-  floor:   the same with a minimal Tornado forwarder (``bench/minimal_forwarder.py``: POST in, the same curl
+  floor:   the same with a minimal Tornado forwarder (``bench/floors.py forwarder``: POST in, the same curl
            client out to the worker, its answer back, nothing else) in the scheduler's place: the floor
            under the scheduler's CPU for a job it places. The scheduler's own cost of placing is its
            submit phase less its image phase (where it only mirrors), printed against the forwarder's;
   bare:    POST /generate and the one image request to a minimal ComfyUI wrapper on the worker's stack
-           (``bench/minimal_worker.py``: Tornado server, curl client, websocket_connect; no journal, no image
+           (``bench/floors.py wrapper``: Tornado server, curl client, websocket_connect; no journal, no image
            on disk, no feed, no queue of its own, no logs) on the same ComfyUI double: the floor under the
            worker's CPU per job, printed against the worker's image phase.
 
@@ -136,8 +136,9 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
                                  log_level=args.log_level),
         "scheduler": scheduler_process(directory, "scheduler", scheduler_port, [{"name": "gpu-a", "url": worker_url}],
                                        log_level=args.log_level),
-        "forwarder": Process(directory, "forwarder", "bench.minimal_forwarder", str(forwarder_port), worker_url),
-        "bare wrapper": Process(directory, "bare", "bench.minimal_worker", str(bare_port), f"http://127.0.0.1:{comfy_port}"),
+        "forwarder": Process(directory, "forwarder", "bench.floors", "forwarder", str(forwarder_port), worker_url),
+        "bare wrapper": Process(directory, "bare", "bench.floors", "wrapper", str(bare_port),
+                                f"http://127.0.0.1:{comfy_port}"),
     }
     print(f"cpu bench: {args.runs} run(s) x {len(PHASES)} phases x {args.jobs} jobs of 1 step (64x64), "
           f"concurrency {args.concurrency}, double step time {args.step_time}s; CPU from {CPU_SOURCE}"

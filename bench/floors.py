@@ -1,12 +1,17 @@
-"""The floor under the worker's CPU per job (``bench/cpu_bench.py``): a minimal ComfyUI wrapper on the
-stack the worker is built on (a Tornado server, Tornado's curl client with connections kept alive and its
-``websocket_connect``). ``POST /generate`` fills t2i's txt2img template (prompt, seed, steps, size) and
-POSTs it to ComfyUI under its own prompt_id; the websocket's ``executed`` names the image and
-``execution_success`` ends the run; then one ``GET /view`` and ``GET /result/{id}?wait=S`` answers with the
-image's bytes. Nothing else: no checks beyond that, no journal, no image on disk, no feed, no retries,
-no queue of its own, no access log, no metrics.
+"""Same-run floors for ``bench/cpu_bench.py``: the least a server on t2i's stack (a Tornado server,
+Tornado's curl client with connections kept alive, its ``websocket_connect``) costs per job.
 
-    python -m bench.minimal_worker PORT COMFYUI_URL
+``forwarder``, under the scheduler: takes ``POST /generate`` and passes its body to one worker, then the
+worker's answer back. Nothing else: no validation, placement, mirror, access log or metrics.
+
+``wrapper``, under the worker: a minimal ComfyUI wrapper. ``POST /generate`` fills t2i's txt2img template
+(prompt, seed, steps, size) and POSTs it to ComfyUI under its own prompt_id; the websocket's ``executed``
+names the image and ``execution_success`` ends the run; then one ``GET /view``, and
+``GET /result/{id}?wait=S`` answers with the image's bytes. Nothing else: no checks beyond that, no
+journal, no image on disk, no feed, no retries, no queue of its own, no access log, no metrics.
+
+    python -m bench.floors forwarder PORT WORKER_URL
+    python -m bench.floors wrapper PORT COMFYUI_URL
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ from tornado.websocket import websocket_connect
 
 TEMPLATE = json.loads((Path(__file__).resolve().parent.parent / "t2i" / "workflows" / "txt2img.json").read_text())
 
+
+# --- the forwarder ------------------------------------------------------------------------------------
+
+class Forward(web.RequestHandler):
+    async def post(self) -> None:
+        response = await self.settings["client"].fetch(
+            self.settings["upstream"] + "/generate", method="POST", body=self.request.body,
+            headers={"Content-Type": "application/json"}, raise_error=False)
+        self.set_status(response.code)
+        self.set_header("Content-Type", "application/json")
+        self.finish(response.body)
+
+
+# --- the ComfyUI wrapper ------------------------------------------------------------------------------
 
 class Wrapper:
     def __init__(self, comfy_url: str):
@@ -107,11 +126,20 @@ class Result(web.RequestHandler):
         self.finish(image)
 
 
-async def main(port: int, comfy_url: str) -> None:
-    AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient")
+async def forwarder_app(upstream: str) -> web.Application:
+    return web.Application([(r"/generate", Forward)], client=AsyncHTTPClient(), upstream=upstream.rstrip("/"))
+
+
+async def wrapper_app(comfy_url: str) -> web.Application:
     wrapper = Wrapper(comfy_url)
     await wrapper.connect()
-    app = web.Application([(r"/generate", Generate), (r"/result/([^/]+)", Result)], wrapper=wrapper)
+    return web.Application([(r"/generate", Generate), (r"/result/([^/]+)", Result)], wrapper=wrapper)
+
+
+async def serve(kind: str, port: int, url: str) -> None:
+    """Serve the ``kind`` floor on 127.0.0.1:``port`` until SIGTERM."""
+    AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient")
+    app = await {"forwarder": forwarder_app, "wrapper": wrapper_app}[kind](url)
     HTTPServer(app).add_sockets(bind_sockets(port, "127.0.0.1"))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -119,4 +147,4 @@ async def main(port: int, comfy_url: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
